@@ -1,0 +1,78 @@
+"""Package metadata and the build of the fused kernels.
+
+    python setup.py build_ext --inplace
+
+builds `kernels/_C` from the C++ sources in kernels/csrc/ (CPU kernels, always) and,
+when torch is a CUDA build, a CUDA toolkit is found and either a GPU is visible or
+FORCE_CUDA=1 is set, the CUDA sources in kernels/csrc/cuda/ as well.
+TORCH_CUDA_ARCH_LIST chooses the GPU architectures (for example "8.0;9.0").
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def cuda_wanted():
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if torch.version.cuda is None or CUDA_HOME is None:
+        return False
+    return torch.cuda.is_available() or os.environ.get("FORCE_CUDA", "0") == "1"
+
+
+def wheel_cuda_includes():
+    """CUDA headers shipped inside the installed `nvidia` wheels (cuda_runtime, cublas, ...).
+
+    torch's CUDA build brings some headers (for example cusparse.h) only through
+    these wheels, so a bare toolkit may lack them."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    found = []
+    for base in nvidia.__path__:
+        found += sorted(glob.glob(os.path.join(base, "cu*", "include")))
+        found += sorted(glob.glob(os.path.join(base, "*", "include")))
+    return [d for d in dict.fromkeys(found) if os.path.isdir(d)]
+
+
+def extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    cpu_sources = sorted(glob.glob(os.path.join("kernels", "csrc", "*.cpp")))
+    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    if not cuda_wanted():
+        return [CppExtension("kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
+                             extra_link_args=["-fopenmp"])]
+    cuda_sources = sorted(glob.glob(os.path.join("kernels", "csrc", "cuda", "*.cu")))
+    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    if os.environ.get("DIT4DIT_PTXAS_VERBOSE", "0") == "1":
+        nvcc_flags.append("-Xptxas=-v")
+    return [CUDAExtension("kernels._C", cpu_sources + cuda_sources,
+                          include_dirs=[os.path.join(ROOT, "kernels", "csrc")] + wheel_cuda_includes(),
+                          define_macros=[("DIT4DIT_WITH_CUDA", "1")],
+                          extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                          extra_link_args=["-fopenmp"])]
+
+
+def build_ext_class():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    name="dit4dit",
+    version="0.1.0",
+    description="A compact reference implementation of DiT4DiT (video DiT + action DiT, dual flow matching)",
+    py_modules=["dit4dit", "train_toy", "eval_sim"],
+    packages=["kernels"],
+    python_requires=">=3.10",
+    install_requires=["torch>=2.6", "numpy", "pillow", "tqdm", "gymnasium>=1.0", "mujoco>=3.2"],
+    ext_modules=extensions(),
+    cmdclass={"build_ext": build_ext_class()},
+)
