@@ -1,0 +1,302 @@
+"""eval_sim.py: the toy suite (determinism, experts, what the observation holds, success tests),
+the episode format, the evaluation report and the DiT4DiT rollout wrapper."""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import eval_sim as es
+
+
+def test_same_seed_same_frames_and_states():
+    for task in es.TASKS:
+        runs = []
+        for _ in range(2):
+            env = es.make_env(task, image_size=32)
+            obs, _ = env.reset(seed=es.EVAL_SEEDS[3])
+            expert = es.scripted_expert(env)
+            frames, states = [obs["image"]], [obs["state"]]
+            for _ in range(6):
+                obs, *_ = env.step(expert(obs))
+                frames.append(obs["image"])
+                states.append(obs["state"])
+            runs.append((np.stack(frames), np.stack(states), env.unwrapped.instruction))
+            env.close()
+        np.testing.assert_array_equal(runs[0][0], runs[1][0])
+        np.testing.assert_array_equal(runs[0][1], runs[1][1])
+        assert runs[0][2] == runs[1][2]
+        other = es.make_env(task, image_size=32)
+        obs, _ = other.reset(seed=es.EVAL_SEEDS[4])
+        assert not np.array_equal(obs["image"], runs[0][0][0])  # a different seed, a different scene
+        other.close()
+
+
+def test_demo_and_eval_seeds_are_disjoint():
+    assert set(es.demo_seeds("push", 1000)).isdisjoint(es.eval_seeds("push", 1000))
+    assert es.DEMO_SEEDS.stop <= es.EVAL_SEEDS.start
+
+
+@pytest.mark.parametrize("task", sorted(es.TASKS))
+def test_expert_succeeds_on_eval_seeds(task):
+    for seed in es.eval_seeds(task, 10):
+        ep = es.collect_episode(task, seed, image_size=32)
+        assert ep["success"], f"{task} seed {seed}"
+        T = len(ep["action"])
+        assert 1 <= T <= es.TASKS[task].max_steps
+        assert ep["frames"].shape == (T + 1, 32, 32, 3) and ep["frames"].dtype == np.uint8
+        assert ep["state"].shape == (T + 1, es.STATE_DIM) and ep["action"].shape == (T, es.ACTION_DIM)
+        assert np.all(np.abs(ep["action"]) <= 1.0)
+
+
+def test_observation_holds_no_object_or_goal_position():
+    env = es.make_env("push", image_size=32)
+    obs, _ = env.reset(seed=5)
+    assert set(obs) == {"image", "state"} and obs["state"].shape == (es.STATE_DIM,)
+    u = env.unwrapped
+    ee = u.ee_pos()
+    a = u.set_layout(ee, [[-0.2, -0.2], [0.2, 0.2]], ["red", "blue"], 0, puck=[0.0, 0.1])
+    b = u.set_layout(ee, [[0.1, -0.15], [-0.2, 0.15]], ["green", "red"], 1, puck=[-0.1, -0.05])
+    np.testing.assert_array_equal(a["state"], b["state"])          # objects moved, state unchanged
+    np.testing.assert_allclose(a["state"], [*ee, 0.0, 0.0], atol=1e-6)  # the end-effector only
+    assert not np.array_equal(a["image"], b["image"])              # the scene is in the image
+    env.close()
+
+
+def test_success_on_hand_placed_states():
+    h = es.PAD_HALF
+    env = es.make_env("reach", image_size=32)
+    env.reset(seed=0)
+    u = env.unwrapped
+    pads = [[-0.2, 0.0], [0.0, 0.2], [0.2, -0.1]]
+    for ee, target, expected in [([-0.2 + h - 0.005, 0.0], 0, True), ([-0.2 + h + 0.01, 0.0], 0, False),
+                                 ([0.0, 0.2], 0, False), ([0.0, 0.2], 1, True)]:
+        u.set_layout(ee, pads, ["red", "green", "blue"], target)
+        assert u.is_success() == expected, (ee, target)
+    u.set_layout([-0.2 + h - 0.005, 0.0], pads, ["red", "green", "blue"], 0)
+    _, reward, terminated, truncated, info = env.step(np.zeros(2, np.float32))
+    assert terminated and not truncated and info["success"] and reward == 1.0
+    env.close()
+
+    env = es.make_env("push", image_size=32)
+    env.reset(seed=0)
+    u = env.unwrapped
+    pads = [[-0.15, 0.0], [0.15, 0.0]]
+    for puck, ee, target, expected in [([-0.15, 0.05], [0.2, -0.2], 0, True),
+                                       ([-0.15, 0.07], [0.2, -0.2], 0, False),
+                                       ([-0.15, 0.0], [0.2, -0.2], 1, False),   # on the other pad
+                                       ([0.0, -0.2], [0.15, 0.0], 1, False)]:   # the end-effector is not the puck
+        u.set_layout(ee, pads, ["blue", "green"], target, puck=puck)
+        assert u.is_success() == expected, (puck, ee, target)
+    assert u.instruction == "push the puck onto the green pad"
+    env.close()
+    pads = np.array([[0.1 + h, 0.1 - h], [-0.2, -0.2]])
+    assert es.pad_under([0.1, 0.1], pads) == 0 and es.pad_under([-0.2, -0.2 + h + 0.001], pads) is None
+
+
+def test_coming_onto_a_wrong_pad_ends_the_episode_as_a_failure():
+    env = es.make_env("reach", image_size=16)
+    env.reset(seed=0)
+    u = env.unwrapped
+    pads = [[-0.2, 0.0], [0.0, 0.2], [0.2, -0.1]]
+    u.set_layout([0.0, 0.2 - es.PAD_HALF - 0.01], pads, ["red", "green", "blue"], 0)  # just below pad 1
+    obs, reward, terminated, truncated, info = env.step(np.array([0.0, 1.0], np.float32))  # onto pad 1
+    assert u.pad_under() == 1
+    assert terminated and not truncated and not info["success"] and info["wrong_pad"] and reward == 0.0
+    env.close()
+
+
+def test_instruction_decides_the_goal():
+    # the named pad is drawn after the layout: over seeds every pad index is named
+    env = es.make_env("reach", image_size=16)
+    targets = set()
+    for seed in range(30):
+        env.reset(seed=seed)
+        targets.add(env.unwrapped.target)
+        assert env.unwrapped.pad_colors[env.unwrapped.target] in env.unwrapped.instruction
+    assert targets == {0, 1, 2}
+    env.close()
+
+
+def test_unknown_task_and_bad_image_size():
+    with pytest.raises(ValueError, match="reach"):
+        es.make_env("fly")
+    with pytest.raises(ValueError, match="unknown task"):
+        es.evaluate("expert", tasks=["fly"], episodes=1, out_dir="unused", progress=False)
+    with pytest.raises(ValueError, match="image_size"):
+        es.make_env("reach", image_size=0)
+    env = es.make_env("reach", image_size=16)
+    env.reset(seed=0)
+    with pytest.raises(ValueError, match="action"):
+        env.step(np.zeros(3))
+    env.close()
+
+
+def test_episode_round_trip_and_corrupt_files(tmp_path):
+    ep = es.collect_episode("push", es.demo_seeds("push", 1)[0], image_size=16)
+    path = tmp_path / "ep.npz"
+    es.save_episode(path, ep)
+    back = es.load_episode(path)
+    assert set(back) == set(es.EPISODE_KEYS)
+    for k in ("frames", "state", "action"):
+        np.testing.assert_array_equal(back[k], ep[k])
+        assert back[k].dtype == ep[k].dtype
+    assert (back["instruction"], back["task"], back["seed"], back["success"]) == \
+           (ep["instruction"], "push", 0, True)
+    assert os.listdir(tmp_path) == ["ep.npz"]  # no temporary file left behind
+
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.npz"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.npz"):
+        es.load_episode(truncated)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not an episode at all")
+    with pytest.raises(ValueError, match="garbage.npz"):
+        es.load_episode(garbage)
+    no_action = tmp_path / "no_action.npz"
+    np.savez_compressed(no_action, **{k: np.asarray(v) for k, v in ep.items() if k != "action"})
+    with pytest.raises(ValueError, match="no_action.npz.*action"):
+        es.load_episode(no_action)
+    with pytest.raises(FileNotFoundError, match="missing.npz"):
+        es.load_episode(tmp_path / "missing.npz")
+    with pytest.raises(ValueError, match="T\\+1"):
+        es.save_episode(tmp_path / "bad.npz", {**ep, "action": ep["action"][:-1]})
+
+
+def test_wilson_interval_known_values():
+    for (k, n), (lo, hi) in {(8, 10): (0.4902, 0.9433), (0, 10): (0.0, 0.2775), (10, 10): (0.7225, 1.0),
+                             (50, 100): (0.4038, 0.5962)}.items():
+        got = es.wilson_interval(k, n)
+        assert got == pytest.approx((lo, hi), abs=1e-4), (k, n)
+    with pytest.raises(ValueError):
+        es.wilson_interval(3, 2)
+
+
+def _check_report(report, out_dir, tasks, n):
+    with open(os.path.join(out_dir, "report.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["overall"] == json.loads(json.dumps(report["overall"]))
+    o = on_disk["overall"]
+    assert o["n"] == n * len(tasks) and 0 <= o["ci95"][0] <= o["success_rate"] <= o["ci95"][1] <= 1
+    assert set(on_disk["tasks"]) == set(tasks)
+    for t in tasks:
+        assert set(on_disk["tasks"][t]) >= {"success_rate", "ci95", "n"} and on_disk["tasks"][t]["n"] == n
+    assert len(on_disk["episodes"]) == n * len(tasks)
+    for e in on_disk["episodes"]:
+        assert set(e) >= {"task", "seed", "instruction", "success", "steps", "error"}
+        assert e["seed"] in es.EVAL_SEEDS
+    m = on_disk["manifest"]
+    assert set(m) >= {"git_commit", "config", "packages", "seeds", "wall_seconds", "control_hz_achieved"}
+    assert m["seeds"] == {t: es.eval_seeds(t, n) for t in tasks}
+    return on_disk
+
+
+def test_evaluate_expert_report(tmp_path, monkeypatch):
+    report = es.evaluate("expert", episodes=2, out_dir=str(tmp_path), gif_episodes=1, image_size=32, progress=False)
+    r = _check_report(report, tmp_path, list(es.TASKS), 2)
+    assert r["overall"]["success_rate"] == 1.0
+    assert r["manifest"]["config"]["policy"] == "scripted_expert"
+    gifs = sorted(os.listdir(tmp_path / "gifs"))
+    assert gifs == sorted(f"{t}_seed{es.EVAL_SEEDS[0]}.gif" for t in es.TASKS)
+
+    # an environment error ends that episode as a failure with its error; the rest goes on
+    step = es.ToyTableEnv.step
+
+    def broken_step(self, action):
+        if self.episode_seed == es.EVAL_SEEDS[1]:
+            raise RuntimeError("simulated physics blow-up")
+        return step(self, action)
+
+    monkeypatch.setattr(es.ToyTableEnv, "step", broken_step)
+    report = es.evaluate("expert", tasks=["reach"], episodes=3, out_dir=str(tmp_path / "err"), gif_episodes=0,
+                         image_size=16, progress=False)
+    errors = [e["error"] for e in report["episodes"]]
+    assert errors[0] is None and errors[2] is None and "simulated physics blow-up" in errors[1]
+    assert [e["success"] for e in report["episodes"]] == [True, False, True]
+    assert report["tasks"]["reach"]["successes"] == 2
+
+
+class StubModel(torch.nn.Module):
+    """Stands in for DiT4DiT: checks its inputs, returns a known normalized chunk, counts calls."""
+
+    def __init__(self, image_size=16, K=4):
+        super().__init__()
+        self.config = dataclasses.make_dataclass("Cfg", ["image_size", "action_horizon"])(image_size, K)
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.calls, self.last_obs = 0, None
+
+    def predict_action(self, obs, state, instruction, generator=None):
+        self.calls += 1
+        self.last_obs, self.last_state, self.last_text = obs, state, instruction
+        B, K = obs.shape[0], self.config.action_horizon
+        return torch.linspace(-1, 1, K)[None, :, None].repeat(B, 1, 2)  # (B, K, 2)
+
+
+def test_model_policy_receding_horizon_and_conversions():
+    dit4dit = pytest.importorskip("dit4dit")
+    model = StubModel(image_size=16, K=4)
+    state_norm = dit4dit.Normalizer(low=[-1, -1, -2, -2], high=[1, 1, 2, 2])
+    action_norm = dit4dit.Normalizer(low=[-0.5, -0.5], high=[0.5, 0.5])
+    policy = es.ModelPolicy(model, state_norm, action_norm, execute_steps=3)
+    env = es.make_env("reach", image_size=16)
+    results, _, steps = es.run_episodes([env], [es.EVAL_SEEDS[0]], policy)
+    obs, _ = env.reset(seed=es.EVAL_SEEDS[0])
+    env.close()
+    assert results[0]["steps"] == steps
+    assert model.calls == -(-steps // 3)  # one plan per 3 executed actions
+    # the first plan saw the first observation: image (1, 3, H, W) in [-1, 1], normalized state, text
+    first = es.ModelPolicy(StubModel(16, 4), state_norm, action_norm, execute_steps=3)
+    first.reset([env])
+    actions = [first.act([0], [obs])[0] for _ in range(3)]
+    m = first.model
+    assert m.calls == 1 and m.last_obs.shape == (1, 3, 16, 16)
+    np.testing.assert_allclose(m.last_obs[0].permute(1, 2, 0).numpy(), obs["image"] / 127.5 - 1, atol=1e-6)
+    np.testing.assert_allclose(m.last_state[0].numpy(), obs["state"] / np.array([1, 1, 2, 2]), atol=1e-6)
+    assert m.last_text == [env.unwrapped.instruction]
+    # the executed prefix is the un-normalized chunk: linspace(-1, 1, 4) * 0.5
+    np.testing.assert_allclose(np.stack(actions)[:, 0], np.linspace(-1, 1, 4)[:3] * 0.5, atol=1e-6)
+    first.act([0], [obs])
+    assert m.calls == 2  # the chunk prefix is used up: re-plan
+    with pytest.raises(ValueError, match="execute_steps"):
+        es.ModelPolicy(StubModel(16, 4), state_norm, action_norm, execute_steps=5)
+
+
+def test_evaluate_tiny_dit4dit_and_load_policy(tmp_path):
+    dit4dit = pytest.importorskip("dit4dit")
+    torch.manual_seed(0)
+    config = dit4dit.make_config("tiny", state_dim=es.STATE_DIM, action_dim=es.ACTION_DIM)
+    model = dit4dit.DiT4DiT(config)
+    state_norm = dit4dit.Normalizer(low=[-0.3, -0.3, -0.5, -0.5], high=[0.3, 0.3, 0.5, 0.5])
+    action_norm = dit4dit.Normalizer(low=[-1, -1], high=[1, 1])
+    ckpt = tmp_path / "ckpt.pt"
+    dit4dit.save_checkpoint(ckpt, {"model": model.state_dict(), "config": dataclasses.asdict(config),
+                                   "state_normalizer": state_norm.state_dict(),
+                                   "action_normalizer": action_norm.state_dict(), "step": 7})
+    policy = es.load_policy(str(ckpt), execute_steps=config.action_horizon)
+    assert policy.checkpoint["step"] == 7 and len(policy.checkpoint["sha256"]) == 64
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(policy.model.state_dict()[k], v)
+    out = tmp_path / "eval"
+    report = es.evaluate(policy, tasks=["reach"], episodes=1, out_dir=str(out), gif_episodes=1, progress=False)
+    r = _check_report(report, out, ["reach"], 1)
+    assert r["manifest"]["config"]["image_size"] == config.image_size
+    assert r["manifest"]["config"]["checkpoint"]["sha256"] == es.file_sha256(ckpt)
+    assert all(e["error"] is None for e in r["episodes"])
+    assert os.listdir(out / "gifs") == [f"reach_seed{es.EVAL_SEEDS[0]}.gif"]
+    with pytest.raises(ValueError, match="image_size"):
+        es.evaluate(policy, episodes=1, out_dir=str(out), image_size=32, progress=False)
+    with pytest.raises(FileNotFoundError, match="nowhere.pt"):
+        es.load_policy(str(tmp_path / "nowhere.pt"))
+
+
+def test_cli_needs_exactly_one_policy(tmp_path):
+    with pytest.raises(ValueError, match="--ckpt"):
+        es.main(es.parse_args(["--out", str(tmp_path)]))
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        es.main(es.parse_args(["--ckpt", str(tmp_path / "missing.pt"), "--out", str(tmp_path)]))
+    report = es.main(es.parse_args(["--expert", "--tasks", "reach", "--episodes", "1", "--gifs", "0",
+                                    "--image-size", "16", "--out", str(tmp_path)]))
+    assert report["tasks"]["reach"]["n"] == 1
