@@ -1,0 +1,915 @@
+"""DiT4DiT: a video diffusion transformer whose hidden states drive an action diffusion transformer.
+
+Ma et al., "DiT4DiT: Jointly Modeling Video Dynamics and Actions for Generalizable Robot
+Control", arXiv 2603.10448 (2026). This module is a compact reference of the whole model.
+
+The method in four lines:
+  1. A video DiT (Cosmos-Predict2.5 style) learns to predict future frames from the current
+     frame and an instruction by flow matching (the video loss).
+  2. For control, a *separate* forward of the same video DiT starts from pure noise at a fixed
+     timestep tau_f and stops after block `extract_layer`; that block's tokens h are the
+     visual features (no frames are ever decoded during control).
+  3. An action DiT (GR00T-N1.5 style flow-matching head) cross-attends to h and denoises an
+     action chunk (the action loss).
+  4. Both are trained together: L = L_action + lambda * L_video, with three independent
+     timesteps: tau_v (video), tau_f (extraction, fixed), tau_a (action).
+
+Dimension letters (used in every shape comment):
+  B batch, C channels (latent), T frames (latent), H W height and width, h w patches along
+  H and W, p patch size, N tokens, D transformer width, nh heads, hd head dim, S text tokens,
+  K action horizon (chunk), A action dim, P state dim, G modulation groups, R repeat factor.
+
+Flow-matching convention (both branches): tau in [0, 1], tau = 0 is data, tau = 1 is noise;
+  x_tau = (1 - tau) * x0 + tau * eps,   target velocity v* = eps - x0,
+  sampling integrates Euler steps from tau = 1 down to 0: x <- x - dtau * v_hat.
+
+Kernels: `modulate` and `attention` have pure-PyTorch bodies (the reference) and dispatch to
+the fused C++/CUDA ops of the `kernels` package when it is built (`select_backend`,
+environment variable DIT4DIT_KERNELS=auto|0|1, read at import).
+"""
+import dataclasses
+import logging
+import math
+import os
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+log = logging.getLogger("dit4dit")
+
+COND_TAU = 1e-4  # timestep given to the (clean) conditioning frame, as in Cosmos-Predict2.5
+
+
+# ----------------------------------------------------------------------------------------------
+# Frames <-> video tensors: the one place where simulator uint8 HWC frames become model tensors.
+
+def frames_to_video(frames):
+    """uint8 frames (B, T, H, W, 3), numpy or torch -> float32 video (B, 3, T, H, W) in [-1, 1]."""
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(frames)
+    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
+        raise ValueError(f"frames: expected uint8 array/tensor, got {getattr(frames, 'dtype', type(frames))}")
+    if frames.ndim != 5 or frames.shape[-1] != 3:
+        raise ValueError(f"frames: expected shape (B, T, H, W, 3), got {tuple(frames.shape)}")
+    video = frames.permute(0, 4, 1, 2, 3).float()  # (B, 3, T, H, W)
+    return video / 127.5 - 1.0
+
+
+def video_to_frames(video):
+    """float video (B, 3, T, H, W) in [-1, 1] -> uint8 numpy frames (B, T, H, W, 3)."""
+    if not isinstance(video, torch.Tensor) or video.ndim != 5 or video.shape[1] != 3:
+        raise ValueError(f"video: expected a tensor (B, 3, T, H, W), got {getattr(video, 'shape', type(video))}")
+    pixels = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 4, 1).cpu().numpy()  # (B, T, H, W, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# The two ops the fused kernels replace, and the switch between them.
+
+_BACKEND = None  # "kernels" or "torch", set by select_backend() at import
+_kernels = None  # the imported `kernels` package when it is used
+
+
+def select_backend(mode="auto"):
+    """Choose the implementation of `modulate` and `attention`: "auto" uses the fused kernels
+    when the extension is built, "0" always uses PyTorch, "1" requires the kernels."""
+    global _BACKEND, _kernels
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"mode (DIT4DIT_KERNELS) must be 'auto', '0' or '1', got {mode!r}")
+    chosen, why = "torch", "DIT4DIT_KERNELS=0"
+    if mode != "0":
+        try:
+            import kernels  # lazy: dit4dit works without the extension
+
+            ok = kernels.available()
+            why = "kernels.available() is False (build with `python setup.py build_ext --inplace`)"
+        except (ImportError, OSError, AttributeError) as err:
+            ok, why = False, f"the kernels package does not import ({err})"
+        if ok:
+            chosen, _kernels = "kernels", kernels
+        elif mode == "1":
+            raise RuntimeError(f"DIT4DIT_KERNELS=1 asks for the fused kernels, but {why}")
+    if chosen != _BACKEND:
+        log.info("modulate/attention backend = %s%s", chosen, "" if chosen == "kernels" else f" ({why})")
+    _BACKEND = chosen
+    return chosen
+
+
+def modulate(x, shift, scale):
+    """adaLN modulation: LayerNorm(x) (no affine, eps 1e-6) * (1 + scale) + shift.
+
+    x (B, N, D); shift, scale (B, G, D) with N divisible by G: the N tokens are G contiguous
+    groups (G = 1: one vector per sample; G = T: one per frame) and group g uses row g."""
+    B, N, D = x.shape
+    G = shift.shape[1]
+    if _BACKEND == "kernels":
+        return _kernels.adaln_modulate(x.contiguous(), shift.to(x.dtype).contiguous(),
+                                       scale.to(x.dtype).contiguous(), eps=1e-6)
+    xn = F.layer_norm(x.float(), (D,), eps=1e-6).view(B, G, N // G, D)  # (B, G, N/G, D)
+    y = torch.addcmul(shift.float()[:, :, None], xn, 1 + scale.float()[:, :, None])  # shift + xn * (1 + scale)
+    return y.view(B, N, D).to(x.dtype)  # (B, N, D)
+
+
+def attention(q, k, v):
+    """Softmax attention without mask, scale 1/sqrt(hd). q (B, nh, Lq, hd), k, v (B, nh, Lk, hd)."""
+    if _BACKEND == "kernels":
+        return _kernels.attention(q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous())
+    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
+
+
+select_backend(os.environ.get("DIT4DIT_KERNELS", "auto"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Small building blocks: timestep embeddings, 3D rotary embeddings, RMSNorm, MLPs.
+
+def timestep_embedding(t, dim, max_period=10000.0):
+    """Sinusoidal embedding of (possibly fractional) timesteps t (...,) -> (..., dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[..., None] * freqs  # (..., dim/2)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (..., dim)
+
+
+class TimestepMLP(nn.Module):
+    """sinusoid(t) -> Linear -> SiLU -> Linear: the conditioning vector of a DiT."""
+
+    def __init__(self, dim, freq_dim=256, bias=True):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.fc1 = nn.Linear(freq_dim, dim, bias=bias)
+        self.fc2 = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, t):
+        return self.fc2(F.silu(self.fc1(timestep_embedding(t, self.freq_dim))))
+
+
+def rope_3d(T, h, w, head_dim, theta, device):
+    """Rotations of 3D rotary embeddings for a (T, h, w) token grid -> complex (N, hd/2), N = T*h*w.
+
+    The head dim is split into a temporal part and two equal spatial parts (Cosmos-Predict2.5's
+    split: hd//6*2 channels each for rows and columns, the rest for time)."""
+    d_hw = head_dim // 6 * 2
+    d_t = head_dim - 2 * d_hw
+
+    def axis(n, d):  # positions 0..n-1 rotated at d/2 frequencies -> (n, d/2)
+        freqs = theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+        return torch.arange(n, device=device, dtype=torch.float32)[:, None] * freqs
+
+    ang = torch.cat([axis(T, d_t)[:, None, None].expand(T, h, w, d_t // 2),
+                     axis(h, d_hw)[None, :, None].expand(T, h, w, d_hw // 2),
+                     axis(w, d_hw)[None, None, :].expand(T, h, w, d_hw // 2)], dim=-1)  # (T, h, w, hd/2)
+    return torch.polar(torch.ones_like(ang), ang).reshape(T * h * w, head_dim // 2)  # (N, hd/2) e^{i*angle}
+
+
+def apply_rope(x, rot):
+    """Rotate channel pairs (2i, 2i+1) of x (B, nh, N, hd), read as complex numbers, by the unit
+    complex numbers rot (N, hd/2)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, nh, N, hd/2) complex
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)  # (B, nh, N, hd/2, 2) -> (B, nh, N, hd)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm with a learned gain, statistics in fp32 (used per head on q and k)."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).to(x.dtype)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim, hidden, bias, approximate="none", dropout=0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+        self.approximate = approximate
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x), approximate=self.approximate))))
+
+
+class Attention(nn.Module):
+    """Multi-head attention; K/V come from the input (self) or from a context (cross).
+
+    `project_kv(context)` is separate so a caller can compute the K/V of a fixed context once
+    and pass them back as `kv=` on every call (the action DiT's Euler steps, DESIGN 3.8)."""
+
+    def __init__(self, dim, heads, context_dim=None, qk_norm=False, bias=False):
+        super().__init__()
+        self.heads, self.head_dim = heads, dim // heads
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.k = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.v = nn.Linear(context_dim or dim, dim, bias=bias)
+        self.out = nn.Linear(dim, dim, bias=bias)
+        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+
+    def _split(self, x):
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, L, D) -> (B, nh, L, hd)
+
+    def project_kv(self, context):
+        """context (B, L, D_ctx) -> (k, v), each (B, nh, L, hd)."""
+        return self.k_norm(self._split(self.k(context))), self._split(self.v(context))
+
+    def forward(self, x, context=None, kv=None, rope=None):
+        q = self.q_norm(self._split(self.q(x)))  # (B, nh, L, hd)
+        k, v = kv if kv is not None else self.project_kv(x if context is None else context)
+        if rope is not None:  # self-attention only: rotate q and k by their 3D positions
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        o = attention(q, k, v)  # (B, nh, L, hd)
+        return self.out(o.transpose(1, 2).flatten(2))  # (B, nh, L, hd) -> (B, L, D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Video DiT blocks (DESIGN 3.3): per-frame adaLN-Zero, self-attn, cross-attn, MLP.
+
+class Modulation(nn.Module):
+    """Produce n modulation vectors (shift, scale[, gate]) per frame from the timestep embedding.
+
+    rank == 0: one Linear D -> n*D (the DiT form). rank > 0: adaLN-LoRA (Cosmos-Predict2.5,
+    used at paper scale): a low-rank D -> r -> n*D projection plus a term shared by all blocks."""
+
+    def __init__(self, dim, n, rank):
+        super().__init__()
+        self.n = n
+        if rank == 0:
+            self.proj = nn.Linear(dim, n * dim, bias=False)
+        else:
+            self.proj = nn.Sequential(nn.Linear(dim, rank, bias=False), nn.Linear(rank, n * dim, bias=False))
+
+    def forward(self, c, shared=None):
+        out = self.proj(c)  # (B, T, n*D)
+        if shared is not None:
+            out = out + shared[..., : out.shape[-1]]
+        return out.chunk(self.n, dim=-1)  # n x (B, T, D)
+
+
+def per_frame(gate, x):
+    """Multiply tokens x (B, N, D) grouped by frame by gate (B, T, D)."""
+    B, N, D = x.shape
+    T = gate.shape[1]
+    return (x.view(B, T, N // T, D) * gate[:, :, None]).view(B, N, D)  # (B, T, N/T, D) -> (B, N, D)
+
+
+class VideoBlock(nn.Module):
+    def __init__(self, dim, heads, mlp_dim, text_dim, lora_rank):
+        super().__init__()
+        self.mod_self, self.mod_cross, self.mod_mlp = (Modulation(dim, 3, lora_rank) for _ in range(3))
+        self.self_attn = Attention(dim, heads, qk_norm=True)
+        self.cross_attn = Attention(dim, heads, context_dim=text_dim, qk_norm=True)
+        self.mlp = MLP(dim, mlp_dim, bias=False)
+
+    def forward(self, x, c, shared, text, rope):
+        # x (B, N, D) tokens; c (B, T, D) = SiLU(timestep embedding) per frame; each sublayer is
+        # LayerNorm -> modulate(shift, scale) -> op -> gated residual (gate starts at 0: adaLN-Zero).
+        shift, scale, gate = self.mod_self(c, shared)
+        x = x + per_frame(gate, self.self_attn(modulate(x, shift, scale), rope=rope))
+        shift, scale, gate = self.mod_cross(c, shared)
+        x = x + per_frame(gate, self.cross_attn(modulate(x, shift, scale), context=text))
+        shift, scale, gate = self.mod_mlp(c, shared)
+        return x + per_frame(gate, self.mlp(modulate(x, shift, scale)))
+
+
+class ActionBlock(nn.Module):
+    """GR00T-style block: adaLN (shift, scale; no gate) -> attention -> residual; LN -> MLP -> residual.
+
+    Even blocks cross-attend to the video features h (K/V projected from D_video), odd blocks
+    self-attend over [state, actions]."""
+
+    def __init__(self, dim, heads, mlp_dim, context_dim, dropout):
+        super().__init__()
+        self.is_cross = context_dim is not None
+        self.mod = nn.Linear(dim, 2 * dim)
+        self.attn = Attention(dim, heads, context_dim=context_dim, bias=True)
+        self.drop = nn.Dropout(dropout)
+        self.mlp = MLP(dim, mlp_dim, bias=True, approximate="tanh", dropout=dropout)
+
+    def forward(self, x, c, kv):
+        shift, scale = self.mod(c)[:, None].chunk(2, dim=-1)  # (B, 1, D) each: one group per sample
+        x = x + self.drop(self.attn(modulate(x, shift, scale), kv=kv))
+        return x + self.mlp(F.layer_norm(x, x.shape[-1:], eps=1e-6))
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration.
+
+@dataclass
+class DiT4DiTConfig:
+    # data
+    image_size: int = 64            # H = W of frames in pixels
+    num_future_frames: int = 2      # F: future frames predicted after the current one
+    action_horizon: int = 8         # K: actions per chunk
+    action_dim: int = 2             # A (zero-padded to this; a mask marks real dims)
+    state_dim: int = 4              # P: proprioceptive state
+    # tokenizer and text
+    latent_channels: int = 3        # C of the tokenizer's latents (3 = pixel tokenizer; 16 = Wan2.1 VAE)
+    text_encoder: str = "bytes"     # "bytes": trainable byte-level encoder; "embeddings": caller gives (B, S, text_dim)
+    text_dim: int = 64              # D_text: width of text features (the video cross-attn K/V input)
+    text_depth: int = 1             # transformer layers of the byte-level text encoder
+    text_max_len: int = 48          # bytes per instruction (truncated / padded)
+    # video DiT (Cosmos-Predict2.5 style)
+    patch_size: int = 8             # p: patch (1, p, p) on latents
+    video_width: int = 96           # D_video
+    video_depth: int = 4            # blocks
+    video_heads: int = 4            # nh (hd = D_video / nh, at least 6 for the 3D rotary split)
+    video_mlp_dim: int = 256        # MLP hidden width
+    adaln_lora_rank: int = 0        # 0: per-block adaLN projection; r > 0: adaLN-LoRA of rank r (paper: 256)
+    rope_theta: float = 10000.0     # rotary base frequency
+    # action DiT (GR00T-N1.5 style)
+    action_width: int = 128         # D_action
+    action_depth: int = 4           # blocks (even: cross-attn to h, odd: self-attn)
+    action_heads: int = 4
+    action_mlp_dim: int = 256
+    action_dropout: float = 0.0     # dropout in the action DiT blocks
+    # the method (DESIGN 3.4-3.8)
+    extract_layer: int = 1          # 0-based block whose output is the feature h (paper: 17 of 28)
+    tau_f: float = 0.995            # timestep of the extraction pass (released code: first sampler step)
+    detach_features: bool = True    # True: extraction under no_grad (release); False: L_action also
+                                    # trains the video DiT through h (paper)
+    action_only: bool = False       # ablation: no video loss; implies detach_features=False
+    repeat: int = 4                 # R: action-noise draws per sample, sharing h and state
+    video_loss_weight: float = 1.0  # lambda in L = L_action + lambda * L_video
+    num_action_steps: int = 4       # Euler steps of the action sampler (tau = 1, .75, .5, .25 for 4)
+    num_video_steps: int = 10       # Euler steps of imagine_video (visualization only)
+
+    def __post_init__(self):
+        if self.action_only:
+            # The baseline keeps the architecture and lets the action loss train the video DiT.
+            self.detach_features = False
+        self.check()
+
+    def check(self):
+        positive = ["image_size", "num_future_frames", "action_horizon", "action_dim", "state_dim",
+                    "latent_channels", "text_dim", "text_max_len", "patch_size", "video_width", "video_depth",
+                    "video_heads", "video_mlp_dim", "action_width", "action_depth", "action_heads",
+                    "action_mlp_dim", "repeat", "num_action_steps", "num_video_steps"]
+        for name in positive:
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        if self.text_encoder not in ("bytes", "embeddings"):
+            raise ValueError(f"text_encoder must be 'bytes' or 'embeddings', got {self.text_encoder!r}")
+        if not 0 <= self.extract_layer < self.video_depth:
+            raise ValueError(f"extract_layer={self.extract_layer} is out of range for video_depth={self.video_depth}")
+        if not 0.0 < self.tau_f <= 1.0:
+            raise ValueError(f"tau_f must be in (0, 1], got {self.tau_f}")
+        for name in ("video", "action"):
+            width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
+            if width % heads:
+                raise ValueError(f"{name}_width={width} is not divisible by {name}_heads={heads}")
+        hd = self.video_width // self.video_heads
+        if hd < 6 or hd % 2:
+            raise ValueError(f"video head dim {hd} must be even and >= 6 (3D rotary split)")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
+        if self.adaln_lora_rank < 0:
+            raise ValueError(f"adaln_lora_rank must be >= 0, got {self.adaln_lora_rank}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer and text boundaries.
+
+class PixelTokenizer(nn.Module):
+    """The default video tokenizer: latents are the pixels in [-1, 1] (DESIGN 3.2).
+
+    A real VAE (the paper: Wan2.1, 16 channels, 8x spatial, 4x temporal) plugs in with the same
+    interface: `channels`, `spatial_factor`, `latent_frames(T)`, `encode`, `decode`."""
+
+    channels = 3
+    spatial_factor = 1
+
+    def latent_frames(self, num_frames):
+        return num_frames
+
+    def encode(self, video):  # (B, 3, T, H, W) -> (B, C, T', H/s, W/s)
+        return video
+
+    def decode(self, latents):  # (B, C, T', h, w) -> (B, 3, T, H, W)
+        return latents.clamp(-1, 1)
+
+
+class ByteTextEncoder(nn.Module):
+    """A small trainable text encoder over UTF-8 bytes (the paper uses a frozen 7B LM, DESIGN 3.3).
+
+    Instructions are truncated / padded to `max_len` bytes, so one instruction always gives the
+    same features whatever the batch. The pad bytes stay visible to the video DiT's
+    cross-attention (the attention op takes no mask); they are a learned constant suffix."""
+
+    PAD = 256
+
+    def __init__(self, dim, depth, max_len):
+        super().__init__()
+        self.max_len = max_len
+        self.embed = nn.Embedding(257, dim)
+        self.pos = nn.Parameter(torch.zeros(max_len, dim))
+        heads = max(1, dim // 32)
+        self.blocks = nn.ModuleList(nn.ModuleList([nn.LayerNorm(dim), Attention(dim, heads, bias=True),
+                                                   nn.LayerNorm(dim), MLP(dim, 4 * dim, bias=True)])
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.pos, std=0.02)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def tokenize(self, texts):
+        ids = torch.full((len(texts), self.max_len), self.PAD, dtype=torch.long)
+        for i, text in enumerate(texts):
+            b = list(text.encode("utf-8"))[: self.max_len]
+            ids[i, : len(b)] = torch.tensor(b, dtype=torch.long)
+        return ids  # (B, S)
+
+    def forward(self, texts):
+        x = self.embed(self.tokenize(texts).to(self.pos.device)) + self.pos  # (B, S, D_text)
+        for ln1, attn, ln2, mlp in self.blocks:
+            x = x + attn(ln1(x))
+            x = x + mlp(ln2(x))
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# The video DiT (DESIGN 3.3).
+
+class VideoDiT(nn.Module):
+    """Cosmos-Predict2.5-style video DiT: (latents + cond-mask channel) -> velocity per frame."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, C, p, r = cfg.video_width, cfg.latent_channels, cfg.patch_size, cfg.adaln_lora_rank
+        self.patch, self.channels, self.heads, self.theta = p, C, cfg.video_heads, cfg.rope_theta
+        self.patch_embed = nn.Linear((C + 1) * p * p, D, bias=False)  # +1: condition-mask channel
+        self.t_embed = TimestepMLP(D, bias=False)
+        # adaLN-LoRA's term shared by all blocks. Cosmos takes it from the timestep MLP's last
+        # layer; here it is a separate Linear on the same SiLU(embedding) (same role and size).
+        self.t_shared = nn.Linear(D, 3 * D, bias=False) if r > 0 else None
+        self.blocks = nn.ModuleList(VideoBlock(D, cfg.video_heads, cfg.video_mlp_dim, cfg.text_dim, r)
+                                    for _ in range(cfg.video_depth))
+        self.final_mod = Modulation(D, 2, r)
+        self.final_linear = nn.Linear(D, p * p * C, bias=False)
+        self._rope = {}
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+        nn.init.normal_(self.t_embed.fc1.weight, std=0.02)
+        nn.init.normal_(self.t_embed.fc2.weight, std=0.02)
+        # adaLN-Zero: every shift/scale/gate starts at 0, so each block starts as the identity
+        # (gate 0) and the zero final linear makes a fresh model predict exactly zero velocity.
+        # With adaLN-LoRA the up-projection and the shared term are zeroed (the down-projection
+        # keeps its random init, as in LoRA).
+        for mod in [b.mod_self for b in self.blocks] + [b.mod_cross for b in self.blocks] + \
+                   [b.mod_mlp for b in self.blocks] + [self.final_mod]:
+            nn.init.zeros_(mod.proj.weight if isinstance(mod.proj, nn.Linear) else mod.proj[1].weight)
+        if self.t_shared is not None:
+            nn.init.zeros_(self.t_shared.weight)
+        nn.init.zeros_(self.final_linear.weight)
+
+    def rope(self, T, h, w, device):
+        key = (T, h, w, str(device))
+        if key not in self._rope:
+            with torch.inference_mode(False):  # a cached inference tensor would break later training
+                self._rope[key] = rope_3d(T, h, w, self.blocks[0].self_attn.head_dim, self.theta, device)
+        return self._rope[key]
+
+    def forward(self, x, tau, text, stop_after=None):
+        """x (B, C, T, H, W) latents with frame 0 = conditioning frame; tau (B, T) per-frame
+        timesteps; text (B, S, D_text). Returns the velocity (B, C, T, H, W), or, when
+        `stop_after` is a block index, that block's output tokens (B, T*h*w, D) without running
+        the later blocks (the early exit of the extraction pass, DESIGN 3.5)."""
+        B, C, T, H, W = x.shape
+        p = self.patch
+        h, w = H // p, W // p
+        mask = torch.zeros(B, 1, T, H, W, dtype=x.dtype, device=x.device)
+        mask[:, :, 0] = 1  # condition-mask channel: 1 on the conditioning frame
+        x = torch.cat([x, mask], dim=1)  # (B, C+1, T, H, W)
+        x = x.reshape(B, C + 1, T, h, p, w, p).permute(0, 2, 3, 5, 1, 4, 6)  # (B, T, h, w, C+1, p, p)
+        x = self.patch_embed(x.reshape(B, T * h * w, (C + 1) * p * p))  # (B, N, D)
+        # Departure from Cosmos-Predict2.5: time enters as a sinusoid of 1000 * tau (rectified-flow
+        # time), not Cosmos' EDM noise level; one conditioning vector per frame.
+        c = F.silu(self.t_embed(tau))  # (B, T, D)
+        shared = self.t_shared(c) if self.t_shared is not None else None  # (B, T, 3D)
+        rope = self.rope(T, h, w, x.device)
+        for i, block in enumerate(self.blocks):
+            x = block(x, c, shared, text, rope)
+            if i == stop_after:  # departure from the release, which runs every block and discards the rest
+                return x
+        shift, scale = self.final_mod(c, shared)
+        x = self.final_linear(modulate(x, shift, scale))  # (B, N, p*p*C)
+        x = x.reshape(B, T, h, w, C, p, p).permute(0, 4, 1, 2, 5, 3, 6)  # (B, C, T, h, p, w, p)
+        return x.reshape(B, C, T, H, W)
+
+
+# ----------------------------------------------------------------------------------------------
+# The action DiT (DESIGN 3.6).
+
+class ActionDiT(nn.Module):
+    """GR00T-N1.5-style flow-matching action head: [state, K noisy actions] -> velocity (B, K, A).
+
+    Departures from GR00T-N1.5's head: the state encoder and output decoder use hidden width
+    D_action (GR00T: 1024), the learned positions cover K tokens (GR00T: 1024), and LayerNorms
+    use eps 1e-6 so that one fused `modulate` kernel serves both DiTs."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        D, A, P, K = cfg.action_width, cfg.action_dim, cfg.state_dim, cfg.action_horizon
+        self.width = D
+        self.state_encoder = nn.Sequential(nn.Linear(P, D), nn.ReLU(), nn.Linear(D, D))
+        # action encoder: W1 a, concat sinusoid(floor(1000 tau)), W2 -> swish -> W3
+        self.action_in = nn.Linear(A, D)
+        self.action_mix = nn.Linear(2 * D, D)
+        self.action_out = nn.Linear(D, D)
+        self.pos_embed = nn.Parameter(torch.zeros(K, D))  # learned positions of the action tokens
+        self.t_embed = TimestepMLP(D)
+        self.blocks = nn.ModuleList(
+            ActionBlock(D, cfg.action_heads, cfg.action_mlp_dim,
+                        context_dim=cfg.video_width if i % 2 == 0 else None, dropout=cfg.action_dropout)
+            for i in range(cfg.action_depth))
+        self.final_mod = nn.Linear(D, 2 * D)
+        self.proj_out = nn.Linear(D, D)
+        self.decoder = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, A))
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        nn.init.normal_(self.pos_embed, std=0.02)
+        # GR00T's blocks have no gate, so zero modulation would not make them the identity; a
+        # zero last decoder layer is enough for a fresh model to predict exactly zero velocity.
+        nn.init.zeros_(self.decoder[-1].weight)
+
+    def context_kv(self, h):
+        """Project the video features h (B, N, D_video) to the K/V of every cross-attention block
+        once: a list with (k, v) (B, nh, N, hd) for even blocks and None for self-attention."""
+        return [block.attn.project_kv(h) if block.is_cross else None for block in self.blocks]
+
+    def forward(self, actions, tau, state, h=None, kv=None):
+        """actions (B, K, A) at time tau (B,), state (B, P), and either the features h or their
+        precomputed `context_kv(h)`. Returns the velocity (B, K, A)."""
+        if kv is None:
+            kv = self.context_kv(h)
+        K, D = actions.shape[1], self.width
+        step = torch.floor(1000 * tau)  # discretized time, as in GR00T
+        temb = torch.cat([self.action_in(actions),
+                          timestep_embedding(step, D)[:, None].expand(-1, K, -1)], dim=-1)  # (B, K, 2D)
+        a = self.action_out(F.silu(self.action_mix(temb))) + self.pos_embed  # (B, K, D)
+        x = torch.cat([self.state_encoder(state)[:, None], a], dim=1)  # (B, 1+K, D)
+        c = F.silu(self.t_embed(step))  # (B, D)
+        for block, block_kv in zip(self.blocks, kv):
+            x = block(x, c, block_kv)
+        shift, scale = self.final_mod(c)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
+        x = self.decoder(self.proj_out(modulate(x, shift, scale)))  # (B, 1+K, A)
+        return x[:, -K:]  # velocity of the action tokens
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers shared by both branches.
+
+def euler_sample(velocity, x, num_steps):
+    """Integrate dx/dtau = velocity(x, tau) from tau = 1 (noise) to 0 (data) in equal steps:
+    tau = 1, 1 - 1/n, ..., 1/n (for n = 4: 1, .75, .5, .25)."""
+    for i in range(num_steps):
+        tau = torch.full((x.shape[0],), 1.0 - i / num_steps, device=x.device)
+        x = x - velocity(x, tau) / num_steps
+    return x
+
+
+def sample_action_time(n, generator=None, device=None):
+    """tau_a = s / 0.999 with s ~ Beta(1.5, 1): more weight on noisy samples (GR00T, DESIGN 3.6).
+    Beta(1.5, 1) is sampled by inversion: its CDF is s^1.5, so s = u^(1/1.5)."""
+    u = torch.rand(n, generator=generator, device=device)
+    return u.pow(1 / 1.5) / 0.999
+
+
+def masked_mse(pred, target, mask):
+    """sum(mask * (pred - target)^2) / sum(mask), with mask broadcast to pred's shape."""
+    mask = mask.expand_as(pred).to(pred.dtype)
+    return (mask * (pred - target).pow(2)).sum() / mask.sum().clamp_min(1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Input validation for the public entry points.
+
+def _check_tensor(name, x, shape):
+    """shape: tuple of ints or None (any size). Raises ValueError naming `name`."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+    want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+    if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
+        raise ValueError(f"{name}: expected shape {want}, got {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name}: contains NaN or inf")
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# The joint model: dual flow matching and inference.
+
+class DiT4DiT(nn.Module):
+    """The joint model: tokenizer and text boundaries, video DiT, action DiT; training loss
+    (`loss`) and inference (`extract_features`, `predict_action`, `imagine_video`)."""
+
+    def __init__(self, config, tokenizer=None):
+        super().__init__()
+        if not isinstance(config, DiT4DiTConfig):
+            raise ValueError(f"config: expected a DiT4DiTConfig, got {type(config).__name__}")
+        config.check()
+        self.config = config
+        self.tokenizer = tokenizer if tokenizer is not None else PixelTokenizer()
+        if getattr(self.tokenizer, "channels", None) != config.latent_channels:
+            raise ValueError(f"tokenizer: gives {getattr(self.tokenizer, 'channels', None)} latent channels but "
+                             f"config.latent_channels={config.latent_channels} (a VAE tokenizer is needed?)")
+        self.text_encoder = (ByteTextEncoder(config.text_dim, config.text_depth, config.text_max_len)
+                             if config.text_encoder == "bytes" else None)
+        self.video_dit = VideoDiT(config)
+        self.action_dit = ActionDiT(config)
+
+    # -- boundaries ---------------------------------------------------------------------------
+    def encode_text(self, instructions):
+        """list[str] (byte encoder) or precomputed embeddings (B, S, text_dim) -> (B, S, text_dim)."""
+        if isinstance(instructions, torch.Tensor):
+            return _check_tensor("instruction", instructions, (None, None, self.config.text_dim))
+        if not isinstance(instructions, (list, tuple)) or not all(isinstance(s, str) for s in instructions):
+            raise ValueError("instruction: expected a list of strings or a (B, S, text_dim) tensor")
+        if self.text_encoder is None:
+            raise ValueError("instruction: this config takes precomputed text embeddings "
+                             "(text_encoder='embeddings'); pass a (B, S, text_dim) tensor")
+        return self.text_encoder(list(instructions))
+
+    def _check_frames(self, name, x, time_axis):
+        cfg, f = self.config, self.tokenizer.spatial_factor * self.config.patch_size
+        shape = (None, 3, 1 + cfg.num_future_frames, None, None) if time_axis else (None, 3, None, None)
+        _check_tensor(name, x, shape)
+        H, W = x.shape[-2:]
+        if H % f or W % f:
+            raise ValueError(f"{name}: frame size {H}x{W} is not a multiple of the patch ({f} pixels)")
+        return x
+
+    def _check_text(self, text, B):
+        if isinstance(text, str) or not hasattr(text, "__len__"):
+            raise ValueError("instruction: expected a list of strings or a (B, S, text_dim) tensor")
+        if len(text) != B:
+            raise ValueError(f"instruction: expected {B} entries (one per sample), got {len(text)}")
+
+    def _frame_taus(self, tau, T):
+        """tau (B,) of the future frames -> per-frame timesteps (B, T), conditioning frame at COND_TAU."""
+        taus = tau[:, None].repeat(1, T)  # (B, T)
+        taus[:, 0] = COND_TAU
+        return taus
+
+    def _future_latent_frames(self):
+        return self.tokenizer.latent_frames(1 + self.config.num_future_frames) - 1
+
+    # -- losses (DESIGN 3.4-3.7) -----------------------------------------------------------
+    def video_flow_loss(self, latents, text, tau_v, noise):
+        """Flow-matching loss of the video DiT. latents (B, C, T, h, w), frame 0 conditioning;
+        tau_v (B,); noise like latents. The conditioning frame stays clean and is not scored."""
+        tau = tau_v[:, None, None, None, None]
+        x_tau = torch.cat([latents[:, :, :1], ((1 - tau) * latents + tau * noise)[:, :, 1:]], dim=2)
+        v_hat = self.video_dit(x_tau, self._frame_taus(tau_v, latents.shape[2]), text)
+        return F.mse_loss(v_hat[:, :, 1:], (noise - latents)[:, :, 1:])
+
+    def _extract(self, cond, text, generator):
+        """The extraction pass (DESIGN 3.5): clean conditioning latent cond (B, C, 1, h, w), all
+        future frames fresh noise at tau_f, stop after block extract_layer -> h (B, N, D_video)."""
+        B, C, _, h, w = cond.shape
+        noise = torch.randn(B, C, self._future_latent_frames(), h, w, generator=generator,
+                            device=cond.device, dtype=cond.dtype)
+        x = torch.cat([cond, noise], dim=2)  # (B, C, T, h, w)
+        tau = torch.full((B,), self.config.tau_f, device=cond.device)
+        return self.video_dit(x, self._frame_taus(tau, x.shape[2]), text, stop_after=self.config.extract_layer)
+
+    def action_flow_loss(self, h, state, actions, mask, tau_a, noise):
+        """Flow-matching loss of the action DiT. h (B, N, D_video), state (B, P), actions
+        (B, K, A), mask (B, A); tau_a (B*R,) and noise (B*R, K, A): R draws per sample that
+        share h and state (released: R = 4)."""
+        R = tau_a.shape[0] // actions.shape[0]
+        kv = [None if p is None else (p[0].repeat_interleave(R, 0), p[1].repeat_interleave(R, 0))
+              for p in self.action_dit.context_kv(h)]  # each (B*R, nh, N, hd)
+        a0 = actions.repeat_interleave(R, 0)  # (B*R, K, A)
+        tau = tau_a[:, None, None]
+        v_hat = self.action_dit((1 - tau) * a0 + tau * noise, tau_a, state.repeat_interleave(R, 0), kv=kv)
+        return masked_mse(v_hat, noise - a0, mask.repeat_interleave(R, 0)[:, None, :])
+
+    def _check_batch(self, batch):
+        cfg = self.config
+        if not isinstance(batch, dict):
+            raise ValueError(f"batch: expected a dict, got {type(batch).__name__}")
+        for key in ("video", "state", "actions"):
+            if key not in batch:
+                raise ValueError(f"batch: missing key {key!r}")
+        video = self._check_frames("video", batch["video"], time_axis=True)
+        B = video.shape[0]
+        state = _check_tensor("state", batch["state"], (B, cfg.state_dim))
+        actions = _check_tensor("actions", batch["actions"], (B, cfg.action_horizon, cfg.action_dim))
+        mask = batch.get("action_mask")
+        if mask is None:
+            mask = torch.ones(B, cfg.action_dim, device=actions.device)
+        else:
+            if not isinstance(mask, torch.Tensor) or mask.shape not in ((cfg.action_dim,), (B, cfg.action_dim)):
+                raise ValueError(f"action_mask: expected shape ({cfg.action_dim},) or ({B}, {cfg.action_dim}), "
+                                 f"got {tuple(getattr(mask, 'shape', ()))}")
+            mask = mask.to(actions.dtype).expand(B, cfg.action_dim)
+        if ("instruction" in batch) == ("text" in batch):
+            raise ValueError("batch: give exactly one of 'instruction' (list of str) or 'text' (B, S, D_text)")
+        text = batch.get("instruction", batch.get("text"))
+        self._check_text(text, B)
+        return video, state, actions, mask, text
+
+    def loss(self, batch, generator=None):
+        """Total training loss L = L_action + lambda * L_video (tri-timestep scheme, DESIGN 3.7).
+        Returns dict(loss, video_loss, action_loss); video_loss is 0 when action_only."""
+        cfg = self.config
+        video, state, actions, mask, text = self._check_batch(batch)
+        B, dev = video.shape[0], video.device
+        latents = self.tokenizer.encode(video)  # (B, C, T, h, w)
+        text = self.encode_text(text)  # (B, S, D_text)
+
+        # 1. Video flow matching: one tau_v ~ U[0, 1] per sample on the future frames.
+        if cfg.action_only:
+            video_loss = torch.zeros((), device=dev)
+        else:
+            tau_v = torch.rand(B, generator=generator, device=dev)
+            noise = torch.randn(latents.shape, generator=generator, device=dev, dtype=latents.dtype)
+            video_loss = self.video_flow_loss(latents, text, tau_v, noise)
+
+        # 2. Extraction: a separate pass at tau_f from fresh noise (no ground truth future).
+        with torch.no_grad() if cfg.detach_features else nullcontext():
+            h = self._extract(latents[:, :, :1], text, generator)
+
+        # 3. Action flow matching: R draws of (eps, tau_a ~ Beta(1.5, 1)/0.999) per sample.
+        R = cfg.repeat
+        tau_a = sample_action_time(B * R, generator, dev)
+        noise_a = torch.randn(B * R, *actions.shape[1:], generator=generator, device=dev, dtype=actions.dtype)
+        action_loss = self.action_flow_loss(h, state, actions, mask, tau_a, noise_a)
+        loss = action_loss + cfg.video_loss_weight * video_loss
+        return dict(loss=loss, video_loss=video_loss, action_loss=action_loss)
+
+    # -- inference (DESIGN 3.8) --------------------------------------------------------------
+    def extract_features(self, obs, text_tokens, generator=None):
+        """obs (B, 3, H, W) in [-1, 1]; text_tokens: list[str] or (B, S, D_text) ->
+        h (B, T*h*w, D_video), the output of block `extract_layer` (all frames' tokens)."""
+        self._check_frames("obs", obs, time_axis=False)
+        self._check_text(text_tokens, obs.shape[0])
+        cond = self.tokenizer.encode(obs[:, :, None])  # (B, C, 1, h, w)
+        return self._extract(cond, self.encode_text(text_tokens), generator)
+
+    @torch.no_grad()
+    def predict_action(self, obs, state, instruction, generator=None):
+        """obs (B, 3, H, W) in [-1, 1], state (B, P) normalized, instruction list[str] or
+        (B, S, D_text) -> normalized actions (B, K, A) clipped to [-1, 1]. Dropout follows the
+        module's mode: call .eval() first for deterministic actions."""
+        cfg = self.config
+        B = self._check_frames("obs", obs, time_axis=False).shape[0]
+        _check_tensor("state", state, (B, cfg.state_dim))
+        h = self.extract_features(obs, instruction, generator)  # one video pass, early exit
+        kv = self.action_dit.context_kv(h)  # cross-attention K/V of h, computed once for all steps
+        a = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=generator, device=obs.device)
+        a = euler_sample(lambda x, tau: self.action_dit(x, tau, state, kv=kv), a, cfg.num_action_steps)
+        return a.clamp(-1, 1)
+
+    @torch.no_grad()
+    def imagine_video(self, obs, instruction, generator=None, num_steps=None):
+        """Full video sampler for visualization: obs (B, 3, H, W) -> video (B, 3, 1+F, H, W) in [-1, 1]
+        whose frame 0 is the observation."""
+        self._check_frames("obs", obs, time_axis=False)
+        self._check_text(instruction, obs.shape[0])
+        text = self.encode_text(instruction)
+        cond = self.tokenizer.encode(obs[:, :, None])  # (B, C, 1, h, w)
+        B, C, _, h, w = cond.shape
+        noise = torch.randn(B, C, self._future_latent_frames(), h, w, generator=generator,
+                            device=obs.device, dtype=cond.dtype)
+        x = torch.cat([cond, noise], dim=2)  # (B, C, T, h, w)
+
+        def velocity(x, tau):
+            v = self.video_dit(x, self._frame_taus(tau, x.shape[2]), text)
+            v[:, :, 0] = 0  # the conditioning frame stays clean
+            return v
+
+        x = euler_sample(velocity, x, num_steps or self.config.num_video_steps)
+        return self.tokenizer.decode(x).clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Normalization statistics and checkpoints.
+
+class Normalizer:
+    """Per-dimension min-max normalization to [-1, 1] (DESIGN 3.1); works on numpy and torch.
+    Values outside the fitted range map outside [-1, 1] (no clipping)."""
+
+    def __init__(self, low, high):
+        self.low = torch.as_tensor(low, dtype=torch.float32)
+        self.high = torch.as_tensor(high, dtype=torch.float32)
+        if self.low.shape != self.high.shape or self.low.ndim != 1:
+            raise ValueError(f"low/high: expected two (D,) vectors, got {tuple(self.low.shape)} "
+                             f"and {tuple(self.high.shape)}")
+
+    @classmethod
+    def fit(cls, x):
+        x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
+        if x.ndim < 1 or x.numel() == 0 or not torch.isfinite(x).all():
+            raise ValueError(f"x: expected a finite, non-empty array (..., D), got shape {tuple(x.shape)}")
+        x = x.reshape(-1, x.shape[-1])  # (M, D)
+        low, high = x.min(0).values, x.max(0).values
+        flat = high - low < 1e-6  # a constant dim maps to 0 instead of dividing by zero
+        return cls(torch.where(flat, low - 1, low), torch.where(flat, high + 1, high))
+
+    def _apply(self, x, fn):
+        if isinstance(x, torch.Tensor):
+            return fn(x, self.low.to(x.device, x.dtype), self.high.to(x.device, x.dtype))
+        out = fn(torch.as_tensor(np.asarray(x, dtype=np.float32)), self.low, self.high)
+        return out.numpy()
+
+    def normalize(self, x):
+        return self._apply(x, lambda v, lo, hi: 2 * (v - lo) / (hi - lo) - 1)
+
+    def unnormalize(self, x):
+        return self._apply(x, lambda v, lo, hi: (v + 1) / 2 * (hi - lo) + lo)
+
+    def state_dict(self):
+        return {"low": self.low.clone(), "high": self.high.clone()}
+
+    @classmethod
+    def from_state_dict(cls, d):
+        if not isinstance(d, dict) or set(d) != {"low", "high"}:
+            got = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"normalizer state: expected keys 'low' and 'high', got {got}")
+        return cls(d["low"], d["high"])
+
+
+def save_checkpoint(path, payload):
+    """Write `payload` atomically: a temporary file in the same directory, then os.replace, so a
+    crash mid-write leaves any previous checkpoint at `path` intact."""
+    path = os.fspath(path)
+    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_checkpoint(path):
+    """torch.load(weights_only=True) with errors that name the file."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, not a torch file, or an object weights_only refuses
+        raise ValueError(f"checkpoint {path} is truncated or not a dit4dit checkpoint: {err}") from err
+    if not isinstance(payload, dict):
+        raise ValueError(f"checkpoint {path} holds a {type(payload).__name__}, expected a dict")
+    return payload
+
+
+# ----------------------------------------------------------------------------------------------
+# Presets.
+
+PRESETS = {
+    # Unit tests: a forward takes milliseconds.
+    "tiny": DiT4DiTConfig(image_size=16, num_future_frames=2, action_horizon=4, action_dim=2, state_dim=3,
+                          text_dim=16, text_depth=1, text_max_len=16, patch_size=4,
+                          video_width=64, video_depth=2, video_heads=4, video_mlp_dim=128,
+                          action_width=32, action_depth=2, action_heads=2, action_mlp_dim=64,
+                          extract_layer=0, repeat=2, num_video_steps=4),
+    # CPU training in minutes on the toy suite (64x64 RGB; A and P are overridden from the data).
+    # Sized by compute: a batch of 32 is 32 x 3 frames x 64 tokens = 6144 video tokens, and one
+    # training step (video loss fwd+bwd, extraction pass, action loss with R = 4) is ~26 GFLOP.
+    # extract_layer 1 is the second of four blocks (the paper takes ~60% depth, 18 of 28).
+    "toy": DiT4DiTConfig(),
+    # The published scale (DESIGN 3.9) with RoboCasa-GR1 data: chunk 16 with 8
+    # future frames (LIBERO would be chunk 8 with 4 frames). A and P are GR00T's padded maxima.
+    # Latents come from a Wan2.1 VAE (16 channels, 8x spatial) and text from a frozen LM
+    # (1024-d features), both outside this module: pass tokenizer= and text embeddings.
+    "paper": DiT4DiTConfig(image_size=256, num_future_frames=8, action_horizon=16, action_dim=32, state_dim=64,
+                           latent_channels=16, text_encoder="embeddings", text_dim=1024, patch_size=2,
+                           video_width=2048, video_depth=28, video_heads=16, video_mlp_dim=8192,
+                           adaln_lora_rank=256,
+                           action_width=768, action_depth=16, action_heads=12, action_mlp_dim=3072,
+                           action_dropout=0.2, extract_layer=17, tau_f=0.995, repeat=4, num_action_steps=4,
+                           num_video_steps=35),
+}
+
+
+def make_config(preset, **overrides):
+    """A copy of PRESETS[preset] with fields replaced; ValueError names an unknown preset or field."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(DiT4DiTConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"overrides: unknown config field(s) {unknown}")
+    return dataclasses.replace(PRESETS[preset], **overrides)

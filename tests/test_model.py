@@ -1,0 +1,419 @@
+"""Executable specification of dit4dit.py (issue 2). Runs on the `tiny` preset in seconds."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import dit4dit as d
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return d.DiT4DiT(d.make_config("tiny", **overrides))
+
+
+def tiny_batch(cfg, B=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    H = cfg.image_size
+    # like a rendered scene: smooth frames (constant 4x4 pixel blocks) and a future that mostly
+    # repeats the current frame, with one block changing per frame
+    coarse = torch.rand(B, 3, 1, H // 4, H // 4, generator=g).repeat(1, 1, 1 + cfg.num_future_frames, 1, 1) * 2 - 1
+    for t in range(1, 1 + cfg.num_future_frames):
+        coarse[:, :, t, t % (H // 4), t % (H // 4)] = 1.0
+    return dict(video=coarse.repeat_interleave(4, dim=3).repeat_interleave(4, dim=4),
+                state=torch.randn(B, cfg.state_dim, generator=g),
+                actions=torch.rand(B, cfg.action_horizon, cfg.action_dim, generator=g) * 2 - 1,
+                instruction=["push the red block onto the blue pad", "reach the green ball", "push blue"][:B])
+
+
+def randomize_zero_layers(model, seed=0):
+    """Give every zero-initialized weight random values so outputs depend on all inputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.abs().sum() == 0:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+# --- shapes and initialization ----------------------------------------------------------------
+
+def test_public_shapes_on_tiny():
+    model = tiny_model()
+    cfg = model.config
+    batch = tiny_batch(cfg)
+    B, H = 3, cfg.image_size
+    out = model.loss(batch)
+    assert set(out) == {"loss", "video_loss", "action_loss"}
+    assert all(v.shape == () and torch.isfinite(v) for v in out.values())
+    obs = batch["video"][:, :, 0]
+    text = model.encode_text(batch["instruction"])
+    assert text.shape == (B, cfg.text_max_len, cfg.text_dim)
+    h = model.extract_features(obs, batch["instruction"])
+    p = cfg.patch_size
+    assert h.shape == (B, (1 + cfg.num_future_frames) * (H // p) ** 2, cfg.video_width)
+    acts = model.predict_action(obs, batch["state"], batch["instruction"], generator=gen(0))
+    assert acts.shape == (B, cfg.action_horizon, cfg.action_dim) and acts.abs().max() <= 1
+    video = model.imagine_video(obs, batch["instruction"], generator=gen(0))
+    assert video.shape == batch["video"].shape and video.abs().max() <= 1
+    assert torch.equal(video[:, :, 0], obs)  # the conditioning frame stays clean
+
+
+def test_frames_video_conversion_round_trip():
+    frames = np.random.default_rng(0).integers(0, 256, size=(2, 3, 8, 8, 3), dtype=np.uint8)
+    video = d.frames_to_video(frames)
+    assert video.shape == (2, 3, 3, 8, 8) and video.dtype == torch.float32
+    assert video.min() >= -1 and video.max() <= 1
+    assert np.array_equal(d.video_to_frames(video), frames)
+    with pytest.raises(ValueError, match="frames"):
+        d.frames_to_video(frames.astype(np.float32))
+
+
+def test_fresh_model_predicts_zero_velocity_in_both_dits():
+    model = tiny_model()
+    cfg = model.config
+    B, H = 2, cfg.image_size
+    x = torch.randn(B, 3, 1 + cfg.num_future_frames, H, H)
+    tau = torch.rand(B, 1 + cfg.num_future_frames)
+    text = torch.randn(B, 5, cfg.text_dim)
+    assert torch.equal(model.video_dit(x, tau, text), torch.zeros_like(x))
+    h = torch.randn(B, 7, cfg.video_width)
+    a = torch.randn(B, cfg.action_horizon, cfg.action_dim)
+    v = model.action_dit(a, torch.rand(B), torch.randn(B, cfg.state_dim), h=h)
+    assert torch.equal(v, torch.zeros_like(a))
+
+
+def test_adaln_lora_variant_is_also_zero_at_init():
+    model = tiny_model(adaln_lora_rank=4)
+    cfg = model.config
+    x = torch.randn(2, 3, 3, 16, 16)
+    assert torch.equal(model.video_dit(x, torch.rand(2, 3), torch.randn(2, 4, cfg.text_dim)), torch.zeros_like(x))
+
+
+def test_modulate_per_frame_groups():
+    x, shift, scale = torch.randn(2, 12, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    y = d.modulate(x, shift, scale)
+    for g in range(3):
+        tokens = slice(4 * g, 4 * g + 4)
+        ref = torch.nn.functional.layer_norm(x[:, tokens], (8,), eps=1e-6) * (1 + scale[:, g:g + 1]) + shift[:, g:g + 1]
+        torch.testing.assert_close(y[:, tokens], ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_matches_explicit_softmax():
+    q, k, v = torch.randn(2, 3, 5, 8), torch.randn(2, 3, 7, 8), torch.randn(2, 3, 7, 8)
+    ref = torch.softmax(q @ k.transpose(-1, -2) / 8 ** 0.5, dim=-1) @ v
+    torch.testing.assert_close(d.attention(q, k, v), ref, rtol=1e-5, atol=1e-5)
+
+
+# --- paper scale --------------------------------------------------------------------------------
+
+def test_paper_preset_parameter_counts_on_meta_device():
+    cfg = d.make_config("paper")
+    assert cfg.adaln_lora_rank > 0 and cfg.extract_layer == 17 and cfg.video_depth == 28
+
+    class LatentStub(d.PixelTokenizer):  # a 16-channel VAE stands behind the paper preset
+        channels = 16
+        spatial_factor = 8
+
+    with torch.device("meta"):
+        model = d.DiT4DiT(cfg, tokenizer=LatentStub())
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    video, action, total = count(model.video_dit), count(model.action_dit), count(model)
+    assert abs(video / 2.0e9 - 1) < 0.05, video
+    assert abs(action / 0.16e9 - 1) < 0.05, action
+    assert abs(total / 2.2e9 - 1) < 0.05, total
+
+
+# --- extraction, caching, gradients -------------------------------------------------------------
+
+def test_early_exit_equals_block_output_inside_full_forward():
+    model = tiny_model(video_depth=3, extract_layer=1)
+    randomize_zero_layers(model)
+    cfg = model.config
+    batch = tiny_batch(cfg)
+    obs = batch["video"][:, :, 0]
+    h = model.extract_features(obs, batch["instruction"], generator=gen(5))
+    # the same pass through all blocks, capturing block extract_layer with a hook
+    captured = {}
+    hook = model.video_dit.blocks[cfg.extract_layer].register_forward_hook(
+        lambda mod, inp, out: captured.setdefault("h", out))
+    noise = torch.randn(3, 3, cfg.num_future_frames, 16, 16, generator=gen(5))
+    x = torch.cat([obs[:, :, None], noise], dim=2)
+    tau = torch.full((3, x.shape[2]), cfg.tau_f)
+    tau[:, 0] = d.COND_TAU
+    full = model.video_dit(x, tau, model.encode_text(batch["instruction"]))
+    hook.remove()
+    assert full.shape == x.shape
+    torch.testing.assert_close(h, captured["h"], rtol=1e-5, atol=1e-6)
+    # and the later blocks matter: the last block's output differs
+    assert not torch.allclose(h, model.video_dit(x, tau, model.encode_text(batch["instruction"]), stop_after=2))
+
+
+def test_predict_action_cached_kv_equals_uncached():
+    model = tiny_model()
+    randomize_zero_layers(model)
+    model.eval()
+    cfg = model.config
+    batch = tiny_batch(cfg)
+    obs, state = batch["video"][:, :, 0], batch["state"]
+    cached = model.predict_action(obs, state, batch["instruction"], generator=gen(3))
+    # uncached: the same draws, K/V of h recomputed inside every Euler step
+    g = gen(3)
+    with torch.no_grad():
+        h = model.extract_features(obs, batch["instruction"], generator=g)
+        a = torch.randn(3, cfg.action_horizon, cfg.action_dim, generator=g)
+        a = d.euler_sample(lambda x, tau: model.action_dit(x, tau, state, h=h), a, cfg.num_action_steps)
+    torch.testing.assert_close(cached, a.clamp(-1, 1), rtol=1e-5, atol=1e-6)
+    assert cached.abs().max() > 0
+
+
+@pytest.mark.parametrize("detach", [True, False])
+def test_detach_features_controls_gradient_into_video_dit(detach):
+    model = tiny_model(detach_features=detach)
+    randomize_zero_layers(model)
+    batch = tiny_batch(model.config)
+    model.loss(batch, generator=gen(0))["action_loss"].backward()
+    grads = [p.grad for p in model.video_dit.parameters()]
+    nonzero = any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert nonzero == (not detach)
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.action_dit.parameters())
+
+
+def test_training_after_inference_mode_prediction():
+    model = tiny_model()
+    batch = tiny_batch(model.config)
+    with torch.inference_mode():
+        model.predict_action(batch["video"][:, :, 0], batch["state"], batch["instruction"])
+    model.loss(batch)["loss"].backward()  # the rotary cache built above must not be an inference tensor
+
+
+def test_action_only_has_no_video_loss_and_trains_video_dit_through_features():
+    model = tiny_model(action_only=True)
+    assert model.config.detach_features is False
+    randomize_zero_layers(model)
+    out = model.loss(tiny_batch(model.config), generator=gen(0))
+    assert out["video_loss"].item() == 0.0 and torch.equal(out["loss"], out["action_loss"])
+    out["loss"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.video_dit.parameters())
+
+
+# --- losses -------------------------------------------------------------------------------------
+
+def test_video_loss_ignores_conditioning_frame_target():
+    model = tiny_model()
+    randomize_zero_layers(model)
+    cfg = model.config
+    batch = tiny_batch(cfg)
+    latents = batch["video"]
+    text = model.encode_text(batch["instruction"])
+    tau_v = torch.tensor([0.2, 0.5, 0.9])
+    noise = torch.randn(latents.shape, generator=gen(0))
+    other = noise.clone()
+    other[:, :, 0] += 3.0  # changes only the conditioning frame's target eps - x0
+    base = model.video_flow_loss(latents, text, tau_v, noise)
+    torch.testing.assert_close(model.video_flow_loss(latents, text, tau_v, other), base)
+    other[:, :, 1] += 3.0  # a future frame's noise does count
+    assert not torch.allclose(model.video_flow_loss(latents, text, tau_v, other), base)
+
+
+def test_action_loss_ignores_masked_dims():
+    model = tiny_model(action_dim=3)
+    randomize_zero_layers(model)
+    cfg = model.config
+    batch = tiny_batch(cfg)
+    B, R = 3, cfg.repeat
+    h = torch.randn(B, 10, cfg.video_width)
+    mask = torch.tensor([1.0, 1.0, 0.0]).expand(B, 3)
+    # at tau = 1 the input x_tau = eps does not depend on the actions: only the target does
+    tau_a = torch.ones(B * R)
+    noise = torch.randn(B * R, cfg.action_horizon, 3, generator=gen(0))
+    base = model.action_flow_loss(h, batch["state"], batch["actions"], mask, tau_a, noise)
+    changed = batch["actions"].clone()
+    changed[..., 2] = 5.0
+    torch.testing.assert_close(model.action_flow_loss(h, batch["state"], changed, mask, tau_a, noise), base)
+    changed[..., 1] = 5.0
+    assert not torch.allclose(model.action_flow_loss(h, batch["state"], changed, mask, tau_a, noise), base)
+    # the batch path accepts a (A,) mask too
+    batch["action_mask"] = torch.tensor([True, True, False])
+    assert torch.isfinite(model.loss(batch)["action_loss"])
+
+
+def test_euler_sampler_recovers_x0_from_exact_straight_line_velocity():
+    x0 = torch.randn(4, 5)
+    eps = torch.randn(4, 5)
+    for steps in (1, 4, 10):
+        out = d.euler_sample(lambda x, tau: (x - x0) / tau[:, None], eps.clone(), steps)
+        torch.testing.assert_close(out, x0, rtol=1e-5, atol=1e-5)
+
+
+def test_action_time_sampler_mean():
+    tau = d.sample_action_time(200_000, generator=gen(0))
+    assert abs(tau.mean().item() - 0.6 / 0.999) < 0.005
+    assert tau.min() >= 0 and tau.max() <= 1 / 0.999 + 1e-6
+    assert (tau > 0.5).float().mean() > 0.6  # more weight on noisy samples
+
+
+def test_overfit_one_batch_halves_both_losses():
+    model = tiny_model(seed=0)
+    batch = tiny_batch(model.config, B=2)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def evaluate():
+        with torch.no_grad():
+            outs = [model.loss(batch, generator=gen(100 + i)) for i in range(4)]
+        return [sum(o[k].item() for o in outs) / 4 for k in ("video_loss", "action_loss")]
+
+    v0, a0 = evaluate()
+    g = gen(0)
+    for _ in range(250):
+        opt.zero_grad()
+        model.loss(batch, generator=g)["loss"].backward()
+        opt.step()
+    v1, a1 = evaluate()
+    assert v1 < 0.5 * v0 and a1 < 0.5 * a0, (v0, v1, a0, a1)
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+def test_bad_inputs_raise_value_error_naming_the_argument():
+    model = tiny_model()
+    cfg = model.config
+    good = tiny_batch(cfg)
+    obs, state, text = good["video"][:, :, 0], good["state"], good["instruction"]
+
+    def bad(**changes):
+        b = dict(good)
+        b.update(changes)
+        return b
+
+    nan_video = good["video"].clone()
+    nan_video[0, 0, 0, 0, 0] = float("nan")
+    cases = [
+        ("video", lambda: model.loss(bad(video=good["video"][:, :, :2]))),  # wrong number of frames
+        ("video", lambda: model.loss(bad(video=good["video"].to(torch.int64)))),  # wrong dtype
+        ("video", lambda: model.loss(bad(video=nan_video))),  # NaN
+        ("video", lambda: model.loss(bad(video=good["video"][..., :14, :14]))),  # not a multiple of the patch
+        ("state", lambda: model.loss(bad(state=state[:, :2]))),
+        ("actions", lambda: model.loss(bad(actions=good["actions"][:, :2]))),
+        ("action_mask", lambda: model.loss(bad(action_mask=torch.ones(5)))),
+        ("instruction", lambda: model.loss(bad(instruction=text[:2]))),
+        ("batch", lambda: model.loss({"video": good["video"]})),
+        ("obs", lambda: model.extract_features(obs[..., :15, :15], text)),
+        ("obs", lambda: model.extract_features(obs[0], text)),
+        ("instruction", lambda: model.extract_features(obs, torch.randn(3, 4, cfg.text_dim + 1))),
+        ("state", lambda: model.predict_action(obs, state.double()[:, :1], text)),
+        ("state", lambda: model.predict_action(obs, torch.full_like(state, float("nan")), text)),
+        ("obs", lambda: model.predict_action(obs.numpy(), state, text)),
+        ("obs", lambda: model.imagine_video(obs[:, :2], text)),
+        ("extract_layer", lambda: d.make_config("tiny", extract_layer=2)),
+        ("extract_layer", lambda: d.make_config("tiny", extract_layer=-1)),
+        ("patch_size", lambda: d.make_config("tiny", patch_size=5)),
+        ("preset", lambda: d.make_config("huge")),
+        ("unknown config field", lambda: d.make_config("tiny", widht=3)),
+        ("config", lambda: d.DiT4DiT({"image_size": 16})),
+        ("tokenizer", lambda: d.DiT4DiT(d.make_config("paper", video_depth=1, extract_layer=0))),
+        ("DIT4DIT_KERNELS", lambda: d.select_backend("yes")),
+    ]
+    for name, call in cases:
+        with pytest.raises(ValueError, match=name):
+            call()
+
+
+def test_embeddings_config_rejects_strings_and_takes_tensors():
+    model = tiny_model(text_encoder="embeddings")
+    assert model.text_encoder is None
+    cfg = model.config
+    batch = tiny_batch(cfg)
+    with pytest.raises(ValueError, match="instruction"):
+        model.loss(batch)
+    del batch["instruction"]
+    batch["text"] = torch.randn(3, 6, cfg.text_dim)
+    assert torch.isfinite(model.loss(batch)["loss"])
+
+
+def test_select_backend_torch_and_back():
+    before = d._BACKEND
+    try:
+        assert d.select_backend("0") == "torch"
+        assert d.select_backend("auto") in ("torch", "kernels")
+    finally:
+        d.select_backend("1" if before == "kernels" else "0")
+
+
+def test_backend_1_fails_loudly_when_extension_is_missing(monkeypatch):
+    try:
+        import kernels
+
+        monkeypatch.setattr(kernels, "available", lambda: False)
+    except ImportError:
+        pass  # not importable at all: the error path is the same
+    before = d._BACKEND
+    with pytest.raises(RuntimeError, match="DIT4DIT_KERNELS=1"):
+        d.select_backend("1")
+    assert d._BACKEND == before
+
+
+# --- normalizer and checkpoints -----------------------------------------------------------------
+
+def test_normalizer_round_trip():
+    x = np.random.default_rng(0).normal(size=(50, 7, 4)).astype(np.float32) * [1, 10, 0.1, 0]
+    norm = d.Normalizer.fit(x)
+    y = norm.normalize(x)
+    assert isinstance(y, np.ndarray) and y.min() >= -1 - 1e-6 and y.max() <= 1 + 1e-6
+    assert np.allclose(y[..., 3], 0)  # a constant dim maps to 0
+    assert np.allclose(norm.unnormalize(y), x, atol=1e-5)
+    t = torch.from_numpy(x)
+    torch.testing.assert_close(norm.unnormalize(norm.normalize(t)), t, atol=1e-5, rtol=1e-5)
+    again = d.Normalizer.from_state_dict(norm.state_dict())
+    assert np.allclose(again.normalize(x), y)
+    with pytest.raises(ValueError, match="normalizer"):
+        d.Normalizer.from_state_dict({"low": torch.zeros(3)})
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = tiny_model()
+    path = tmp_path / "ckpt.pt"
+    norm = d.Normalizer.fit(np.arange(12.0).reshape(6, 2))
+    d.save_checkpoint(path, {"model": model.state_dict(), "step": 7, "normalizer": norm.state_dict(),
+                             "config": d.dataclasses.asdict(model.config)})
+    payload = d.load_checkpoint(path)
+    assert payload["step"] == 7
+    other = d.DiT4DiT(d.DiT4DiTConfig(**payload["config"]))
+    other.load_state_dict(payload["model"])
+    for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    d.save_checkpoint(path, {"step": 1})
+    with pytest.raises(Exception):
+        d.save_checkpoint(path, {"step": 2, "bad": lambda: None})  # cannot be pickled mid-write
+    assert d.load_checkpoint(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_load_checkpoint_errors_name_the_file(tmp_path):
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        d.load_checkpoint(missing)
+    path = tmp_path / "ckpt.pt"
+    d.save_checkpoint(path, {"w": torch.randn(1000)})
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated.pt"):
+        d.load_checkpoint(truncated)
+    wrong = tmp_path / "notes.txt"
+    wrong.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match="notes.txt"):
+        d.load_checkpoint(wrong)
+    listed = tmp_path / "list.pt"
+    torch.save([1, 2], listed)
+    with pytest.raises(ValueError, match="list.pt"):
+        d.load_checkpoint(listed)
