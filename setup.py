@@ -16,12 +16,22 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def cuda_wanted():
+    """True when the CUDA kernels should be built; FORCE_CUDA=1 without a CUDA toolchain is an error."""
     import torch
     from torch.utils.cpp_extension import CUDA_HOME
 
-    if torch.version.cuda is None or CUDA_HOME is None:
+    forced = os.environ.get("FORCE_CUDA", "0") == "1"
+    nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else None
+    missing = []
+    if torch.version.cuda is None:
+        missing.append(f"torch {torch.__version__} is not a CUDA build")
+    if nvcc is None or not os.path.exists(nvcc):
+        missing.append(f"no nvcc found (CUDA_HOME={CUDA_HOME}); set CUDA_HOME to the CUDA toolkit")
+    if missing:
+        if forced:
+            raise RuntimeError("FORCE_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(missing))
         return False
-    return torch.cuda.is_available() or os.environ.get("FORCE_CUDA", "0") == "1"
+    return forced or torch.cuda.is_available()
 
 
 def wheel_cuda_includes():
@@ -44,12 +54,12 @@ def extensions():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     cpu_sources = sorted(glob.glob(os.path.join("kernels", "csrc", "*.cpp")))
-    cxx_flags = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx_flags = ["-O3", "-std=c++20", "-fopenmp"]  # torch 2.14 ATen headers need C++20
     if not cuda_wanted():
         return [CppExtension("kernels._C", cpu_sources, extra_compile_args={"cxx": cxx_flags},
                              extra_link_args=["-fopenmp"])]
     cuda_sources = sorted(glob.glob(os.path.join("kernels", "csrc", "cuda", "*.cu")))
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"]
+    nvcc_flags = ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo"]  # ATen headers need C++20
     if os.environ.get("DIT4DIT_PTXAS_VERBOSE", "0") == "1":
         nvcc_flags.append("-Xptxas=-v")
     return [CUDAExtension("kernels._C", cpu_sources + cuda_sources,

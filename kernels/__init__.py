@@ -1,0 +1,242 @@
+"""Fused adaLN modulation and fused attention as registered torch ops (namespace `dit4dit`).
+
+The C++ extension `kernels._C` (built with `python setup.py build_ext --inplace`) defines
+the op schemas and their CPU kernels (and CUDA kernels when built with CUDA). This module
+
+- loads the extension if it is present (`available()`, `load_error()`),
+- registers fake (meta) kernels, so the ops trace under `torch.compile`, and autograd
+  (the backward of each forward op calls its `*_bwd` op),
+- exposes typed wrappers, `adaln_modulate(x, shift, scale, eps)` and `attention(q, k, v)`,
+  which validate shapes with clear errors and make inputs contiguous,
+- and holds the pure-PyTorch references `reference_adaln_modulate` and
+  `reference_attention` written in explicit math: the oracle of the tests.
+
+Ops (all shapes are (batch, ...), statistics float32, float64 for float64 inputs):
+    dit4dit::adaln_modulate_fwd(x (B,N,D), shift (B,G,D), scale (B,G,D), eps) -> (y, mean (B,N), rstd (B,N))
+    dit4dit::adaln_modulate_bwd(grad_y, x, scale, mean, rstd, groups) -> (grad_x, grad_shift, grad_scale)
+    dit4dit::attention_fwd(q (B,nh,Lq,hd), k (B,nh,Lk,hd), v (B,nh,Lk,hd)) -> (o, lse (B,nh,Lq))
+    dit4dit::attention_bwd(grad_o, q, k, v, o, lse) -> (grad_q, grad_k, grad_v)
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = [
+    "available",
+    "load_error",
+    "adaln_modulate",
+    "attention",
+    "reference_adaln_modulate",
+    "reference_attention",
+]
+
+BUILD_HINT = "build it with `python setup.py build_ext --inplace` from the repository root"
+
+_LOAD_ERROR: str | None = None
+try:
+    from . import _C  # noqa: F401  (loading the shared object registers the ops)
+except (ImportError, OSError) as exc:  # not built, or built against another torch (undefined symbol)
+    _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def available() -> bool:
+    """True when the compiled extension `kernels._C` is loaded and its ops are registered."""
+    return _LOAD_ERROR is None
+
+
+def load_error() -> str | None:
+    """Why `kernels._C` could not be loaded (None when it was loaded)."""
+    return _LOAD_ERROR
+
+
+def _require_extension() -> None:
+    if not available():
+        raise RuntimeError(f"the dit4dit kernels extension kernels._C is not available ({_LOAD_ERROR}); {BUILD_HINT}")
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ----------------------------------------------------------------------------------------
+# pure-PyTorch references (explicit math; the test oracle and the fallback of dit4dit.py)
+
+def reference_adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
+                             eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm without affine over the last dim, statistics in float32 (float64 for float64 x),
+    then y = xhat * (1 + scale[g]) + shift[g] with token n in group g = n // (N // G).
+
+    x (B, N, D); shift, scale (B, G, D) with N % G == 0. Returns y (B, N, D) in x's dtype."""
+    _check_adaln_args(x, shift, scale)
+    B, N, D = x.shape
+    G = shift.shape[1]
+    acc = _stats_dtype(x.dtype)
+    xf = x.to(acc)
+    mean = xf.sum(dim=-1, keepdim=True) / D
+    var = ((xf - mean) ** 2).sum(dim=-1, keepdim=True) / D
+    xhat = (xf - mean) / torch.sqrt(var + eps)
+    xhat = xhat.reshape(B, G, N // G, D)
+    y = xhat * (1 + scale.to(acc)[:, :, None, :]) + shift.to(acc)[:, :, None, :]
+    return y.reshape(B, N, D).to(x.dtype)
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hd)) v, no mask, computed in float32 (float64 for float64 inputs).
+
+    q (B, nh, Lq, hd); k, v (B, nh, Lk, hd). Returns (B, nh, Lq, hd) in q's dtype."""
+    _check_attention_args(q, k, v)
+    acc = _stats_dtype(q.dtype)
+    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
+    s = (qf @ kf.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
+    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
+    p = p / p.sum(dim=-1, keepdim=True)
+    return (p @ vf).to(q.dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# argument checks shared by the wrappers and the references (ValueError naming the argument)
+
+def _check_adaln_args(x, shift, scale) -> None:
+    for name, t in (("x", x), ("shift", shift), ("scale", scale)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"adaln_modulate: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"adaln_modulate: x must have shape (B, N, D), got {tuple(x.shape)}")
+    if shift.dim() != 3:
+        raise ValueError(f"adaln_modulate: shift must have shape (B, G, D), got {tuple(shift.shape)}")
+    if scale.shape != shift.shape:
+        raise ValueError(f"adaln_modulate: scale {tuple(scale.shape)} must have the shape of shift "
+                         f"{tuple(shift.shape)}")
+    B, N, D = x.shape
+    if shift.shape[0] != B or shift.shape[2] != D:
+        raise ValueError(f"adaln_modulate: shift/scale {tuple(shift.shape)} must be (B, G, D) = ({B}, G, {D}) "
+                         f"to match x {tuple(x.shape)}")
+    G = shift.shape[1]
+    if G < 1 or N % G != 0:
+        raise ValueError(f"adaln_modulate: the N = {N} tokens of x must split into G = {G} equal groups "
+                         f"(N % G == 0)")
+    if D < 1:
+        raise ValueError(f"adaln_modulate: x must have a feature dimension D >= 1, got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"adaln_modulate: x must be a floating-point tensor, got {x.dtype}")
+    if shift.dtype != x.dtype or scale.dtype != x.dtype:
+        raise ValueError(f"adaln_modulate: x, shift and scale must share one dtype, got {x.dtype}, "
+                         f"{shift.dtype}, {scale.dtype}")
+    if shift.device != x.device or scale.device != x.device:
+        raise ValueError(f"adaln_modulate: x, shift and scale must be on one device, got {x.device}, "
+                         f"{shift.device}, {scale.device}")
+
+
+def _check_attention_args(q, k, v) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if q.dim() != 4:
+        raise ValueError(f"attention: q must have shape (B, nh, Lq, hd), got {tuple(q.shape)}")
+    if k.dim() != 4:
+        raise ValueError(f"attention: k must have shape (B, nh, Lk, hd), got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"attention: v {tuple(v.shape)} must have the shape of k {tuple(k.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[1] != q.shape[1] or k.shape[3] != q.shape[3]:
+        raise ValueError(f"attention: k {tuple(k.shape)} must match q {tuple(q.shape)} in batch, heads and "
+                         f"head dim (B, nh, *, hd)")
+    if q.shape[3] < 1:
+        raise ValueError(f"attention: head dim must be >= 1, got q {tuple(q.shape)}")
+    if k.shape[2] < 1:
+        raise ValueError(f"attention: k and v need at least one key (Lk >= 1), got k {tuple(k.shape)}")
+    if not q.is_floating_point():
+        raise ValueError(f"attention: q must be a floating-point tensor, got {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"attention: q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+
+
+# ----------------------------------------------------------------------------------------
+# fake kernels and autograd (only when the ops exist)
+
+if available():
+
+    @torch.library.register_fake("dit4dit::adaln_modulate_fwd")
+    def _adaln_modulate_fwd_fake(x, shift, scale, eps):
+        torch._check(x.dim() == 3 and shift.dim() == 3 and scale.shape == shift.shape,
+                     lambda: "adaln_modulate_fwd: x must be (B, N, D) and shift/scale (B, G, D)")
+        B, N, D = x.shape
+        stats = x.new_empty((B, N), dtype=_stats_dtype(x.dtype))
+        return torch.empty_like(x), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("dit4dit::adaln_modulate_bwd")
+    def _adaln_modulate_bwd_fake(grad_y, x, scale, mean, rstd, groups):
+        torch._check(grad_y.shape == x.shape, lambda: "adaln_modulate_bwd: grad_y must have the shape of x")
+        return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
+
+    @torch.library.register_fake("dit4dit::attention_fwd")
+    def _attention_fwd_fake(q, k, v):
+        torch._check(q.dim() == 4 and k.dim() == 4 and v.shape == k.shape,
+                     lambda: "attention_fwd: q must be (B, nh, Lq, hd) and k, v (B, nh, Lk, hd)")
+        B, nh, Lq, _ = q.shape
+        return torch.empty_like(q), q.new_empty((B, nh, Lq), dtype=_stats_dtype(q.dtype))
+
+    @torch.library.register_fake("dit4dit::attention_bwd")
+    def _attention_bwd_fake(grad_o, q, k, v, o, lse):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    def _adaln_setup_context(ctx, inputs, output):
+        x, shift, scale, eps = inputs
+        _, mean, rstd = output
+        ctx.groups = shift.shape[1]
+        ctx.save_for_backward(x, scale, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def _adaln_backward(ctx, grad_y, grad_mean, grad_rstd):
+        x, scale, mean, rstd = ctx.saved_tensors
+        grad_x, grad_shift, grad_scale = torch.ops.dit4dit.adaln_modulate_bwd(
+            grad_y.contiguous(), x, scale, mean, rstd, ctx.groups)
+        return grad_x, grad_shift, grad_scale, None
+
+    torch.library.register_autograd("dit4dit::adaln_modulate_fwd", _adaln_backward,
+                                    setup_context=_adaln_setup_context)
+
+    def _attention_setup_context(ctx, inputs, output):
+        q, k, v = inputs
+        o, lse = output
+        ctx.save_for_backward(q, k, v, o, lse)
+        ctx.mark_non_differentiable(lse)
+
+    def _attention_backward(ctx, grad_o, grad_lse):
+        q, k, v, o, lse = ctx.saved_tensors
+        return torch.ops.dit4dit.attention_bwd(grad_o.contiguous(), q, k, v, o, lse)
+
+    torch.library.register_autograd("dit4dit::attention_fwd", _attention_backward,
+                                    setup_context=_attention_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# public wrappers
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Fused LayerNorm (no affine, statistics in float32) + per-group modulation.
+
+    x (B, N, D); shift, scale (B, G, D), N % G == 0, tokens grouped contiguously
+    (G = 1: one modulation per sample; G = T: one per frame). Returns
+    y = LayerNorm(x) * (1 + scale[g]) + shift[g], shape (B, N, D). Differentiable in
+    x, shift and scale."""
+    _check_adaln_args(x, shift, scale)
+    _require_extension()
+    y, _, _ = torch.ops.dit4dit.adaln_modulate_fwd(x.contiguous(), shift.contiguous(), scale.contiguous(),
+                                                  float(eps))
+    return y
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Fused softmax attention, softmax(q k^T / sqrt(hd)) v, no mask (FlashAttention-2 style:
+    no Lq x Lk matrix is stored; the logsumexp is kept for the backward).
+
+    q (B, nh, Lq, hd); k, v (B, nh, Lk, hd), Lq != Lk allowed. Returns (B, nh, Lq, hd).
+    Differentiable in q, k and v."""
+    _check_attention_args(q, k, v)
+    _require_extension()
+    o, _ = torch.ops.dit4dit.attention_fwd(q.contiguous(), k.contiguous(), v.contiguous())
+    return o

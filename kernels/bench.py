@@ -1,0 +1,273 @@
+"""Benchmark of the fused ops against the PyTorch reference and the best built-in alternatives.
+
+    python -m kernels.bench            # from the repository root, after building the extension
+    python -m kernels.bench --reps 9   # more repetitions
+
+For each op and size it prints the forward and backward times of
+  - kernel:     the dit4dit op (kernels.adaln_modulate / kernels.attention, autograd for the backward),
+  - reference:  kernels.reference_* (explicit math, eager PyTorch),
+  - built-in:   F.layer_norm-based eager adaLN / F.scaled_dot_product_attention,
+  - naive:      matmul-softmax-matmul (attention only),
+  - copy:       x.clone(), the memory-bandwidth bar (adaLN only),
+with the speed-up of the kernel over each, and the achieved GB/s (adaLN: bytes that must move,
+fwd reads x and writes y, bwd reads dy and x and writes dx) or GFLOP/s (attention: forward
+4·B·H·Lq·Lk·hd, backward 10·B·H·Lq·Lk·hd, the FlashAttention convention that counts the
+recomputation of the scores).
+
+Timing: every variant is warmed up, then the variants are run interleaved (one call of each per
+round, order rotated every round) and the median of the rounds is reported, so a burst of load
+from other processes hits all variants alike. Backward times are backward-only: the graph is built
+once and `torch.autograd.grad(..., retain_graph=True)` is timed.
+
+Peak extra memory of attention (forward + backward) is measured in a fresh child process per
+variant and size: after the inputs exist and a small warm-up ran, the kernel's peak-RSS mark is
+reset (Linux, /proc/self/clear_refs) and the growth of VmHWM over the RSS at that point is
+reported. RSS sees every allocation (torch's allocator and the kernels' own scratch buffers
+alike), which torch.profiler's allocator view would not; the number includes the outputs and
+gradients themselves (4 tensors of the input size, printed alongside), and a linear method shows
+it doubling with L while a quadratic one quadruples.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import textwrap
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kernels
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def hardware() -> str:
+    model = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    caps = torch.backends.cpu.get_cpu_capability()
+    return (f"{model}, {os.cpu_count()} logical cores, torch {torch.__version__} "
+            f"({torch.get_num_threads()} threads, ATen CPU capability {caps}), python {platform.python_version()}")
+
+
+def timeit(variants: dict, reps: int, warmup: int = 2) -> dict:
+    """Median seconds per call of each variant, measured interleaved."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    names = list(variants)
+    samples = {n: [] for n in names}
+    for r in range(reps):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            variants[n]()
+            samples[n].append(time.perf_counter() - t0)
+    return {n: statistics.median(s) for n, s in samples.items()}
+
+
+def grad_timer(out: torch.Tensor, inputs, grad_out: torch.Tensor):
+    return lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+
+
+def row(cols, widths):
+    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cols, widths)))
+
+
+TABLE_W = [44, 10, 10, 12, 12]
+
+
+def print_block(title: str, times: dict, kernel: str, work: float, unit: str):
+    """times: name -> seconds; work in bytes (unit 'GB/s') or flops (unit 'GFLOP/s')."""
+    print(row([title, "ms", unit, "kernel ×", ""], TABLE_W))
+    for name, t in times.items():
+        speed = work / t / 1e9
+        ratio = t / times[kernel]
+        print(row([f"  {name}", f"{t * 1e3:.2f}", f"{speed:.1f}", f"{ratio:.2f}" if name != kernel else "1.00", ""],
+                  TABLE_W))
+
+
+# ----------------------------------------------------------------------------------------- adaLN
+
+def layer_norm_modulate(x, shift, scale, eps=1e-6):
+    """The best built-in eager formulation: F.layer_norm, then per-group modulation."""
+    B, N, D = x.shape
+    G = shift.shape[1]
+    y = F.layer_norm(x, (D,), eps=eps).view(B, G, N // G, D)
+    return (y * (1 + scale[:, :, None]) + shift[:, :, None]).view(B, N, D)
+
+
+def bench_adaln(B, N, D, G, reps, results):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, N, D, generator=g)
+    shift = torch.randn(B, G, D, generator=g)
+    scale = torch.randn(B, G, D, generator=g)
+    fwd = timeit({
+        "kernel": lambda: kernels.adaln_modulate(x, shift, scale),
+        "reference (explicit math)": lambda: kernels.reference_adaln_modulate(x, shift, scale),
+        "F.layer_norm eager": lambda: layer_norm_modulate(x, shift, scale),
+        "x.clone() (bandwidth bar)": lambda: x.clone(),
+    }, reps)
+    nbytes = x.numel() * x.element_size()
+    print_block(f"adaLN fwd  B={B} N={N} D={D} G={G}", fwd, "kernel", 2 * nbytes, "GB/s")
+
+    xs, shs, scs = (t.clone().requires_grad_() for t in (x, shift, scale))
+    gy = torch.randn_like(x)
+    y_k = kernels.adaln_modulate(xs, shs, scs)
+    y_r = kernels.reference_adaln_modulate(xs, shs, scs)
+    y_l = layer_norm_modulate(xs, shs, scs)
+    bwd = timeit({
+        "kernel": grad_timer(y_k, (xs, shs, scs), gy),
+        "reference autograd": grad_timer(y_r, (xs, shs, scs), gy),
+        "F.layer_norm autograd": grad_timer(y_l, (xs, shs, scs), gy),
+    }, reps)
+    print_block(f"adaLN bwd  B={B} N={N} D={D} G={G}", bwd, "kernel", 3 * nbytes, "GB/s")
+    best_eager_f = min(fwd["reference (explicit math)"], fwd["F.layer_norm eager"])
+    best_eager_b = min(bwd["reference autograd"], bwd["F.layer_norm autograd"])
+    results.append((f"adaLN fwd ({B},{N},{D}) G={G}: vs best eager", best_eager_f / fwd["kernel"], 4.0))
+    results.append((f"adaLN fwd ({B},{N},{D}) G={G}: clone time / kernel time", fwd["x.clone() (bandwidth bar)"]
+                    / fwd["kernel"], 0.5))
+    results.append((f"adaLN bwd ({B},{N},{D}) G={G}: vs best eager autograd", best_eager_b / bwd["kernel"], 2.0))
+
+
+# ----------------------------------------------------------------------------------------- attention
+
+def naive_attention(q, k, v):
+    return torch.softmax((q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1])), dim=-1) @ v
+
+
+def bench_attention(B, H, Lq, Lk, hd, reps, results, targets: bool):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(B, H, Lq, hd, generator=g)
+    k = torch.randn(B, H, Lk, hd, generator=g)
+    v = torch.randn(B, H, Lk, hd, generator=g)
+    fwd = timeit({
+        "kernel": lambda: kernels.attention(q, k, v),
+        "SDPA (built-in)": lambda: F.scaled_dot_product_attention(q, k, v),
+        "naive matmul-softmax-matmul": lambda: naive_attention(q, k, v),
+        "reference (explicit math)": lambda: kernels.reference_attention(q, k, v),
+    }, reps)
+    flops = 4.0 * B * H * Lq * Lk * hd
+    print_block(f"attention fwd  B={B} H={H} Lq={Lq} Lk={Lk} hd={hd}", fwd, "kernel", flops, "GFLOP/s")
+
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    go = torch.randn_like(q)
+    outs = {
+        "kernel": kernels.attention(qs, ks, vs),
+        "SDPA (built-in)": F.scaled_dot_product_attention(qs, ks, vs),
+        "naive matmul-softmax-matmul": naive_attention(qs, ks, vs),
+    }
+    bwd = timeit({n: grad_timer(o, (qs, ks, vs), go) for n, o in outs.items()}, reps)
+    del outs
+    print_block(f"attention bwd  B={B} H={H} Lq={Lq} Lk={Lk} hd={hd}", bwd, "kernel", 2.5 * flops, "GFLOP/s")
+    if targets:
+        tag = f"attention ({B},{H},{Lq},{Lk},{hd})"
+        results.append((f"{tag} fwd: vs SDPA", fwd["SDPA (built-in)"] / fwd["kernel"], 0.9))
+        results.append((f"{tag} fwd: vs naive", fwd["naive matmul-softmax-matmul"] / fwd["kernel"], 3.0))
+        results.append((f"{tag} bwd: vs SDPA backward", bwd["SDPA (built-in)"] / bwd["kernel"], 0.8))
+
+
+MEM_CHILD = textwrap.dedent("""
+    import math, sys, torch, torch.nn.functional as F, kernels
+    from kernels.bench import reset_peak_rss, peak_rss_growth_mib
+    variant, B, H, L, hd = sys.argv[1], *map(int, sys.argv[2:6])
+    fn = {"kernel": kernels.attention, "sdpa": F.scaled_dot_product_attention,
+          "naive": lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hd), -1) @ v}[variant]
+    q, k, v = (torch.randn(B, H, L, hd, requires_grad=True) for _ in range(3))
+    fn(q[:, :, :32], k[:, :, :32], v[:, :, :32]).sum().backward()
+    q.grad = k.grad = v.grad = None
+    base = reset_peak_rss()
+    fn(q, k, v).sum().backward()
+    print(peak_rss_growth_mib(base))
+""")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak_rss() -> int:
+    """Resets the kernel's peak-RSS mark of this process (Linux: `5` to /proc/self/clear_refs) and
+    returns the current RSS in KiB. The peak left behind by `import torch` would otherwise hide a
+    smaller computation."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kib("VmRSS")
+
+
+def peak_rss_growth_mib(base_kib: int) -> float:
+    """Peak RSS since reset_peak_rss() above the RSS at that point, MiB."""
+    return (_status_kib("VmHWM") - base_kib) / 1024
+
+
+def peak_memory_mib(variant, B, H, L, hd) -> float:
+    out = subprocess.run([sys.executable, "-c", MEM_CHILD, variant, str(B), str(H), str(L), str(hd)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        return float("nan")
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_attention_memory(B, H, hd, lengths):
+    print(row([f"attention fwd+bwd peak RSS growth, MiB (B={B} H={H} hd={hd})"] + [f"L={L}" for L in lengths],
+              [58] + [10] * len(lengths)))
+    io = [4 * B * H * L * hd * 4 / 2 ** 20 for L in lengths]
+    print(row(["  outputs+grads themselves (o, dq, dk, dv)"] + [f"{m:.1f}" for m in io], [58] + [10] * len(lengths)))
+    for variant in ("kernel", "sdpa", "naive"):
+        mib = [peak_memory_mib(variant, B, H, L, hd) for L in lengths]
+        print(row([f"  {variant}"] + [f"{m:.1f}" for m in mib], [58] + [10] * len(lengths)))
+
+
+# ----------------------------------------------------------------------------------------- main
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--reps", type=int, default=7, help="timed rounds per variant (median reported)")
+    p.add_argument("--skip-memory", action="store_true", help="skip the child-process memory measurement")
+    args = p.parse_args(argv)
+    if not kernels.available():
+        sys.exit(f"kernels._C is not available ({kernels.load_error()}); {kernels.BUILD_HINT}")
+    print(f"hardware: {hardware()}")
+    print(f"dtype float32, median of {args.reps} interleaved rounds\n")
+    results = []
+    bench_adaln(8, 1024, 512, 1, args.reps, results)
+    print()
+    bench_adaln(8, 1024, 512, 8, args.reps, results)
+    print()
+    bench_adaln(4, 1200, 384, 6, args.reps, results)
+    print()
+    bench_attention(8, 8, 1024, 1024, 64, args.reps, results, targets=True)
+    print()
+    bench_attention(8, 8, 1024, 77, 64, args.reps, results, targets=False)   # video tokens -> text tokens
+    print()
+    bench_attention(8, 8, 64, 1024, 64, args.reps, results, targets=False)   # action tokens -> video tokens
+    print()
+    if not args.skip_memory:
+        bench_attention_memory(1, 8, 64, [1024, 2048, 4096])
+        print()
+    print("targets (ratio = how many times faster the kernel is; 'clone/kernel' >= 0.5 means within 2x of a copy)")
+    for name, ratio, target in results:
+        print(row([f"  {name}", f"{ratio:.2f}", f">= {target}", "met" if ratio >= target else "MISSED"],
+                  [66, 8, 8, 8]))
+
+
+if __name__ == "__main__":
+    main()

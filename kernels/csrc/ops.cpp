@@ -1,0 +1,31 @@
+// Operator schemas of the `dit4dit` namespace, defined once for every backend.
+//
+// The CPU implementations live in adaln_cpu.cpp and attention_cpu.cpp
+// (TORCH_LIBRARY_IMPL(dit4dit, CPU, m)); the CUDA ones in cuda/*.cu
+// (TORCH_LIBRARY_IMPL(dit4dit, CUDA, m)). Fake (meta) kernels and autograd are
+// registered from Python in kernels/__init__.py.
+//
+//   adaln_modulate_fwd(x (B,N,D), shift (B,G,D), scale (B,G,D), eps)
+//       -> y (B,N,D), mean (B,N), rstd (B,N)
+//     y = (x - mean) * rstd * (1 + scale[g]) + shift[g], token n belongs to group
+//     g = n / (N / G) (tokens grouped contiguously, N % G == 0). mean/rstd are
+//     float32 (float64 when x is float64).
+//   adaln_modulate_bwd(grad_y, x, scale, mean, rstd, groups)
+//       -> grad_x (B,N,D), grad_shift (B,G,D), grad_scale (B,G,D)
+//   attention_fwd(q (B,nh,Lq,hd), k (B,nh,Lk,hd), v (B,nh,Lk,hd))
+//       -> o (B,nh,Lq,hd), lse (B,nh,Lq)
+//     o = softmax(q k^T / sqrt(hd)) v, no mask; lse is the natural-log
+//     logsumexp of the scaled scores, float32 (float64 when q is float64).
+//   attention_bwd(grad_o, q, k, v, o, lse) -> grad_q, grad_k, grad_v
+#include <torch/extension.h>
+
+TORCH_LIBRARY(dit4dit, m) {
+  m.def("adaln_modulate_fwd(Tensor x, Tensor shift, Tensor scale, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
+  m.def("adaln_modulate_bwd(Tensor grad_y, Tensor x, Tensor scale, Tensor mean, Tensor rstd, int groups) -> (Tensor grad_x, Tensor grad_shift, Tensor grad_scale)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor o, Tensor lse)");
+  m.def("attention_bwd(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
+}
+
+// `import kernels._C` loads this shared object, which runs the registrations
+// above; the module itself exposes nothing.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}

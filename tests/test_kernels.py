@@ -1,0 +1,343 @@
+"""Tests of the fused ops in kernels/ (CPU kernels of the compiled extension kernels._C).
+
+Order (STYLE.md): forward against the explicit-math reference in fp32 at tight tolerance,
+gradients, gradcheck in float64, torch.library.opcheck, torch.compile(fullgraph=True);
+sizes that are not multiples of the tile sizes (attention forward tiles up to 256 x 512,
+backward 128 x 256, fewer columns for large head dims; adaLN vectors of 8 lanes), G = 1 and G > 1, Lq != Lk, non-contiguous
+inputs, bad inputs, and attention memory that grows linearly in the sequence length.
+
+The module is skipped when the extension is not built, unless DIT4DIT_KERNELS=1, where a
+missing extension is an error."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import kernels
+
+if not kernels.available():
+    if os.environ.get("DIT4DIT_KERNELS") == "1":
+        pytest.fail(f"DIT4DIT_KERNELS=1 but kernels._C is not loaded ({kernels.load_error()}); "
+                    f"{kernels.BUILD_HINT}", pytrace=False)
+    pytest.skip(f"kernels._C is not built ({kernels.load_error()}); {kernels.BUILD_HINT}",
+                allow_module_level=True)
+
+OPS = torch.ops.dit4dit
+TIGHT = dict(rtol=1e-5, atol=1e-5)
+
+
+def _adaln_inputs(B, N, D, G, dtype=torch.float32, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, D, generator=g, dtype=dtype) * 2 + 0.5
+    shift = torch.randn(B, G, D, generator=g, dtype=dtype)
+    scale = torch.randn(B, G, D, generator=g, dtype=dtype) * 0.5
+    return [t.requires_grad_(requires_grad) for t in (x, shift, scale)]
+
+
+def _attn_inputs(B, nh, Lq, Lk, hd, dtype=torch.float32, requires_grad=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, nh, Lq, hd, generator=g, dtype=dtype)
+    k = torch.randn(B, nh, Lk, hd, generator=g, dtype=dtype)
+    v = torch.randn(B, nh, Lk, hd, generator=g, dtype=dtype)
+    return [t.requires_grad_(requires_grad) for t in (q, k, v)]
+
+
+ADALN_SHAPES = [  # (B, N, D, G)
+    (2, 12, 37, 1),
+    (2, 12, 37, 3),
+    (3, 10, 130, 5),
+    (1, 1, 1, 1),
+    (2, 64, 512, 4),
+]
+ATTN_SHAPES = [  # (B, nh, Lq, Lk, hd)
+    (2, 3, 70, 70, 33),
+    (1, 2, 130, 530, 64),   # partial Q tiles, several partial K/V tiles, Lq != Lk
+    (2, 2, 67, 5, 16),      # cross-attention to a few keys
+    (1, 1, 1, 1, 1),
+    (1, 3, 200, 129, 7),
+    (1, 2, 40, 300, 160),   # large head dim: narrower K/V tiles, again partial
+]
+
+
+# ----------------------------------------------------------------------------- adaLN
+
+@pytest.mark.parametrize("B,N,D,G", ADALN_SHAPES)
+def test_adaln_forward_matches_reference(B, N, D, G):
+    x, shift, scale = _adaln_inputs(B, N, D, G)
+    y, mean, rstd = OPS.adaln_modulate_fwd(x, shift, scale, 1e-6)
+    torch.testing.assert_close(y, kernels.reference_adaln_modulate(x, shift, scale, 1e-6), **TIGHT)
+    var, mu = torch.var_mean(x, dim=-1, unbiased=False)
+    torch.testing.assert_close(mean, mu, **TIGHT)
+    torch.testing.assert_close(rstd, torch.rsqrt(var + 1e-6), **TIGHT)
+    assert mean.dtype == rstd.dtype == torch.float32
+
+
+def test_adaln_matches_layer_norm_per_group():
+    """Independent oracle: F.layer_norm, and group g modulates exactly tokens [g*N/G, (g+1)*N/G)."""
+    B, N, D, G = 2, 9, 20, 3
+    x, shift, scale = _adaln_inputs(B, N, D, G)
+    y = kernels.adaln_modulate(x, shift, scale, eps=1e-5)
+    ln = torch.nn.functional.layer_norm(x, (D,), eps=1e-5)
+    for g in range(G):
+        rows = slice(g * N // G, (g + 1) * N // G)
+        torch.testing.assert_close(y[:, rows], ln[:, rows] * (1 + scale[:, g:g + 1]) + shift[:, g:g + 1], **TIGHT)
+
+
+@pytest.mark.parametrize("B,N,D,G", ADALN_SHAPES)
+def test_adaln_grads_match_reference(B, N, D, G):
+    x, shift, scale = _adaln_inputs(B, N, D, G, requires_grad=True)
+    y = kernels.adaln_modulate(x, shift, scale)
+    grad_y = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, shift, scale), grad_y)
+    want = torch.autograd.grad(kernels.reference_adaln_modulate(x, shift, scale), (x, shift, scale), grad_y)
+    for name, a, b in zip(("x", "shift", "scale"), got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_adaln_gradcheck_float64():
+    for G in (1, 3):
+        x, shift, scale = _adaln_inputs(2, 6, 5, G, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda a, b, c: kernels.adaln_modulate(a, b, c, 1e-6), (x, shift, scale))
+
+
+def test_adaln_float64_statistics_are_float64():
+    x, shift, scale = _adaln_inputs(2, 4, 9, 2, dtype=torch.float64)
+    y, mean, rstd = OPS.adaln_modulate_fwd(x, shift, scale, 1e-6)
+    assert mean.dtype == rstd.dtype == torch.float64
+    torch.testing.assert_close(y, kernels.reference_adaln_modulate(x, shift, scale), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adaln_low_precision_against_fp32_truth(dtype):
+    """Low precision is judged against the fp32 result on the same (rounded) inputs:
+    the kernel's error may be at most 2x the error of PyTorch's own same-dtype computation."""
+    x, shift, scale = _adaln_inputs(2, 24, 100, 3, dtype=dtype)
+    truth = kernels.reference_adaln_modulate(x.float(), shift.float(), scale.float())
+    ours = kernels.adaln_modulate(x, shift, scale).float()
+    d = x.shape[-1]
+    torch_same_dtype = (torch.nn.functional.layer_norm(x, (d,), eps=1e-6).reshape(2, 3, 8, d)
+                        * (1 + scale[:, :, None]) + shift[:, :, None]).reshape(x.shape).float()
+    assert (ours - truth).abs().max() <= 2 * (torch_same_dtype - truth).abs().max() + 1e-6
+
+
+def test_adaln_non_contiguous_inputs():
+    x, shift, scale = _adaln_inputs(3, 16, 40, 4)
+    xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous layout
+    sh = shift.repeat_interleave(2, dim=2)[:, :, ::2]
+    sc = scale.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not (xt.is_contiguous() or sh.is_contiguous() or sc.is_contiguous())
+    torch.testing.assert_close(kernels.adaln_modulate(xt, sh, sc), kernels.reference_adaln_modulate(x, shift, scale),
+                               **TIGHT)
+    # non-contiguous incoming gradient
+    xr = x.clone().requires_grad_()
+    y = kernels.adaln_modulate(xr, shift, scale)
+    gy = torch.randn(y.shape[2], y.shape[1], y.shape[0]).permute(2, 1, 0)
+    (gx,) = torch.autograd.grad(y, xr, gy)
+    xr2 = x.clone().requires_grad_()
+    (gx_ref,) = torch.autograd.grad(kernels.reference_adaln_modulate(xr2, shift, scale), xr2, gy)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=2e-5)
+
+
+def test_adaln_empty_batch():
+    x, shift, scale = _adaln_inputs(0, 4, 8, 2)
+    assert kernels.adaln_modulate(x, shift, scale).shape == (0, 4, 8)
+
+
+# ----------------------------------------------------------------------------- attention
+
+@pytest.mark.parametrize("B,nh,Lq,Lk,hd", ATTN_SHAPES)
+def test_attention_forward_matches_reference(B, nh, Lq, Lk, hd):
+    q, k, v = _attn_inputs(B, nh, Lq, Lk, hd)
+    o, lse = OPS.attention_fwd(q, k, v)
+    torch.testing.assert_close(o, kernels.reference_attention(q, k, v), **TIGHT)
+    s = q @ k.transpose(-2, -1) / hd ** 0.5
+    torch.testing.assert_close(lse, torch.logsumexp(s, dim=-1), **TIGHT)
+    assert lse.dtype == torch.float32
+
+
+def test_attention_matches_sdpa_with_large_logits():
+    """Scores of magnitude ~50 exercise the running-max rescaling across K/V tiles."""
+    q, k, v = _attn_inputs(1, 2, 90, 1100, 16)
+    q = q * 12
+    torch.testing.assert_close(kernels.attention(q, k, v),
+                               torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("B,nh,Lq,Lk,hd", ATTN_SHAPES)
+def test_attention_grads_match_reference(B, nh, Lq, Lk, hd):
+    q, k, v = _attn_inputs(B, nh, Lq, Lk, hd, requires_grad=True)
+    o = kernels.attention(q, k, v)
+    grad_o = torch.randn_like(o)
+    got = torch.autograd.grad(o, (q, k, v), grad_o)
+    want = torch.autograd.grad(kernels.reference_attention(q, k, v), (q, k, v), grad_o)
+    for name, a, b in zip("qkv", got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, msg=lambda m: f"grad of {name}: {m}")
+
+
+def test_attention_backward_few_heads_path():
+    """With fewer heads than threads the backward splits K/V tiles over threads with private
+    dQ buffers; force two threads so that path runs whatever OMP_NUM_THREADS says."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        q, k, v = _attn_inputs(1, 1, 150, 400, 24, requires_grad=True)
+        o = kernels.attention(q, k, v)
+        grad_o = torch.randn_like(o)
+        got = torch.autograd.grad(o, (q, k, v), grad_o)
+    finally:
+        torch.set_num_threads(before)
+    want = torch.autograd.grad(kernels.reference_attention(q, k, v), (q, k, v), grad_o)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5)
+
+
+def test_attention_gradcheck_float64():
+    q, k, v = _attn_inputs(1, 2, 5, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(kernels.attention, (q, k, v))
+    q, k, v = _attn_inputs(1, 1, 3, 7, 2, dtype=torch.float64, requires_grad=True, seed=1)
+    assert torch.autograd.gradcheck(kernels.attention, (q, k, v))
+
+
+def test_attention_non_contiguous_inputs():
+    q, k, v = _attn_inputs(2, 3, 40, 50, 16)
+    # (B, L, nh, hd) layouts viewed as (B, nh, L, hd), as a model's head split produces
+    qt, kt, vt = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    assert not qt.is_contiguous()
+    torch.testing.assert_close(kernels.attention(qt, kt, vt), kernels.reference_attention(q, k, v), **TIGHT)
+
+
+def test_attention_zero_queries():
+    q, k, v = _attn_inputs(1, 2, 0, 5, 4, requires_grad=True)
+    o = kernels.attention(q, k, v)
+    assert o.shape == (1, 2, 0, 4)
+    gq, gk, gv = torch.autograd.grad(o, (q, k, v), torch.ones_like(o))
+    assert gk.abs().sum() == 0 and gv.abs().sum() == 0
+
+
+def test_attention_memory_grows_linearly():
+    """Peak resident memory of forward + backward at Lq = Lk = 8192 must stay far below the
+    256 MiB one float32 8192 x 8192 score matrix would take (in a fresh process, with the
+    kernel's peak-RSS mark reset just before the computation)."""
+    code = textwrap.dedent("""
+        import torch, kernels
+        from kernels.bench import reset_peak_rss, peak_rss_growth_mib
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, 1, 8192, 8, requires_grad=True) for _ in range(3))
+        kernels.attention(q[:, :, :64], k[:, :, :64], v[:, :, :64]).sum().backward()  # warm-up
+        base = reset_peak_rss()
+        kernels.attention(q, k, v).sum().backward()
+        print(peak_rss_growth_mib(base))
+    """)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    growth_mib = float(out.stdout.strip().splitlines()[-1])
+    assert growth_mib < 64, f"attention fwd+bwd at L=8192 grew the peak RSS by {growth_mib:.0f} MiB"
+
+
+# ----------------------------------------------------------------------------- opcheck, compile
+
+def test_opcheck_all_ops():
+    x, shift, scale = _adaln_inputs(2, 6, 10, 3, requires_grad=True)
+    torch.library.opcheck(OPS.adaln_modulate_fwd, (x, shift, scale, 1e-6))
+    y, mean, rstd = OPS.adaln_modulate_fwd(x.detach(), shift.detach(), scale.detach(), 1e-6)
+    torch.library.opcheck(OPS.adaln_modulate_bwd, (torch.randn_like(y), x.detach(), scale.detach(), mean, rstd, 3))
+    q, k, v = _attn_inputs(1, 2, 9, 13, 8, requires_grad=True)
+    torch.library.opcheck(OPS.attention_fwd, (q, k, v))
+    o, lse = OPS.attention_fwd(q.detach(), k.detach(), v.detach())
+    torch.library.opcheck(OPS.attention_bwd, (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse))
+
+
+def test_torch_compile_fullgraph():
+    """Dynamo traces through the wrappers with the registered fake kernels; backend aot_eager
+    (AOTAutograd with the fakes and the registered backward, no inductor codegen, so it is cheap)."""
+    torch._dynamo.reset()
+
+    def block(x, shift, scale, q, k, v):
+        return kernels.adaln_modulate(x, shift, scale).square().mean() + kernels.attention(q, k, v).square().mean()
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    args = _adaln_inputs(2, 8, 12, 2, requires_grad=True) + _attn_inputs(1, 2, 10, 6, 8, requires_grad=True)
+    out = compiled(*args)
+    grads = torch.autograd.grad(out, args)
+    ref_args = [a.detach().clone().requires_grad_() for a in args]
+    ref = (kernels.reference_adaln_modulate(*ref_args[:3]).square().mean()
+           + kernels.reference_attention(*ref_args[3:]).square().mean())
+    ref_grads = torch.autograd.grad(ref, ref_args)
+    torch.testing.assert_close(out, ref, **TIGHT)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+def test_adaln_bad_inputs_raise_clear_errors():
+    x, shift, scale = _adaln_inputs(2, 6, 8, 3)
+    shift4, scale4 = torch.randn(2, 4, 8), torch.randn(2, 4, 8)  # 4 groups do not divide N = 6
+    with pytest.raises(ValueError, match="N % G"):
+        kernels.adaln_modulate(x, shift4, scale4)
+    with pytest.raises(ValueError, match="shape of shift"):
+        kernels.adaln_modulate(x, shift, scale[:, :1])
+    with pytest.raises(ValueError, match=r"\(B, G, D\)"):
+        kernels.adaln_modulate(x, shift[..., :7], scale[..., :7])
+    with pytest.raises(ValueError, match=r"x must have shape \(B, N, D\)"):
+        kernels.adaln_modulate(x[0], shift, scale)
+    with pytest.raises(ValueError, match="share one dtype"):
+        kernels.adaln_modulate(x, shift.double(), scale)
+    with pytest.raises(ValueError, match="floating-point"):
+        kernels.adaln_modulate(x.long(), shift.long(), scale.long())
+    with pytest.raises(ValueError, match="one device"):
+        kernels.adaln_modulate(x, shift.to("meta"), scale)
+    # the C++ checks, reached by calling the op directly
+    with pytest.raises(RuntimeError, match="contiguous"):
+        OPS.adaln_modulate_fwd(x.transpose(0, 1).contiguous().transpose(0, 1), shift, scale, 1e-6)
+    with pytest.raises(RuntimeError, match="N % G"):
+        OPS.adaln_modulate_fwd(x, shift4, scale4, 1e-6)
+    with pytest.raises(RuntimeError, match="share one dtype"):
+        OPS.adaln_modulate_fwd(x, shift.double(), scale, 1e-6)
+    with pytest.raises(RuntimeError, match="float32, float64"):
+        OPS.adaln_modulate_fwd(x.int(), shift.int(), scale.int(), 1e-6)
+    y, mean, rstd = OPS.adaln_modulate_fwd(x, shift, scale, 1e-6)
+    with pytest.raises(RuntimeError, match="groups = 4"):
+        OPS.adaln_modulate_bwd(y, x, scale, mean, rstd, 4)
+    with pytest.raises(RuntimeError, match="mean and rstd must be Float"):
+        OPS.adaln_modulate_bwd(y, x, scale, mean.double(), rstd.double(), 3)
+
+
+def test_attention_bad_inputs_raise_clear_errors():
+    q, k, v = _attn_inputs(2, 2, 5, 7, 8)
+    with pytest.raises(ValueError, match=r"q must have shape \(B, nh, Lq, hd\)"):
+        kernels.attention(q[0], k, v)
+    with pytest.raises(ValueError, match="shape of k"):
+        kernels.attention(q, k, v[:, :, :6])
+    with pytest.raises(ValueError, match="head dim"):
+        kernels.attention(q, k[..., :4], v[..., :4])
+    with pytest.raises(ValueError, match="batch, heads"):
+        kernels.attention(q, k[:, :1], v[:, :1])
+    with pytest.raises(ValueError, match="Lk >= 1"):
+        kernels.attention(q, k[:, :, :0], v[:, :, :0])
+    with pytest.raises(ValueError, match="share one dtype"):
+        kernels.attention(q, k.double(), v)
+    with pytest.raises(ValueError, match="one device"):
+        kernels.attention(q, k.to("meta"), v)
+    with pytest.raises(RuntimeError, match="float32 and float64"):
+        kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    with pytest.raises(RuntimeError, match="contiguous"):
+        OPS.attention_fwd(q.transpose(2, 3).contiguous().transpose(2, 3), k, v)
+    o, lse = OPS.attention_fwd(q, k, v)
+    with pytest.raises(RuntimeError, match=r"lse .* must be \(B, nh, Lq\)"):
+        OPS.attention_bwd(o, q, k, v, o, lse[:, :, :4].contiguous())
+
+
+def test_missing_extension_gives_build_hint(monkeypatch):
+    monkeypatch.setattr(kernels, "_LOAD_ERROR", "ImportError: no module named kernels._C")
+    assert not kernels.available()
+    x, shift, scale = _adaln_inputs(1, 2, 4, 1)
+    with pytest.raises(RuntimeError, match=r"setup.py build_ext --inplace"):
+        kernels.adaln_modulate(x, shift, scale)
+    q, k, v = _attn_inputs(1, 1, 2, 2, 4)
+    with pytest.raises(RuntimeError, match=r"setup.py build_ext --inplace"):
+        kernels.attention(q, k, v)
