@@ -1,0 +1,234 @@
+"""train_toy.py: dataset alignment, sampling, schedule, end-to-end smoke run, exact resume, torchrun."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dit4dit
+import eval_sim
+import train_toy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = dit4dit.make_config("tiny")
+
+
+def fake_episode(steps, image_size, state_dim=3, action_dim=2, instruction="push the red block"):
+    """An episode in eval_sim's format (T+1 frames and states, T actions) whose frame t is filled
+    with the value t, state t = t and action t = (t, -t, ...), so alignment is readable."""
+    t = np.arange(steps + 1)
+    frames = np.broadcast_to(t[:, None, None, None], (steps + 1, image_size, image_size, 3)).astype(np.uint8)
+    state = np.repeat(t[:, None], state_dim, axis=1).astype(np.float32)
+    action = np.stack([t[:-1] * (1 if i % 2 == 0 else -1) for i in range(action_dim)], axis=1).astype(np.float32)
+    return {"frames": frames.copy(), "state": state, "action": action, "instruction": instruction,
+            "task": "push", "seed": 0, "success": True}
+
+
+def make_dataset(episodes, F=2, K=4):
+    states = np.concatenate([e["state"] for e in episodes])
+    actions = np.concatenate([e["action"] for e in episodes])
+    # add the hold action (zero) to the fitted range so the un-normalize below is exact for it
+    actions = np.concatenate([actions, np.zeros_like(actions[:1])])
+    return train_toy.EpisodeDataset(episodes, F, K, dit4dit.Normalizer.fit(states), dit4dit.Normalizer.fit(actions))
+
+
+def test_sample_shapes_and_alignment():
+    episodes = [fake_episode(10, 8), fake_episode(7, 8, instruction="reach the blue pad")]
+    ds = make_dataset(episodes, F=2, K=4)  # stride s = 2
+    assert len(ds) == 17 and ds.stride == 2
+    for i, (ep, t) in enumerate([(0, t) for t in range(10)] + [(1, t) for t in range(7)]):
+        length = len(episodes[ep]["action"])  # T actions, T+1 frames: frame T is the final observation
+        sample = ds[i]
+        assert sample["frames"].shape == (3, 8, 8, 3) and sample["frames"].dtype == torch.uint8
+        # frame 0 is o_t, future frame j (0-based) is o_{t+(j+1)s}, the last frame repeated past the end
+        expected = [min(t + j * 2, length) for j in range(3)]
+        assert sample["frames"][:, 0, 0, 0].tolist() == expected
+        assert sample["actions"].shape == (4, 2) and sample["state"].shape == (3,)
+        np.testing.assert_allclose(np.asarray(ds.state_normalizer.unnormalize(sample["state"])), [t] * 3, atol=1e-4)
+        raw = np.asarray(ds.action_normalizer.unnormalize(sample["actions"]))
+        expected_a = [t + k if t + k < length else 0.0 for k in range(4)]  # hold (zero motion) past the end
+        np.testing.assert_allclose(raw[:, 0], expected_a, atol=1e-4)
+        np.testing.assert_allclose(raw[:, 1], [-a for a in expected_a], atol=1e-4)
+        assert sample["instruction"] == episodes[ep]["instruction"]
+    batch = ds.batch(torch.tensor([0, 12, 16]))
+    assert batch["video"].shape == (3, 3, 3, 8, 8) and batch["video"].dtype == torch.float32
+    assert batch["video"].min() >= -1 and batch["video"].max() <= 1
+    assert batch["actions"].shape == (3, 4, 2) and batch["state"].shape == (3, 3)
+    assert batch["actions"].abs().max() <= 1 + 1e-6 and batch["state"].abs().max() <= 1 + 1e-6
+    assert batch["instruction"] == ["push the red block", "reach the blue pad", "reach the blue pad"]
+
+
+def test_dataset_rejects_bad_horizon_and_shapes():
+    with pytest.raises(ValueError, match="multiple of num_future_frames"):
+        make_dataset([fake_episode(5, 8)], F=3, K=4)
+    with pytest.raises(ValueError, match="episode 1"):
+        make_dataset([fake_episode(5, 8), fake_episode(5, 6)])
+
+
+def test_batch_indices_shard_and_repeat():
+    n, b = 37, 4
+    a = train_toy.batch_indices(n, 0, 5, 0, 0, 2, b, 1)
+    assert torch.equal(a, train_toy.batch_indices(n, 0, 5, 0, 0, 2, b, 1))  # a function of its arguments
+    other_rank = train_toy.batch_indices(n, 0, 5, 0, 1, 2, b, 1)
+    assert not set(a.tolist()) & set(other_rank.tolist())                    # ranks see disjoint samples
+    # two processes x one micro-step = one process x two micro-steps
+    assert torch.equal(other_rank, train_toy.batch_indices(n, 0, 5, 1, 0, 1, b, 2))
+    # one epoch visits every sample once
+    stream = torch.cat([train_toy.batch_indices(30, 1, s, 0, 0, 1, 5, 1) for s in range(6)])
+    assert sorted(stream.tolist()) == list(range(30))
+    assert not torch.equal(stream, torch.cat([train_toy.batch_indices(30, 2, s, 0, 0, 1, 5, 1) for s in range(6)]))
+
+
+def test_lr_schedule_warmup_then_cosine_to_five_percent():
+    f = [train_toy.lr_factor(s, 10, 100) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert all(x >= y for x, y in zip(f[10:], f[11:]))
+    assert train_toy.lr_factor(100, 10, 100) == pytest.approx(0.05)
+
+
+def test_param_groups_split_video_and_action():
+    model = dit4dit.DiT4DiT(TINY)
+    groups = train_toy.param_groups(model, 1e-5, 1e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    for g in groups:
+        for p in g["params"]:
+            assert names[id(p)].startswith(train_toy.ACTION_PREFIXES) == (g["name"] == "action")
+            assert g["lr"] == (1e-4 if g["name"] == "action" else 1e-5)
+    assert {g["name"] for g in groups} == {"video", "action"}
+
+
+def test_loss_curve_png(tmp_path):
+    rows = [{"step": s, "loss": 1.0 / s, "video_loss": 0.6 / s, "action_loss": 0.4 / s} for s in range(1, 50)]
+    path = str(tmp_path / "loss.png")
+    train_toy.draw_loss_curve(rows, path)
+    from PIL import Image
+    image = np.asarray(Image.open(path).convert("RGB"))
+    assert image.shape == (520, 900, 3)
+    assert (np.abs(image.astype(int) - [40, 90, 220]).sum(-1) == 0).sum() > 100   # the video_loss curve
+    assert (np.abs(image.astype(int) - [220, 60, 40]).sum(-1) == 0).sum() > 100   # the action_loss curve
+
+
+# ---------------------------------------------------------------------------------------------- runs
+
+def run_args(out, *extra):
+    return train_toy.build_parser().parse_args(
+        ["--preset", "tiny", "--batch-size", "4", "--threads", "1", "--log-every", "1", "--out", str(out), *extra])
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """A few synthetic episodes in the on-disk format, at the tiny preset's image size."""
+    root = tmp_path_factory.mktemp("episodes")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        ep = fake_episode(12, TINY.image_size, state_dim=TINY.state_dim, action_dim=TINY.action_dim)
+        ep["frames"] = rng.integers(0, 256, ep["frames"].shape, dtype=np.uint8)
+        ep["action"] = rng.uniform(-1, 1, ep["action"].shape).astype(np.float32)
+        eval_sim.save_episode(str(root / f"ep_{i}.npz"), ep)
+    return root
+
+
+def test_smoke_train_then_evaluate(tmp_path):
+    task = sorted(eval_sim.TASKS)[0]
+    report = train_toy.main(run_args(tmp_path / "run", "--steps", "3", "--demos-per-task", "2", "--tasks", task,
+                                     "--eval-episodes", "1", "--demo-cache", str(tmp_path / "demos")))
+    run = tmp_path / "run"
+    for name in ("checkpoint.pt", "loss.png", "report.json", "train_log.jsonl"):
+        assert (run / name).is_file(), name
+    assert list((tmp_path / "demos").glob("*/*.npz"))          # demos cached on disk
+    on_disk = json.loads((run / "report.json").read_text())
+    assert 0.0 <= on_disk["overall"]["success_rate"] <= 1.0
+    assert on_disk["training"]["steps"] == 3 and report["overall"] == on_disk["overall"]
+    ckpt = dit4dit.load_checkpoint(str(run / "checkpoint.pt"))
+    for key in ("model", "config", "state_normalizer", "action_normalizer", "step",
+                "optimizer", "scheduler", "rng", "args"):
+        assert key in ckpt, key
+    assert ckpt["step"] == 3 and ckpt["config"]["image_size"] == TINY.image_size
+    rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
+    common = ["--data", str(data_dir), "--steps", "4", "--eval-episodes", "0", "--warmup", "1"]
+    train_toy.main(run_args(tmp_path / "full", *common))
+    train_toy.main(run_args(tmp_path / "cut", *common, "--stop-after", "2"))
+    assert dit4dit.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["step"] == 2
+    at_step_2 = dit4dit.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["model"]
+    train_toy.main(train_toy.build_parser().parse_args(
+        [*common, "--resume", str(tmp_path / "cut" / "checkpoint.pt"), "--batch-size", "4", "--threads", "1",
+         "--log-every", "1", "--preset", "tiny"]))
+    full = dit4dit.load_checkpoint(str(tmp_path / "full" / "checkpoint.pt"))
+    resumed = dit4dit.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
+    assert resumed["step"] == full["step"] == 4
+    for name, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    # steps 3 and 4 changed the parameters, so the equality above is not trivial
+    assert any(not torch.equal(v, at_step_2[k]) for k, v in full["model"].items())
+    log = [json.loads(line)["step"] for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert log == [1, 2, 3, 4]
+
+
+def test_torchrun_two_processes_match_gradient_accumulation(tmp_path, data_dir):
+    common = ["--preset", "tiny", "--data", str(data_dir), "--steps", "2", "--eval-episodes", "0",
+              "--batch-size", "2", "--threads", "1", "--warmup", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         os.path.join(ROOT, "train_toy.py"), *common, "--out", str(tmp_path / "ddp")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = dit4dit.load_checkpoint(str(tmp_path / "ddp" / "checkpoint.pt"))
+    assert ddp["step"] == 2
+    # the same global batch on one process with two micro-steps gives the same parameters
+    train_toy.main(train_toy.build_parser().parse_args([*common, "--grad-accum", "2", "--out", str(tmp_path / "one")]))
+    one = dit4dit.load_checkpoint(str(tmp_path / "one" / "checkpoint.pt"))
+    for name, value in one["model"].items():
+        torch.testing.assert_close(ddp["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_bad_flags_and_data_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="--steps"):
+        train_toy.main(run_args(tmp_path, "--steps", "0"))
+    with pytest.raises(ValueError, match="--preset.*'huge'"):
+        train_toy.main(run_args(tmp_path, "--preset", "huge"))
+    with pytest.raises(ValueError, match="--tasks.*'juggle'"):
+        train_toy.main(run_args(tmp_path, "--tasks", "juggle"))
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        train_toy.main(run_args(tmp_path, "--data", missing))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="no episode files"):
+        train_toy.main(run_args(tmp_path, "--data", str(empty)))
+    with pytest.raises(ValueError, match="--action-only.*--detach-features"):
+        train_toy.main(run_args(tmp_path, "--action-only", "--detach-features"))
+    with pytest.raises(FileNotFoundError, match="--resume"):
+        train_toy.main(run_args(tmp_path, "--resume", str(tmp_path / "none.pt")))
+
+
+def test_image_size_must_match_the_data(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="--image-size 32.*16px"):
+        train_toy.main(run_args(tmp_path / "run", "--data", str(data_dir), "--image-size", "32"))
+
+
+def test_corrupt_episode_names_the_file(tmp_path, data_dir):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good = open(os.path.join(data_dir, "ep_0.npz"), "rb").read()
+    (bad / "ep_0.npz").write_bytes(good)
+    (bad / "ep_1.npz").write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(ValueError, match="ep_1.npz"):
+        train_toy.main(run_args(tmp_path / "run", "--data", str(bad), "--steps", "1", "--eval-episodes", "0"))
+
+
+def test_cli_reports_bad_flag_without_traceback(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_toy.cli(["--steps", "0", "--out", str(tmp_path)])
+    assert "--steps must be >= 1" in str(exit_info.value.code)
+    with pytest.raises(SystemExit):
+        train_toy.cli(["--no-such-flag"])
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

@@ -1,0 +1,714 @@
+"""Train DiT4DiT on the MuJoCo toy suite, then evaluate it in closed loop.
+
+    python train_toy.py                         # demos -> train `toy` on CPU -> evaluate, all defaults
+    python train_toy.py --steps 200 --out runs/quick
+    python train_toy.py --action-only           # the ablation: same model, no video loss
+    python train_toy.py --resume runs/x/checkpoint.pt
+    torchrun --nproc_per_node=2 train_toy.py --steps 1000   # DistributedDataParallel
+
+Data (DESIGN.md §3.1, §6). Scripted experts from eval_sim.py collect demos, cached as one
+compressed .npz per episode under `<run parent>/demos/<task>_<size>px/` and reused on the next
+run; `--data DIR` trains on episodes saved in the same format instead. One training sample is
+    o_t, o_{t+s}, ..., o_{t+F·s}    current frame + F future frames, s = K / F (the chunk's span)
+    s_t                             proprioceptive state, min-max normalized to [-1, 1]
+    a_t, ..., a_{t+K-1}             the action chunk, min-max normalized to [-1, 1]
+    the instruction string.
+Past the episode end, frames repeat the last frame and actions are the "hold" action (zero
+end-effector motion): the demo ended because the task is done, and staying put is what the robot
+should do next. Repeating the last action instead would teach it to keep pushing past the goal.
+
+Exact resume. Everything random in a training step (which samples, the model's noise draws,
+dropout) is a function of (seed, step, which slice of the global batch) only, never of the RNG
+state left by earlier steps, so a run resumed from its checkpoint at step N continues exactly as
+the uninterrupted run would have; and N processes x 1 micro-step train on the same samples with
+the same noise as 1 process x N micro-steps of gradient accumulation.
+"""
+import argparse
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import sys
+import time
+
+import numpy as np
+import torch
+import torch._dynamo  # noqa: F401  (see below)
+import torch.distributed as dist
+import torch.nn as nn
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import dit4dit
+import eval_sim  # after torch._dynamo: Triton's LLVM must load before MuJoCo's EGL renderer loads
+                 # Mesa's LLVM; the other order segfaults when the optimizer first imports dynamo.
+
+# ----------------------------------------------------------------------------------------------
+# Defaults: the budget of `python train_toy.py` (≤ 15 min on a 2-core laptop CPU). Tune here.
+PRESET = "toy"
+STEPS = 800                # optimizer steps
+BATCH_SIZE = 32            # samples per step per process (before gradient accumulation)
+LR_VIDEO = 3e-4            # peak learning rate of the video DiT (and the text encoder)
+LR_ACTION = 1e-3           # peak learning rate of the action DiT
+WARMUP = 100               # linear warm-up steps, then cosine down to MIN_LR_FRACTION of peak
+MIN_LR_FRACTION = 0.05
+WEIGHT_DECAY = 0.01        # AdamW, on matrices only (not on norms, biases, embeddings' 1-D params)
+BETAS = (0.9, 0.95)
+GRAD_CLIP = 1.0
+DEMOS_PER_TASK = 100
+EVAL_EPISODES = 25         # per task: 2 tasks x 25 = the 50 evaluation episodes
+GIF_EPISODES = 2           # rollout GIFs written per task
+CKPT_EVERY = 500
+LOG_EVERY = 10             # steps between train_log.jsonl rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Device, processes, seeds
+
+def pick_device():
+    """The one place that chooses device and precision: CUDA with bf16 autocast, else CPU fp32."""
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+        return torch.device("cuda", local_rank), torch.bfloat16
+    return torch.device("cpu"), None
+
+
+def autocast(device, amp_dtype):
+    if amp_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=amp_dtype)
+
+
+def setup_distributed(device):
+    """Join the torchrun process group when launched by torchrun. Returns (rank, world_size)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def mix_seed(*numbers):
+    """A well-mixed 63-bit seed from a tuple of non-negative ints (seed, step, micro, rank, ...)."""
+    state = np.random.SeedSequence([int(n) for n in numbers]).generate_state(2, np.uint32)
+    return (int(state[0]) << 31 | int(state[1]) >> 1) & ((1 << 63) - 1)
+
+
+def seed_everything(seed):
+    """Seed torch (CPU and CUDA), numpy's and Python's global generators from one int."""
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def rng_state():
+    """Global RNG states as plain tensors/ints/lists, loadable with torch.load(weights_only=True)."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()  # ("MT19937", ...)
+    version, py_state, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Demonstrations on disk
+
+def demo_cache_dir(cache_root, task, image_size):
+    return os.path.join(cache_root, f"{task}_{image_size}px")
+
+
+def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True):
+    """Scripted-expert demos for each task, one .npz per episode; files already present are reused.
+
+    Demos the expert failed are kept on disk (so the cache is complete) but not returned.
+    Returns the list of successful episodes (dicts in eval_sim's episode format).
+    """
+    jobs = [(task, seed) for task in tasks for seed in eval_sim.demo_seeds(task, demos_per_task)]
+    episodes, failed = [], 0
+    for task, seed in tqdm(jobs, desc="demos", unit="ep", disable=not progress):
+        path = os.path.join(demo_cache_dir(cache_root, task, image_size), f"seed_{seed:06d}.npz")
+        if os.path.exists(path):
+            episode = eval_sim.load_episode(path)
+        else:
+            episode = eval_sim.collect_episode(task, seed, image_size)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            eval_sim.save_episode(path, episode)
+        if episode["success"]:
+            episodes.append(episode)
+        else:
+            failed += 1
+    if failed and progress:
+        print(f"skipped {failed} demo(s) the scripted expert failed")
+    if not episodes:
+        raise RuntimeError(f"no successful demos for tasks {tasks} in {cache_root}")
+    return episodes
+
+
+def load_episodes(data_dir, progress=True):
+    """The successful episodes among `DIR/**/*.npz` (eval_sim's episode format), in sorted path
+    order. A corrupt file raises eval_sim's ValueError naming it."""
+    if not os.path.isdir(data_dir):
+        raise FileNotFoundError(f"--data: {data_dir!r} is not a directory")
+    paths = sorted(glob.glob(os.path.join(data_dir, "**", "*.npz"), recursive=True))
+    if not paths:
+        raise FileNotFoundError(f"--data: no episode files (*.npz) under {data_dir!r}")
+    episodes = [eval_sim.load_episode(p) for p in tqdm(paths, desc="episodes", unit="ep", disable=not progress)]
+    successful = [ep for ep in episodes if ep["success"]]
+    if not successful:
+        raise ValueError(f"--data: none of the {len(paths)} episodes under {data_dir!r} is marked successful")
+    if len(successful) < len(episodes) and progress:
+        print(f"skipped {len(episodes) - len(successful)} episode(s) marked unsuccessful")
+    return successful
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset: episodes -> training samples
+
+class EpisodeDataset:
+    """Every time step t of every episode is one sample (DESIGN §3.1).
+
+    All frames stay in memory as one uint8 tensor (N_total, H, W, 3); states and actions are
+    normalized once at construction. `batch(indices)` gathers a whole batch with tensor indexing
+    and converts frames to video with dit4dit.frames_to_video, so there is no per-sample Python
+    work and no DataLoader workers.
+    """
+
+    def __init__(self, episodes, num_future_frames, action_horizon, state_normalizer, action_normalizer):
+        F, K = num_future_frames, action_horizon
+        if F < 1 or K < 1 or K % F != 0:
+            raise ValueError(f"action_horizon K={K} must be a positive multiple of num_future_frames F={F}")
+        if not episodes:
+            raise ValueError("EpisodeDataset: no episodes")
+        self.num_future_frames, self.action_horizon, self.stride = F, K, K // F
+        self.state_normalizer, self.action_normalizer = state_normalizer, action_normalizer
+        frame_shape = episodes[0]["frames"].shape[1:]
+        frames, states, actions, frame_starts, step_starts, n_frames, n_steps = [], [], [], [], [], [], []
+        f0 = s0 = 0
+        for i, ep in enumerate(episodes):
+            if ep["frames"].shape[1:] != frame_shape:
+                raise ValueError(f"episode {i}: frames of shape {ep['frames'].shape[1:]}, expected {frame_shape}")
+            if len(ep["action"]) < 1 or len(ep["frames"]) < len(ep["action"]) or len(ep["state"]) < len(ep["action"]):
+                raise ValueError(f"episode {i}: {len(ep['frames'])} frames, {len(ep['state'])} states and "
+                                 f"{len(ep['action'])} actions; need at least one frame and state per action")
+            frames.append(torch.from_numpy(np.ascontiguousarray(ep["frames"], dtype=np.uint8)))
+            states.append(torch.as_tensor(np.asarray(ep["state"][: len(ep["action"])], dtype=np.float32)))
+            actions.append(torch.as_tensor(np.asarray(ep["action"], dtype=np.float32)))
+            frame_starts.append(f0)
+            step_starts.append(s0)
+            n_frames.append(len(ep["frames"]))
+            n_steps.append(len(ep["action"]))
+            f0 += len(ep["frames"])
+            s0 += len(ep["action"])
+        self.frames = torch.cat(frames)                                        # (N_frames, H, W, 3) uint8
+        self.states = state_normalizer.normalize(torch.cat(states)).float()    # (N_steps, P)
+        self.actions = action_normalizer.normalize(torch.cat(actions)).float()  # (N_steps, A)
+        # The hold action (zero motion), normalized like every other action.
+        self.pad_action = action_normalizer.normalize(torch.zeros(1, self.actions.shape[1])).float()[0]
+        self.frame_starts = torch.tensor(frame_starts)
+        self.step_starts = torch.tensor(step_starts)
+        self.n_frames = torch.tensor(n_frames)
+        self.n_steps = torch.tensor(n_steps)
+        self.instructions = [ep["instruction"] for ep in episodes]
+        # sample index -> (episode, t)
+        self.sample_episode = torch.repeat_interleave(torch.arange(len(episodes)), self.n_steps)
+        self.sample_t = torch.cat([torch.arange(n) for n in n_steps])
+
+    def __len__(self):
+        return len(self.sample_t)
+
+    def gather(self, indices):
+        """Raw sample fields for a 1-D index tensor: frames uint8 (B, 1+F, H, W, 3),
+        state (B, P), actions (B, K, A), instructions list[str]."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if indices.numel() and (indices.min() < 0 or indices.max() >= len(self)):
+            raise IndexError(f"sample index out of range [0, {len(self)})")
+        ep, t = self.sample_episode[indices], self.sample_t[indices]                # (B,), (B,)
+        F, K, s = self.num_future_frames, self.action_horizon, self.stride
+        frame_t = t[:, None] + s * torch.arange(F + 1)[None]                        # (B, 1+F): t, t+s, ..., t+F·s
+        frame_t = torch.minimum(frame_t, self.n_frames[ep][:, None] - 1)            # past the end: last frame
+        frames = self.frames[self.frame_starts[ep][:, None] + frame_t]              # (B, 1+F, H, W, 3)
+        action_t = t[:, None] + torch.arange(K)[None]                               # (B, K): t .. t+K-1
+        inside = action_t < self.n_steps[ep][:, None]                               # (B, K)
+        action_t = torch.minimum(action_t, self.n_steps[ep][:, None] - 1)
+        actions = self.actions[self.step_starts[ep][:, None] + action_t]            # (B, K, A)
+        actions = torch.where(inside[..., None], actions, self.pad_action)          # past the end: hold
+        state = self.states[self.step_starts[ep] + t]                               # (B, P)
+        return {"frames": frames, "state": state, "actions": actions,
+                "instruction": [self.instructions[e] for e in ep.tolist()]}
+
+    def __getitem__(self, i):
+        sample = self.gather(torch.tensor([i]))
+        return {k: v[0] for k, v in sample.items()}
+
+    def batch(self, indices, device=None):
+        """A model batch (the keys DiT4DiT.loss reads) for a 1-D index tensor."""
+        sample = self.gather(indices)
+        batch = {"video": dit4dit.frames_to_video(sample["frames"]),                # (B, 3, 1+F, H, W)
+                 "state": sample["state"], "actions": sample["actions"],
+                 "instruction": sample["instruction"]}
+        if device is not None:
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        return batch
+
+
+def batch_indices(num_samples, seed, step, micro, rank, world, batch_size, grad_accum):
+    """Sample indices of (step, micro-step, rank), like DistributedSampler over endless epochs.
+
+    The sample stream is a concatenation of random permutations of the dataset, one per epoch,
+    each seeded by (seed, epoch). Optimizer step `step` consumes the next
+    batch_size·world·grad_accum entries; each micro-step and rank takes its own slice of them.
+    The result depends only on the arguments, which is what makes resuming exact.
+    """
+    global_batch = batch_size * world * grad_accum
+    first = step * global_batch + (micro * world + rank) * batch_size
+    positions = torch.arange(first, first + batch_size)
+    epochs = positions // num_samples
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        generator = torch.Generator().manual_seed(mix_seed(seed, epoch, 0xDA7A))
+        perm = torch.randperm(num_samples, generator=generator)
+        here = epochs == epoch
+        out[here] = perm[positions[here] % num_samples]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Model, optimizer, schedule
+
+class LossModule(nn.Module):
+    """Routes forward() to DiT4DiT.loss so DistributedDataParallel sees the training forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, generator=None):
+        return self.model.loss(batch, generator=generator)
+
+
+ACTION_PREFIXES = ("action_dit.",)  # parameter-name prefixes trained at the action learning rate
+
+
+def param_groups(model, lr_video, lr_action, weight_decay=WEIGHT_DECAY):
+    """AdamW groups: the action DiT at lr_action, everything else (video DiT, text encoder) at
+    lr_video (DESIGN §3.9: 1e-5 video / 1e-4 action at paper scale); no decay on 1-D params."""
+    groups = {(name, decay): [] for name in ("video", "action") for decay in (True, False)}
+    for pname, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "action" if pname.startswith(ACTION_PREFIXES) else "video"
+        groups[(part, p.ndim >= 2)].append(p)
+    lrs = {"video": lr_video, "action": lr_action}
+    return [{"params": ps, "lr": lrs[part], "weight_decay": weight_decay if decay else 0.0, "name": part}
+            for (part, decay), ps in groups.items() if ps]
+
+
+def lr_factor(step, warmup, total, min_fraction=MIN_LR_FRACTION):
+    """Linear warm-up to the peak, then cosine down to min_fraction of the peak at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_fraction + (1 - min_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model, args):
+    optimizer = torch.optim.AdamW(param_groups(model, args.lr_video, args.lr_action), betas=BETAS)
+    warmup = min(args.warmup, max(1, args.steps // 10))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, args.steps))
+    return optimizer, scheduler
+
+
+def build_config(args, image_size, state_dim, action_dim):
+    """The preset, with the data's shapes and the command-line overrides."""
+    overrides = {"image_size": image_size, "state_dim": state_dim, "action_dim": action_dim}
+    for field in ("video_loss_weight", "repeat", "extract_layer", "detach_features", "action_only"):
+        value = getattr(args, field)
+        if value is not None:
+            overrides[field] = value
+    return dit4dit.make_config(args.preset, **overrides)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loss curve (pillow)
+
+def draw_loss_curve(rows, path, size=(900, 520)):
+    """loss, video_loss and action_loss against the step, log-scaled y axis, written as a PNG."""
+    series = [("loss", (20, 20, 20)), ("video_loss", (40, 90, 220)), ("action_loss", (220, 60, 40))]
+    series = [(k, c) for k, c in series if any((r.get(k) or 0) > 0 for r in rows)]  # action-only: no video_loss
+    width, height = size
+    left, right, top, bottom = 80, 20, 40, 60
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    font = ImageFont.load_default()
+    draw.text((left, 12), "DiT4DiT training loss (log scale)", fill="black", font=font)
+    values = [r[k] for r in rows for k, _ in series if r.get(k) is not None and r[k] > 0]
+    steps = [r["step"] for r in rows]
+    if not values:
+        draw.text((left, height // 2), "no loss values logged", fill="black", font=font)
+        image.save(path)
+        return
+    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+    y0, y1 = math.floor(math.log10(min(values)) * 4) / 4, math.ceil(math.log10(max(values)) * 4) / 4
+    y1 = max(y1, y0 + 0.25)
+
+    def to_px(step, value):
+        x = left + (step - x0) / (x1 - x0) * (width - left - right)
+        y = top + (y1 - math.log10(value)) / (y1 - y0) * (height - top - bottom)
+        return x, y
+
+    # axes, ticks and grid
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i in range(6):
+        step = x0 + (x1 - x0) * i / 5
+        x, _ = to_px(step, 10 ** y0)
+        draw.line([x, height - bottom, x, height - bottom + 5], fill="black")
+        draw.text((x - 12, height - bottom + 8), f"{step:.0f}", fill="black", font=font)
+    mantissas = (1, 2, 5) if y1 - y0 > 1 else (1, 1.5, 2, 3, 4, 5, 6, 8)
+    exponent = math.floor(y0)
+    while exponent <= y1:
+        for mantissa in mantissas:
+            value = mantissa * 10 ** exponent
+            if y0 <= math.log10(value) <= y1:
+                _, y = to_px(x0, value)
+                draw.line([left, y, width - right, y], fill=(225, 225, 225))
+                draw.line([left - 5, y, left, y], fill="black")
+                draw.text((8, y - 6), f"{value:.3g}", fill="black", font=font)
+        exponent += 1
+    draw.text(((left + width - right) // 2 - 15, height - 22), "step", fill="black", font=font)
+    draw.text((8, top - 20), "loss", fill="black", font=font)
+    # curves and legend
+    for i, (key, colour) in enumerate(series):
+        points = [to_px(r["step"], r[key]) for r in rows if r.get(key) is not None and r[key] > 0]
+        if len(points) > 1:
+            draw.line(points, fill=colour, width=2)
+        elif points:
+            x, y = points[0]
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        lx, ly = width - right - 150, top + 10 + 16 * i
+        draw.line([lx, ly + 6, lx + 24, ly + 6], fill=colour, width=2)
+        draw.text((lx + 30, ly), key, fill="black", font=font)
+    image.save(path)
+
+
+def read_log(path, upto_step=None):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if upto_step is None or r["step"] <= upto_step]
+
+
+def write_log(path, rows):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+def checkpoint_payload(model, optimizer, scheduler, step, config, state_normalizer, action_normalizer, args):
+    return {
+        "model": model.state_dict(),
+        "config": dataclasses.asdict(config),
+        "state_normalizer": state_normalizer.state_dict(),
+        "action_normalizer": action_normalizer.state_dict(),
+        "step": step,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "rng": rng_state(),
+        "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+    }
+
+
+def default_out_dir():
+    return os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+def main(args):
+    run_start = time.time()
+    validate_args(args)
+    device, amp_dtype = pick_device()
+    rank, world = setup_distributed(device)
+    is_main = rank == 0
+    threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    torch.set_num_threads(threads)
+
+    resume = dit4dit.load_checkpoint(args.resume) if args.resume else None
+    if args.out is None:
+        args.out = os.path.dirname(os.path.abspath(args.resume)) if args.resume else default_out_dir()
+    if world > 1:  # every rank must write into the folder rank 0 named (timestamps may differ)
+        shared = [args.out]
+        dist.broadcast_object_list(shared, src=0)
+        args.out = shared[0]
+    os.makedirs(args.out, exist_ok=True)
+    if is_main:
+        print(f"run folder: {os.path.abspath(args.out)}  ({device}, {'bf16 autocast' if amp_dtype else 'fp32'}, "
+              f"{world} process(es) x {threads} thread(s))")
+
+    # --- data
+    tasks = args.tasks or list(eval_sim.TASKS)
+    t0 = time.time()
+    if args.data:
+        episodes = load_episodes(args.data, progress=is_main)
+    else:
+        image_size = args.image_size or dit4dit.make_config(args.preset).image_size
+        cache = args.demo_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "demos")
+        if is_main:
+            collect_demos(tasks, args.demos_per_task, image_size, cache)
+            print(f"demos ready in {time.time() - t0:.1f} s ({cache})")
+        barrier()
+        episodes = collect_demos(tasks, args.demos_per_task, image_size, cache, progress=False)
+    demo_seconds = time.time() - t0
+    image_size = episodes[0]["frames"].shape[1]
+    if args.image_size is not None and args.image_size != image_size:
+        raise ValueError(f"--image-size {args.image_size} does not match the episodes' {image_size}px frames")
+    if resume is not None:  # the checkpoint's statistics and config, not a refit
+        state_normalizer = dit4dit.Normalizer.from_state_dict(resume["state_normalizer"])
+        action_normalizer = dit4dit.Normalizer.from_state_dict(resume["action_normalizer"])
+        config = dit4dit.DiT4DiTConfig(**resume["config"])
+    else:
+        state_normalizer = dit4dit.Normalizer.fit(np.concatenate([e["state"] for e in episodes]))
+        action_normalizer = dit4dit.Normalizer.fit(np.concatenate([e["action"] for e in episodes]))
+        config = build_config(args, image_size, episodes[0]["state"].shape[-1], episodes[0]["action"].shape[-1])
+    dataset = EpisodeDataset(episodes, config.num_future_frames, config.action_horizon,
+                             state_normalizer, action_normalizer)
+    if is_main:
+        print(f"{len(episodes)} episodes, {len(dataset)} samples, frames {image_size}px, "
+              f"K={config.action_horizon} F={config.num_future_frames} stride={dataset.stride}")
+
+    # --- model and optimizer
+    seed_everything(args.seed)
+    model = dit4dit.DiT4DiT(config).to(device)
+    optimizer, scheduler = make_optimizer(model, args)
+    start_step = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        set_rng_state(resume["rng"])
+        start_step = int(resume["step"])
+    if is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"preset {args.preset}: {n_params / 1e6:.2f} M parameters"
+              + (f"; resuming at step {start_step} (model config from the checkpoint)" if resume else ""))
+    wrapped = LossModule(model)
+    if world > 1:
+        # action_only leaves the blocks after extract_layer without gradient: tell DDP.
+        wrapped = nn.parallel.DistributedDataParallel(
+            wrapped, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(config.action_only))
+
+    # --- training
+    log_path = os.path.join(args.out, "train_log.jsonl")
+    log_rows = read_log(log_path, upto_step=start_step) if resume is not None else []
+    end_step = args.steps if args.stop_after is None else min(args.steps, start_step + args.stop_after)
+    train_start = time.time()
+    step_times = []
+    window = torch.zeros(4)  # loss, video_loss, action_loss sums and the step count since the last row
+    bar = tqdm(range(start_step, end_step), desc="train", initial=start_step, total=args.steps,
+               disable=not is_main, dynamic_ncols=True)
+    model.train()
+    for step in bar:
+        t_step = time.time()
+        totals = torch.zeros(3, device=device)  # loss, video_loss, action_loss summed over micro-steps
+        for micro in range(args.grad_accum):
+            indices = batch_indices(len(dataset), args.seed, step, micro, rank, world, args.batch_size, args.grad_accum)
+            batch = dataset.batch(indices, device)
+            # The model's noise draws (generator) and anything on the global RNGs (dropout), seeded
+            # by this micro-batch's slice of the global batch: N processes x 1 micro-step draw
+            # exactly what 1 process x N micro-steps draws.
+            noise_seed = mix_seed(args.seed, step, micro * world + rank)
+            seed_everything(noise_seed)
+            generator = torch.Generator(device=device).manual_seed(noise_seed)
+            final = micro == args.grad_accum - 1
+            sync = contextlib.nullcontext() if (final or world == 1) else wrapped.no_sync()
+            with sync:
+                with autocast(device, amp_dtype):
+                    losses = wrapped(batch, generator)
+                (losses["loss"] / args.grad_accum).backward()
+            totals += torch.stack([losses[k].detach().float() for k in ("loss", "video_loss", "action_loss")])
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}  # the rates this step used
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        totals /= args.grad_accum
+        if world > 1:
+            dist.all_reduce(totals)
+            totals /= world
+        done = step + 1
+        step_times.append(time.time() - t_step)
+        if is_main:
+            loss, video_loss, action_loss = totals.tolist()
+            bar.set_postfix(loss=f"{loss:.4f}", video_loss=f"{video_loss:.4f}", action_loss=f"{action_loss:.4f}")
+            window += torch.tensor([loss, video_loss, action_loss, 1.0])
+            if len(step_times) == 4 and end_step - start_step > 4:
+                per_step = sum(step_times[1:]) / 3  # the first step pays one-off costs
+                tqdm.write(f"measured {per_step:.3f} s/step -> about {per_step * (end_step - done) / 60:.1f} min "
+                           f"for the remaining {end_step - done} steps")
+            if done % args.log_every == 0 or done == end_step or done == 1:
+                # losses averaged over the steps since the previous row
+                mean = (window[:3] / window[3]).tolist()
+                window.zero_()
+                log_rows.append({"step": done, "loss": mean[0], "video_loss": mean[1], "action_loss": mean[2],
+                                 "grad_norm": float(grad_norm), **lrs,
+                                 "seconds": round(time.time() - train_start, 2)})
+                write_log(log_path, log_rows)
+            if done % args.ckpt_every == 0 or done == end_step:
+                dit4dit.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), checkpoint_payload(
+                    model, optimizer, scheduler, done, config, state_normalizer, action_normalizer, args))
+    bar.close()
+    train_seconds = time.time() - train_start
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    if not is_main:
+        return None
+    draw_loss_curve(log_rows, os.path.join(args.out, "loss.png"))
+    ckpt_path = os.path.join(args.out, "checkpoint.pt")
+    if end_step < args.steps:
+        print(f"stopped at step {end_step} of {args.steps}; continue with --resume {ckpt_path}")
+        return None
+
+    # --- evaluation (eval_sim's protocol: fixed seeds disjoint from the demo seeds) of the
+    # checkpoint just written, loaded back as any user would load it
+    report = None
+    if args.eval_episodes > 0:
+        t0 = time.time()
+        report = eval_sim.evaluate(
+            eval_sim.load_policy(ckpt_path, device=device), tasks=tasks, episodes=args.eval_episodes, out_dir=args.out,
+            gif_episodes=GIF_EPISODES)
+        report["training"] = {
+            "steps": args.steps, "train_seconds": round(train_seconds, 1),
+            "seconds_per_step": round(train_seconds / max(1, end_step - start_step), 4),
+            "eval_seconds": round(time.time() - t0, 1), "final_losses": log_rows[-1] if log_rows else None,
+            "world_size": world, "args": vars(args), "demo_seconds": round(demo_seconds, 1),
+            "total_seconds": round(time.time() - run_start, 1),
+        }
+        with open(os.path.join(args.out, "report.json"), "w") as f:
+            json.dump(report, f, indent=2, default=str)
+        print(f"success {report['overall']['success_rate']:.1%} "
+              f"(95% CI {report['overall']['ci95'][0]:.1%}-{report['overall']['ci95'][1]:.1%}) "
+              f"over {report['overall']['n']} episodes")
+    print(f"wrote {os.path.abspath(args.out)} in {(time.time() - run_start) / 60:.1f} min")
+    return report
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+def validate_args(args):
+    positive = ["steps", "batch_size", "grad_accum", "demos_per_task", "ckpt_every", "log_every"]
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("lr_video", "lr_action"):
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.eval_episodes < 0:
+        raise ValueError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
+    if args.preset not in dit4dit.PRESETS:
+        raise ValueError(f"--preset: unknown preset {args.preset!r}; choose from {sorted(dit4dit.PRESETS)}")
+    for task in args.tasks or []:
+        if task not in eval_sim.TASKS:
+            raise ValueError(f"--tasks: unknown task {task!r}; choose from {sorted(eval_sim.TASKS)}")
+    if args.data is not None and not os.path.isdir(args.data):
+        raise FileNotFoundError(f"--data: {args.data!r} is not a directory")
+    if args.action_only and args.detach_features:
+        raise ValueError("--action-only trains the video DiT through the features: it cannot be combined "
+                         "with --detach-features")
+    if args.resume is not None and not os.path.isfile(args.resume):
+        raise FileNotFoundError(f"--resume: no checkpoint at {args.resume!r}")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Train DiT4DiT on the MuJoCo toy suite and evaluate it.")
+    p.add_argument("--preset", default=PRESET, help=f"model preset from dit4dit.PRESETS (default {PRESET})")
+    p.add_argument("--steps", type=int, default=STEPS, help=f"optimizer steps (default {STEPS})")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE,
+                   help=f"samples per micro-step per process (default {BATCH_SIZE})")
+    p.add_argument("--grad-accum", type=int, default=1, help="micro-steps per optimizer step (default 1)")
+    p.add_argument("--lr-video", type=float, default=LR_VIDEO,
+                   help=f"peak learning rate of the video DiT and text encoder (default {LR_VIDEO})")
+    p.add_argument("--lr-action", type=float, default=LR_ACTION,
+                   help=f"peak learning rate of the action DiT (default {LR_ACTION})")
+    p.add_argument("--warmup", type=int, default=WARMUP, help=f"warm-up steps, at most steps/10 (default {WARMUP})")
+    p.add_argument("--video-loss-weight", type=float, default=None,
+                   help="λ in L = L_action + λ·L_video (default: the preset's)")
+    p.add_argument("--repeat", type=int, default=None, help="R, action-noise draws per sample (default: the preset's)")
+    p.add_argument("--extract-layer", type=int, default=None,
+                   help="0-based video block whose tokens feed the action DiT (default: the preset's)")
+    p.add_argument("--detach-features", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop the action loss at the features (release) or let it train the video DiT "
+                        "(paper) (default: the preset's)")
+    p.add_argument("--action-only", action="store_true", default=None,
+                   help="ablation baseline: no video loss; the action loss trains the video DiT through the features")
+    p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and noise (default 0)")
+    p.add_argument("--out", default=None, help="run folder (default runs/<timestamp>, or the resumed checkpoint's)")
+    p.add_argument("--resume", default=None, metavar="PATH", help="continue exactly from this checkpoint")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N",
+                   help="stop after N steps of this invocation (time-sliced jobs); the schedule follows --steps")
+    p.add_argument("--ckpt-every", type=int, default=CKPT_EVERY,
+                   help=f"steps between checkpoints (default {CKPT_EVERY}; always at the end)")
+    p.add_argument("--log-every", type=int, default=LOG_EVERY,
+                   help=f"steps between train_log.jsonl rows (default {LOG_EVERY})")
+    p.add_argument("--data", default=None, metavar="DIR",
+                   help="train on episode .npz files under DIR instead of collecting demos")
+    p.add_argument("--demo-cache", default=None, metavar="DIR", help="demo cache folder (default <out>/../demos)")
+    p.add_argument("--demos-per-task", type=int, default=DEMOS_PER_TASK,
+                   help=f"scripted-expert demos per task (default {DEMOS_PER_TASK})")
+    p.add_argument("--image-size", type=int, default=None, help="rendered frame size (default: the preset's)")
+    p.add_argument("--tasks", nargs="+", default=None, help="toy tasks (default: all of eval_sim.TASKS)")
+    p.add_argument("--eval-episodes", type=int, default=EVAL_EPISODES,
+                   help=f"evaluation episodes per task, 0 skips evaluation (default {EVAL_EPISODES})")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads per process (default: cores / processes on this machine)")
+    return p
+
+
+def cli(argv=None):
+    """The command line: bad flags and missing or corrupt files exit with one clear line."""
+    try:
+        return main(build_parser().parse_args(argv))
+    except (ValueError, FileNotFoundError) as error:
+        sys.exit(f"train_toy.py: error: {error}")
+
+
+if __name__ == "__main__":
+    cli()
