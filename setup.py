@@ -25,8 +25,10 @@ def cuda_wanted():
     missing = []
     if torch.version.cuda is None:
         missing.append(f"torch {torch.__version__} is not a CUDA build")
-    if nvcc is None or not os.path.exists(nvcc):
-        missing.append(f"no nvcc found (CUDA_HOME={CUDA_HOME}); set CUDA_HOME to the CUDA toolkit")
+    if nvcc is None or not os.path.exists(nvcc) or not os.path.exists(
+            os.path.join(CUDA_HOME, "include", "cuda_runtime.h")):
+        missing.append(f"no CUDA toolkit (nvcc and include/cuda_runtime.h) at CUDA_HOME={CUDA_HOME}; "
+                       "set CUDA_HOME to the toolkit folder")
     if missing:
         if forced:
             raise RuntimeError("FORCE_CUDA=1 but the CUDA kernels cannot be built: " + "; ".join(missing))

@@ -1,0 +1,221 @@
+// Test library: runs the CUDA kernels of kernels/csrc/cuda/*.cuh on the CPU through the
+// emulation harness (cuda_emu.h). Built by tests/test_cuda_emulated.py with
+// torch.utils.cpp_extension.load and called through ctypes on raw pointers of CPU
+// tensors; it includes no torch header, so it compiles in seconds.
+//
+// Every entry point returns 0 on success, or 1 and an error message in `err`. The grids,
+// blocks and template arguments are those of the launchers in kernels/csrc/cuda/*.cu.
+// dtype codes: 0 = float32, 1 = float16, 2 = bfloat16.
+#include "cuda_emu.h"
+// (the emulation header must come first)
+#include "adaln.cuh"
+#include "attention.cuh"
+
+#include <cstdio>
+#include <type_traits>
+#include <utility>
+
+using namespace dit4dit_cuda;
+
+namespace {
+
+template <typename F>
+int guarded(char* err, int errlen, F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    std::snprintf(err, static_cast<size_t>(errlen), "%s", e.what());
+    return 1;
+  }
+}
+
+template <typename F>
+void dispatch_dtype(int dtype, F&& f) {
+  switch (dtype) {
+    case 0: f(float{}); break;
+    case 1: f(__half{}); break;
+    case 2: f(__nv_bfloat16{}); break;
+    default: throw std::runtime_error(emu::cat("unknown dtype code ", dtype));
+  }
+}
+
+template <typename F>
+void dispatch_head_dim(int hd, F&& f) {
+  if (hd < 1 || hd > kAttnMaxHeadDim) throw std::runtime_error(emu::cat("head dim ", hd, " outside 1..128"));
+  if (hd <= 32) {
+    f(std::integral_constant<int, 32>{});
+  } else if (hd <= 64) {
+    f(std::integral_constant<int, 64>{});
+  } else {
+    f(std::integral_constant<int, 128>{});
+  }
+}
+
+// ----- kernels used only to exercise the harness's own checks --------------------------------
+__global__ void warp_sum_kernel(const float* in, float* out) {
+  const float v = warp_allreduce_sum(in[blockIdx.x * blockDim.x + threadIdx.x]);
+  if (threadIdx.x % kWarpSize == 0) out[blockIdx.x * (blockDim.x / kWarpSize) + threadIdx.x / kWarpSize] = v;
+}
+
+// Two half-warps reduce independently with disjoint masks, in opposite branches.
+__global__ void half_warp_sum_kernel(const float* in, float* out) {
+  const int lane = threadIdx.x % kWarpSize;
+  float v = in[threadIdx.x];
+  if (lane < 16) {
+    for (int offset = 8; offset > 0; offset /= 2) v += __shfl_xor_sync(0x0000ffffu, v, offset, 16);
+  } else {
+    for (int offset = 1; offset < 16; offset *= 2) v += __shfl_down_sync(0xffff0000u, v, offset, 16);
+  }
+  if (lane % 16 == 0) out[threadIdx.x / 16] = v;
+}
+
+__global__ void divergent_barrier_kernel(float* out) {
+  __shared__ float buf[64];
+  buf[threadIdx.x] = static_cast<float>(threadIdx.x);
+  if (threadIdx.x < 40) {
+    __syncthreads();  // only part of the block reaches this barrier
+    out[threadIdx.x] = buf[63 - threadIdx.x];
+  }
+}
+
+__global__ void mismatched_barrier_kernel(float* out) {
+  if (threadIdx.x % 2 == 0) {
+    out[threadIdx.x] = 1.f;
+    __syncthreads();
+  } else {
+    out[threadIdx.x] = 2.f;
+    __syncthreads();
+  }
+}
+
+__global__ void shuffle_outside_mask_kernel(float* out) {
+  // Lanes 0..15 exchange among themselves but read lane (lane ^ 16), outside the mask.
+  if (threadIdx.x < 16) out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, 1.f, 16);
+}
+
+__global__ void shuffle_excludes_caller_kernel(float* out) {
+  // Every lane passes a mask naming only lanes 0..15.
+  out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, 1.f, 1);
+}
+
+}  // namespace
+
+extern "C" {
+
+int emu_adaln_fwd(int dtype, const void* x, const void* shift, const void* scale, void* y, float* mean, float* rstd,
+                  int B, int N, int D, int G, float eps, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    dispatch_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      constexpr int W = kAdalnWarpsPerBlock;
+      const int rows = B * N;
+      emu::launch(adaln_fwd_kernel<T, W>, dim3(ceil_div(rows, W)), dim3(W * kWarpSize), static_cast<const T*>(x),
+                  static_cast<const T*>(shift), static_cast<const T*>(scale), static_cast<T*>(y), mean, rstd, rows, N,
+                  D, G, eps);
+    });
+  });
+}
+
+int emu_adaln_bwd(int dtype, const void* grad_y, const void* x, const void* scale, const float* mean,
+                  const float* rstd, void* grad_x, void* grad_shift, void* grad_scale, int B, int N, int D, int G,
+                  char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    dispatch_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      constexpr int W = kAdalnWarpsPerBlock;
+      const int rows = B * N;
+      emu::launch(adaln_bwd_dx_kernel<T, W>, dim3(ceil_div(rows, W)), dim3(W * kWarpSize),
+                  static_cast<const T*>(grad_y), static_cast<const T*>(x), static_cast<const T*>(scale), mean, rstd,
+                  static_cast<T*>(grad_x), rows, N, D, G);
+      emu::launch(adaln_bwd_param_kernel<T, kAdalnParamCols, kAdalnParamRows>,
+                  dim3(ceil_div(D, kAdalnParamCols), B * G), dim3(kAdalnParamCols, kAdalnParamRows),
+                  static_cast<const T*>(grad_y), static_cast<const T*>(x), mean, rstd, static_cast<T*>(grad_shift),
+                  static_cast<T*>(grad_scale), N, D, G);
+    });
+  });
+}
+
+int emu_attention_fwd(int dtype, const void* q, const void* k, const void* v, void* o, float* lse, int BH, int Lq,
+                      int Lk, int hd, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+    dispatch_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      dispatch_head_dim(hd, [&](auto hd_bucket) {
+        constexpr int HD = decltype(hd_bucket)::value;
+        constexpr int BR = FwdTiles<HD>::BR, BC = FwdTiles<HD>::BC;
+        emu::launch(attention_fwd_kernel<T, HD, BR, BC, kAttnThreads>, dim3(ceil_div(Lq, BR), BH),
+                    dim3(kAttnThreads), static_cast<const T*>(q), static_cast<const T*>(k),
+                    static_cast<const T*>(v), static_cast<T*>(o), lse, Lq, Lk, hd, scale);
+      });
+    });
+  });
+}
+
+// dq_accum must be zero-filled float32; for float32 it is grad_q itself (dq is then unused).
+int emu_attention_bwd(int dtype, const void* grad_o, const void* q, const void* k, const void* v, const void* o,
+                      const float* lse, float* delta, float* dq_accum, void* dq, void* dk, void* dv, int BH, int Lq,
+                      int Lk, int hd, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+    dispatch_dtype(dtype, [&](auto tag) {
+      using T = decltype(tag);
+      constexpr int W = kAttnRowWarps;
+      const int rows = BH * Lq;
+      emu::launch(attention_bwd_preprocess_kernel<T, W>, dim3(ceil_div(rows, W)), dim3(W * kWarpSize),
+                  static_cast<const T*>(grad_o), static_cast<const T*>(o), delta, rows, hd);
+      dispatch_head_dim(hd, [&](auto hd_bucket) {
+        constexpr int HD = decltype(hd_bucket)::value;
+        constexpr int BR = BwdTiles<HD>::BR, BC = BwdTiles<HD>::BC;
+        emu::launch(attention_bwd_kernel<T, HD, BR, BC, kAttnThreads>, dim3(ceil_div(Lk, BC), BH),
+                    dim3(kAttnThreads), static_cast<const T*>(q), static_cast<const T*>(k),
+                    static_cast<const T*>(v), static_cast<const T*>(grad_o), lse,
+                    static_cast<const float*>(delta), dq_accum, static_cast<T*>(dk), static_cast<T*>(dv), Lq, Lk,
+                    hd, scale);
+      });
+      if (!std::is_same<T, float>::value) {
+        const long long n = static_cast<long long>(rows) * hd;
+        constexpr int threads = 256;
+        emu::launch(attention_cast_kernel<T>, dim3(static_cast<unsigned>((n + threads - 1) / threads)),
+                    dim3(threads), static_cast<const float*>(dq_accum), static_cast<T*>(dq), n);
+      }
+    });
+  });
+}
+
+// Harness checks: a correct warp reduction, and kernels whose synchronisation is wrong.
+int emu_warp_sum(const float* in, float* out, int blocks, int threads, char* err, int errlen) {
+  return guarded(err, errlen, [&] { emu::launch(warp_sum_kernel, dim3(blocks), dim3(threads), in, out); });
+}
+
+int emu_half_warp_sum(const float* in, float* out, int threads, char* err, int errlen) {
+  return guarded(err, errlen, [&] { emu::launch(half_warp_sum_kernel, dim3(1), dim3(threads), in, out); });
+}
+
+int emu_bad_kernel(int which, float* out, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    switch (which) {
+      case 0: emu::launch(divergent_barrier_kernel, dim3(1), dim3(64), out); break;
+      case 1: emu::launch(mismatched_barrier_kernel, dim3(1), dim3(64), out); break;
+      case 2: emu::launch(shuffle_outside_mask_kernel, dim3(1), dim3(32), out); break;
+      case 3: emu::launch(shuffle_excludes_caller_kernel, dim3(1), dim3(32), out); break;
+      default: throw std::runtime_error(emu::cat("unknown bad kernel ", which));
+    }
+  });
+}
+
+void emu_set_timeout_ms(long ms) { emu::set_timeout_ms(ms); }
+
+// Round trips of the 16-bit conversions, to compare with torch's.
+void emu_float_to_half(const float* in, uint16_t* out, long long n) {
+  for (long long i = 0; i < n; ++i) out[i] = __float2half_rn(in[i]).bits;
+}
+void emu_float_to_bfloat16(const float* in, uint16_t* out, long long n) {
+  for (long long i = 0; i < n; ++i) out[i] = __float2bfloat16_rn(in[i]).bits;
+}
+void emu_half_to_float(const uint16_t* in, float* out, long long n) {
+  for (long long i = 0; i < n; ++i) out[i] = __half2float(__half{in[i]});
+}
+
+}  // extern "C"

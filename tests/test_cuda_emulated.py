@@ -1,0 +1,340 @@
+"""The CUDA kernels (kernels/csrc/cuda/*.cuh), executed on the CPU by the emulation harness.
+
+tests/emu/cuda_emu.h turns the device headers into host C++: each CUDA thread is an OS
+thread, `__syncthreads` a real barrier, warp shuffles real exchanges among the lanes of the
+mask. tests/emu/emu_kernels.cpp launches the same kernels with the launchers' grids and
+template arguments; it is compiled once per session (cached in ~/.cache/dit4dit/cuda_emu,
+or DIT4DIT_EMU_BUILD_DIR) and called through ctypes on raw pointers of CPU tensors.
+
+Accuracy rule: outputs and gradients are compared with a float64 ground truth computed from
+the same (rounded) inputs. float32 must match tightly; for float16 and bfloat16 the kernel's
+error may be at most twice the error of the PyTorch reference run on the same-dtype inputs
+(kernels.reference_*, which compute in float32 and round the result; without them, the
+formulas below evaluated in that dtype), plus one unit of the dtype at the largest magnitude.
+mean, rstd and lse are float32 outputs at every dtype and must match tightly.
+
+When a GPU is visible the same comparisons run on the device against the built kernels._C.
+"""
+import ctypes
+import math
+import os
+import pathlib
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+EMU_DIR = ROOT / "tests" / "emu"
+CUDA_DIR = ROOT / "kernels" / "csrc" / "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+EPS = 1e-6
+
+# (B, N, D, G): rows B*N not a multiple of the 4 rows of a block, D not a multiple of 32.
+ADALN_SHAPES = [(2, 9, 40, 1), (2, 9, 70, 3)]
+# (B, nh, Lq, hd, Lk): one per head-dim bucket (32, 64, 128), partial Q and K/V tiles, Lq != Lk.
+ATTN_SHAPES = [(1, 2, 37, 40, 45), (1, 1, 70, 16, 9), (1, 1, 20, 80, 33)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Reference: explicit math (the project's kernels.reference_* when they import, else the same
+# formulas written here).
+def _oracle_modulate(x, shift, scale, eps=EPS):
+    n, g = x.shape[1], shift.shape[1]
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    xhat = (x - mean) * torch.rsqrt(var + eps)
+    return xhat * (1 + scale.repeat_interleave(n // g, 1)) + shift.repeat_interleave(n // g, 1)
+
+
+def _oracle_attention(q, k, v):
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return s.softmax(-1) @ v
+
+
+try:
+    from kernels import reference_adaln_modulate as reference_modulate
+    from kernels import reference_attention
+except Exception:  # kernels/ not importable: fall back to the formulas above
+    reference_modulate, reference_attention = _oracle_modulate, _oracle_attention
+
+
+def _reference_adaln(x, shift, scale, dy):
+    """y and the gradients of sum(y * dy) by autograd, in the dtype of the inputs."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, shift, scale)]
+    y = reference_modulate(*leaves, EPS)
+    y.backward(dy)
+    return {"y": y.detach(), "dx": leaves[0].grad, "dshift": leaves[1].grad, "dscale": leaves[2].grad}
+
+
+def _reference_attn(q, k, v, do):
+    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    o = reference_attention(*leaves)
+    o.backward(do)
+    return {"o": o.detach(), "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
+
+
+def _assert_accuracy(name, got, low, truth, dtype):
+    """got: kernel result; low: PyTorch in the same dtype; truth: float64 from the same inputs."""
+    truth = truth.double()
+    err = (got.double() - truth).abs().max().item()
+    scale = max(truth.abs().max().item(), 1.0)
+    if dtype == torch.float32:
+        bound = 2e-5 * scale
+    else:
+        torch_err = (low.double() - truth).abs().max().item()
+        bound = 2 * torch_err + torch.finfo(dtype).eps * scale
+    assert err <= bound, f"{name} ({dtype}): max error {err:.3g} > bound {bound:.3g}"
+
+
+def _assert_float32_stat(name, got, truth):
+    torch.testing.assert_close(got.double(), truth.double(), rtol=1e-4, atol=1e-5, msg=f"{name} mismatch")
+
+
+# ----------------------------------------------------------------------------------------------
+# The emulation library.
+class Emu:
+    def __init__(self, path):
+        lib = ctypes.CDLL(path)
+        p, i, f, ll = ctypes.c_void_p, ctypes.c_int, ctypes.c_float, ctypes.c_longlong
+        err = [ctypes.c_char_p, i]
+        lib.emu_adaln_fwd.argtypes = [i, p, p, p, p, p, p, i, i, i, i, f] + err
+        lib.emu_adaln_bwd.argtypes = [i, p, p, p, p, p, p, p, p, i, i, i, i] + err
+        lib.emu_attention_fwd.argtypes = [i, p, p, p, p, p, i, i, i, i] + err
+        lib.emu_attention_bwd.argtypes = [i, p, p, p, p, p, p, p, p, p, p, p, i, i, i, i] + err
+        lib.emu_attention_fwd_broken.argtypes = [p, p, p, p, p, i, i, i, i] + err
+        lib.emu_warp_sum.argtypes = [p, p, i, i] + err
+        lib.emu_half_warp_sum.argtypes = [p, p, i] + err
+        lib.emu_bad_kernel.argtypes = [i, p] + err
+        lib.emu_float_to_half.argtypes = [p, p, ll]
+        lib.emu_float_to_bfloat16.argtypes = [p, p, ll]
+        lib.emu_half_to_float.argtypes = [p, p, ll]
+        self.lib = lib
+
+    def call(self, fn, *args):
+        """Runs fn(*args, err, errlen); raises RuntimeError with the harness's message on failure."""
+        buf = ctypes.create_string_buffer(4096)
+        conv = [ctypes.c_void_p(a.data_ptr()) if isinstance(a, torch.Tensor) else a for a in args]
+        if getattr(self.lib, fn)(*conv, buf, len(buf)) != 0:
+            raise RuntimeError(buf.value.decode())
+
+    def adaln_fwd(self, x, shift, scale):
+        B, N, D = x.shape
+        y = torch.empty_like(x)
+        mean = torch.empty(B, N)
+        rstd = torch.empty(B, N)
+        self.call("emu_adaln_fwd", DTYPE_CODE[x.dtype], x, shift, scale, y, mean, rstd, B, N, D, shift.shape[1], EPS)
+        return y, mean, rstd
+
+    def adaln_bwd(self, dy, x, scale, mean, rstd):
+        B, N, D = x.shape
+        G = scale.shape[1]
+        dx, dshift, dscale = torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
+        self.call("emu_adaln_bwd", DTYPE_CODE[x.dtype], dy, x, scale, mean, rstd, dx, dshift, dscale, B, N, D, G)
+        return dx, dshift, dscale
+
+    def attention_fwd(self, q, k, v, broken=False):
+        B, nh, Lq, hd = q.shape
+        o = torch.empty_like(q)
+        lse = torch.empty(B, nh, Lq)
+        if broken:
+            self.call("emu_attention_fwd_broken", q, k, v, o, lse, B * nh, Lq, k.shape[2], hd)
+        else:
+            self.call("emu_attention_fwd", DTYPE_CODE[q.dtype], q, k, v, o, lse, B * nh, Lq, k.shape[2], hd)
+        return o, lse
+
+    def attention_bwd(self, do, q, k, v, o, lse):
+        B, nh, Lq, hd = q.shape
+        delta = torch.empty(B, nh, Lq)
+        dq_accum = torch.zeros(q.shape)
+        dq = dq_accum if q.dtype == torch.float32 else torch.empty_like(q)
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+        self.call("emu_attention_bwd", DTYPE_CODE[q.dtype], do, q, k, v, o, lse, delta, dq_accum, dq, dk, dv,
+                  B * nh, Lq, k.shape[2], hd)
+        return dq, dk, dv
+
+
+@pytest.fixture(scope="session")
+def emu():
+    from torch.utils.cpp_extension import load
+
+    build = os.environ.get("DIT4DIT_EMU_BUILD_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "dit4dit", "cuda_emu")
+    os.makedirs(build, exist_ok=True)
+    name = "dit4dit_cuda_emu"
+    load(name=name, sources=[str(EMU_DIR / "emu_kernels.cpp"), str(EMU_DIR / "emu_broken.cpp")],
+         extra_include_paths=[str(EMU_DIR), str(CUDA_DIR)],
+         extra_cflags=["-O2", "-std=c++20", "-pthread", "-Wno-unknown-pragmas"], extra_ldflags=["-pthread"],
+         build_directory=build, is_python_module=False, verbose=False)
+    return Emu(os.path.join(build, name + ".so"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernel runners: the emulated kernels on CPU tensors, or kernels._C on the GPU.
+def _run_adaln_emu(emu, x, shift, scale, dy):
+    y, mean, rstd = emu.adaln_fwd(x, shift, scale)
+    dx, dshift, dscale = emu.adaln_bwd(dy, x, scale, mean, rstd)
+    return dict(y=y, mean=mean, rstd=rstd, dx=dx, dshift=dshift, dscale=dscale)
+
+
+def _run_adaln_cuda(x, shift, scale, dy):
+    import kernels  # noqa: F401  (loads kernels._C and its CUDA registrations)
+
+    ops = torch.ops.dit4dit
+    dev = [t.cuda() for t in (x, shift, scale, dy)]
+    y, mean, rstd = ops.adaln_modulate_fwd(dev[0], dev[1], dev[2], EPS)
+    dx, dshift, dscale = ops.adaln_modulate_bwd(dev[3], dev[0], dev[2], mean, rstd, shift.shape[1])
+    out = dict(y=y, mean=mean, rstd=rstd, dx=dx, dshift=dshift, dscale=dscale)
+    return {key: t.cpu() for key, t in out.items()}
+
+
+def _run_attn_emu(emu, q, k, v, do):
+    o, lse = emu.attention_fwd(q, k, v)
+    dq, dk, dv = emu.attention_bwd(do, q, k, v, o, lse)
+    return dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv)
+
+
+def _run_attn_cuda(q, k, v, do):
+    import kernels  # noqa: F401
+
+    ops = torch.ops.dit4dit
+    dev = [t.cuda() for t in (q, k, v, do)]
+    o, lse = ops.attention_fwd(dev[0], dev[1], dev[2])
+    dq, dk, dv = ops.attention_bwd(dev[3], dev[0], dev[1], dev[2], o, lse)
+    return {key: t.cpu() for key, t in dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv).items()}
+
+
+def _adaln_inputs(shape, dtype, seed=0):
+    B, N, D, G = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, N, D, generator=gen) * 2 + 0.5).to(dtype)
+    shift = torch.randn(B, G, D, generator=gen).to(dtype)
+    scale = (0.5 * torch.randn(B, G, D, generator=gen)).to(dtype)
+    dy = torch.randn(B, N, D, generator=gen).to(dtype)
+    return x, shift, scale, dy
+
+
+def _attn_inputs(shape, dtype, seed=0):
+    B, nh, Lq, hd, Lk = shape
+    gen = torch.Generator().manual_seed(seed)
+    q = (1.5 * torch.randn(B, nh, Lq, hd, generator=gen)).to(dtype)
+    k = (1.5 * torch.randn(B, nh, Lk, hd, generator=gen)).to(dtype)
+    v = torch.randn(B, nh, Lk, hd, generator=gen).to(dtype)
+    do = torch.randn(B, nh, Lq, hd, generator=gen).to(dtype)
+    return q, k, v, do
+
+
+def _check_adaln(got, x, shift, scale, dy):
+    dtype = x.dtype
+    truth = _reference_adaln(*(t.double() for t in (x, shift, scale, dy)))
+    low = _reference_adaln(x, shift, scale, dy)
+    for key in ("y", "dx", "dshift", "dscale"):
+        assert got[key].dtype == dtype and got[key].shape == truth[key].shape, key
+        _assert_accuracy(key, got[key], low[key], truth[key], dtype)
+    x64 = x.double()
+    _assert_float32_stat("mean", got["mean"], x64.mean(-1))
+    _assert_float32_stat("rstd", got["rstd"], torch.rsqrt(x64.var(-1, unbiased=False) + EPS))
+
+
+def _check_attn(got, q, k, v, do):
+    dtype = q.dtype
+    truth = _reference_attn(*(t.double() for t in (q, k, v, do)))
+    low = _reference_attn(q, k, v, do)
+    for key in ("o", "dq", "dk", "dv"):
+        assert got[key].dtype == dtype and got[key].shape == truth[key].shape, key
+        _assert_accuracy(key, got[key], low[key], truth[key], dtype)
+    scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    _assert_float32_stat("lse", got["lse"], torch.logsumexp(scores, -1))
+
+
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "B{}N{}D{}G{}".format(*s))
+def test_adaln_emulated(emu, shape, dtype):
+    x, shift, scale, dy = _adaln_inputs(shape, dtype)
+    _check_adaln(_run_adaln_emu(emu, x, shift, scale, dy), x, shift, scale, dy)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "B{}H{}Lq{}hd{}Lk{}".format(*s))
+def test_attention_emulated(emu, shape, dtype):
+    q, k, v, do = _attn_inputs(shape, dtype)
+    _check_attn(_run_attn_emu(emu, q, k, v, do), q, k, v, do)
+
+
+def test_broken_kernel_is_caught(emu):
+    """The forward kernel without the barrier after staging K gives wrong results."""
+    q, k, v, _ = _attn_inputs((1, 2, 37, 40, 100), torch.float32, seed=1)
+    good, _ = emu.attention_fwd(q, k, v)
+    truth = _oracle_attention(q.double(), k.double(), v.double())
+    assert (good.double() - truth).abs().max() < 1e-4
+    try:
+        broken, _ = emu.attention_fwd(q, k, v, broken=True)
+    except RuntimeError:  # the harness reporting a race as an error also counts
+        return
+    assert not torch.isfinite(broken).all() or (broken.double() - truth).abs().max() > 1e-2
+
+
+def test_harness_warp_reduction(emu):
+    x = torch.randn(3 * 96)
+    out = torch.empty(3 * 3)
+    emu.call("emu_warp_sum", x, out, 3, 96)
+    torch.testing.assert_close(out, x.view(9, 32).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+def test_harness_disjoint_shuffles(emu):
+    """Half-warps exchanging with disjoint masks in different branches is legal and works."""
+    x = torch.randn(64)
+    out = torch.empty(4)
+    emu.call("emu_half_warp_sum", x, out, 64)
+    torch.testing.assert_close(out, x.view(4, 16).sum(-1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("which, message", [
+    (0, "divergent barrier"),  # part of the block skips a __syncthreads
+    (1, "divergent barrier"),  # two halves wait at different __syncthreads
+    (2, "not in the mask"),    # a lane reads a lane outside the shuffle's mask
+    (3, "does not include itself"),  # lanes call a shuffle whose mask excludes them
+])
+def test_harness_reports_sync_errors(emu, which, message):
+    with pytest.raises(RuntimeError, match=message):
+        emu.call("emu_bad_kernel", which, torch.zeros(64))
+
+
+def test_harness_half_conversions_match_torch(emu):
+    """The emulated __half / __nv_bfloat16 round to nearest even exactly like torch."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(4000, generator=gen) * 10.0 ** torch.randint(-9, 6, (4000,), generator=gen),
+                   torch.tensor([0.0, -0.0, 65504.0, 65519.0, 65520.0, 1e-8, -3e-8, 6e-5, float("inf"),
+                                 float("-inf")])])
+    for fn, dtype in (("emu_float_to_half", torch.float16), ("emu_float_to_bfloat16", torch.bfloat16)):
+        bits = torch.empty(x.numel(), dtype=torch.int16)
+        getattr(emu.lib, fn)(x.data_ptr(), bits.data_ptr(), x.numel())
+        assert torch.equal(bits, x.to(dtype).view(torch.int16)), fn
+    halves = x.to(torch.float16)
+    back = torch.empty(x.numel())
+    emu.lib.emu_half_to_float(halves.data_ptr(), back.data_ptr(), x.numel())
+    assert torch.equal(back, halves.float())
+
+
+# ----------------------------------------------------------------------------------------------
+needs_gpu = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="no CUDA device: the CUDA kernels are compiled by .ci/build_cuda.sh and executed here only under "
+           "CPU emulation")
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "B{}N{}D{}G{}".format(*s))
+def test_adaln_on_device(shape, dtype):
+    x, shift, scale, dy = _adaln_inputs(shape, dtype)
+    _check_adaln(_run_adaln_cuda(x, shift, scale, dy), x, shift, scale, dy)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "B{}H{}Lq{}hd{}Lk{}".format(*s))
+def test_attention_on_device(shape, dtype):
+    q, k, v, do = _attn_inputs(shape, dtype)
+    _check_attn(_run_attn_cuda(q, k, v, do), q, k, v, do)
