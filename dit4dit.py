@@ -173,6 +173,18 @@ def apply_rope(x, rot):
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)  # (B, nh, N, hd/2, 2) -> (B, nh, N, hd)
 
 
+def sincos_2d(h, w, dim, device):
+    """Fixed 2D sinusoidal absolute positions of an (h, w) patch grid -> (h*w, dim): half the
+    channels encode the row, half the column (as in ViT/MAE's 2D sin-cos embedding)."""
+    quarter = dim // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
+    rows = torch.arange(h, device=device, dtype=torch.float32)[:, None] * freqs  # (h, dim/4)
+    cols = torch.arange(w, device=device, dtype=torch.float32)[:, None] * freqs  # (w, dim/4)
+    emb = torch.cat([rows.sin()[:, None].expand(h, w, quarter), rows.cos()[:, None].expand(h, w, quarter),
+                     cols.sin()[None].expand(h, w, quarter), cols.cos()[None].expand(h, w, quarter)], dim=-1)
+    return F.pad(emb, (0, dim - 4 * quarter)).reshape(h * w, dim)  # (h, w, dim) -> (h*w, dim)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm with a learned gain, statistics in fp32 (used per head on q and k)."""
 
@@ -324,6 +336,8 @@ class DiT4DiTConfig:
     video_mlp_dim: int = 256        # MLP hidden width
     adaln_lora_rank: int = 0        # 0: per-block adaLN projection; r > 0: adaLN-LoRA of rank r (paper: 256)
     rope_theta: float = 10000.0     # rotary base frequency
+    abs_pos_embed: bool = True      # add fixed 2D sin-cos positions to the patch tokens (toy departure,
+                                    # see VideoDiT.forward); False = rotary positions only (Cosmos)
     # action DiT (GR00T-N1.5 style)
     action_width: int = 128         # D_action
     action_depth: int = 4           # blocks (even: cross-attn to h, odd: self-attn)
@@ -443,6 +457,7 @@ class VideoDiT(nn.Module):
         super().__init__()
         D, C, p, r = cfg.video_width, cfg.latent_channels, cfg.patch_size, cfg.adaln_lora_rank
         self.patch, self.channels, self.heads, self.theta = p, C, cfg.video_heads, cfg.rope_theta
+        self.abs_pos_embed = cfg.abs_pos_embed
         self.patch_embed = nn.Linear((C + 1) * p * p, D, bias=False)  # +1: condition-mask channel
         self.t_embed = TimestepMLP(D, bias=False)
         # adaLN-LoRA's term shared by all blocks. Cosmos takes it from the timestep MLP's last
@@ -452,7 +467,7 @@ class VideoDiT(nn.Module):
                                     for _ in range(cfg.video_depth))
         self.final_mod = Modulation(D, 2, r)
         self.final_linear = nn.Linear(D, p * p * C, bias=False)
-        self._rope = {}
+        self._grids = {}  # rotary and absolute-position tables per token grid (not parameters)
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -472,12 +487,19 @@ class VideoDiT(nn.Module):
             nn.init.zeros_(self.t_shared.weight)
         nn.init.zeros_(self.final_linear.weight)
 
+    def pos_embed(self, h, w, device):
+        key = ("pos", h, w, str(device))
+        if key not in self._grids:
+            with torch.inference_mode(False):
+                self._grids[key] = sincos_2d(h, w, self.patch_embed.out_features, device)
+        return self._grids[key]
+
     def rope(self, T, h, w, device):
         key = (T, h, w, str(device))
-        if key not in self._rope:
+        if key not in self._grids:
             with torch.inference_mode(False):  # a cached inference tensor would break later training
-                self._rope[key] = rope_3d(T, h, w, self.blocks[0].self_attn.head_dim, self.theta, device)
-        return self._rope[key]
+                self._grids[key] = rope_3d(T, h, w, self.blocks[0].self_attn.head_dim, self.theta, device)
+        return self._grids[key]
 
     def forward(self, x, tau, text, stop_after=None):
         """x (B, C, T, H, W) latents with frame 0 = conditioning frame; tau (B, T) per-frame
@@ -492,6 +514,12 @@ class VideoDiT(nn.Module):
         x = torch.cat([x, mask], dim=1)  # (B, C+1, T, H, W)
         x = x.reshape(B, C + 1, T, h, p, w, p).permute(0, 2, 3, 5, 1, 4, 6)  # (B, T, h, w, C+1, p, p)
         x = self.patch_embed(x.reshape(B, T * h * w, (C + 1) * p * p))  # (B, N, D)
+        if self.abs_pos_embed:
+            # Departure from Cosmos-Predict2.5 (rotary positions only): the action DiT reads h through
+            # cross-attention without positions, so a model trained from scratch in minutes needs the
+            # tokens themselves to say where they are. Same rows/columns in every frame.
+            pos = self.pos_embed(h, w, x.device)  # (h*w, D)
+            x = (x.view(B, T, h * w, -1) + pos).view(B, T * h * w, -1)  # (B, T, h*w, D) -> (B, N, D)
         # Departure from Cosmos-Predict2.5: time enters as a sinusoid of 1000 * tau (rectified-flow
         # time), not Cosmos' EDM noise level; one conditioning vector per frame.
         c = F.silu(self.t_embed(tau))  # (B, T, D)
@@ -897,7 +925,7 @@ PRESETS = {
     "paper": DiT4DiTConfig(image_size=256, num_future_frames=8, action_horizon=16, action_dim=32, state_dim=64,
                            latent_channels=16, text_encoder="embeddings", text_dim=1024, patch_size=2,
                            video_width=2048, video_depth=28, video_heads=16, video_mlp_dim=8192,
-                           adaln_lora_rank=256,
+                           adaln_lora_rank=256, abs_pos_embed=False,
                            action_width=768, action_depth=16, action_heads=12, action_mlp_dim=3072,
                            action_dropout=0.2, extract_layer=17, tau_f=0.995, repeat=4, num_action_steps=4,
                            num_video_steps=35),

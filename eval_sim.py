@@ -48,9 +48,11 @@ import zlib
 from dataclasses import dataclass
 
 import gymnasium as gym
-import mujoco
 import numpy as np
 import torch
+import torch._dynamo  # noqa: F401  before mujoco: Triton's LLVM must load before the EGL renderer loads
+                      # Mesa's LLVM, or a later torch.compile / optimizer import segfaults the process
+import mujoco
 from gymnasium import spaces
 from PIL import Image, ImageDraw
 from tqdm import tqdm

@@ -36,20 +36,18 @@ import time
 
 import numpy as np
 import torch
-import torch._dynamo  # noqa: F401  (see below)
 import torch.distributed as dist
 import torch.nn as nn
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 import dit4dit
-import eval_sim  # after torch._dynamo: Triton's LLVM must load before MuJoCo's EGL renderer loads
-                 # Mesa's LLVM; the other order segfaults when the optimizer first imports dynamo.
+import eval_sim
 
 # ----------------------------------------------------------------------------------------------
 # Defaults: the budget of `python train_toy.py` (≤ 15 min on a 2-core laptop CPU). Tune here.
 PRESET = "toy"
-STEPS = 800                # optimizer steps
+STEPS = 1000               # optimizer steps
 BATCH_SIZE = 32            # samples per step per process (before gradient accumulation)
 LR_VIDEO = 3e-4            # peak learning rate of the video DiT (and the text encoder)
 LR_ACTION = 1e-3           # peak learning rate of the action DiT

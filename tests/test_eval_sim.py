@@ -300,3 +300,19 @@ def test_cli_needs_exactly_one_policy(tmp_path):
     report = es.main(es.parse_args(["--expert", "--tasks", "reach", "--episodes", "1", "--gifs", "0",
                                     "--image-size", "16", "--out", str(tmp_path)]))
     assert report["tasks"]["reach"]["n"] == 1
+
+
+def test_torch_compile_after_rendering_does_not_crash():
+    # Importing eval_sim loads Triton before MuJoCo's EGL renderer; in the other order a
+    # torch.compile (or the optimizer's first dynamo import) after a render segfaults. Run in a
+    # fresh process, since this process has imported both already.
+    import subprocess
+    import sys
+
+    code = ("import eval_sim, torch\n"
+            "eval_sim.collect_episode('reach', 0, 32)\n"
+            "f = torch.compile(lambda x: x * 2, backend='eager')\n"
+            "assert f(torch.ones(2)).tolist() == [2.0, 2.0]\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])

@@ -130,6 +130,23 @@ def test_paper_preset_parameter_counts_on_meta_device():
 
 # --- extraction, caching, gradients -------------------------------------------------------------
 
+def test_absolute_positions_make_tokens_of_a_uniform_frame_distinguishable():
+    # The action DiT cross-attends to h without positions, so the toy presets add fixed sin-cos
+    # positions to the patch tokens: tokens of a uniform frame then differ by position, while with
+    # rotary positions only (abs_pos_embed=False, as in Cosmos) they enter the blocks all equal.
+    pos = d.sincos_2d(4, 5, 32, torch.device("cpu"))
+    assert pos.shape == (20, 32) and (torch.cdist(pos, pos) + torch.eye(20)).min() > 1e-3
+    for on in (True, False):
+        model = tiny_model(abs_pos_embed=on)
+        entering = []
+        hook = model.video_dit.blocks[0].register_forward_pre_hook(lambda mod, args: entering.append(args[0]))
+        model.extract_features(torch.zeros(1, 3, 16, 16), ["reach"], generator=gen(0))
+        hook.remove()
+        frame0 = entering[0][0, :16]  # the 4 x 4 tokens of the conditioning frame
+        spread = (frame0 - frame0.mean(0)).abs().max().item()
+        assert (spread > 1e-3) == on, (on, spread)
+
+
 def test_early_exit_equals_block_output_inside_full_forward():
     model = tiny_model(video_depth=3, extract_layer=1)
     randomize_zero_layers(model)
