@@ -793,7 +793,7 @@ class DiT4DiT(nn.Module):
         cond = self.tokenizer.encode(obs[:, :, None])  # (B, C, 1, h, w)
         return self._extract(cond, self.encode_text(text_tokens), generator)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict_action(self, obs, state, instruction, generator=None):
         """obs (B, 3, H, W) in [-1, 1], state (B, P) normalized, instruction list[str] or
         (B, S, D_text) -> normalized actions (B, K, A) clipped to [-1, 1]. Dropout follows the

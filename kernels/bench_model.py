@@ -107,8 +107,8 @@ def bench_inference_paths(repeats):
     def run_fast():
         model.predict_action(obs, state, text, generator=g)
 
-    def run_naive():
-        with torch.no_grad():
+    def run_naive():  # same grad mode as predict_action, so only the paths differ
+        with torch.inference_mode():
             naive_predict_action(model, obs, state, text, g)
 
     ms = time_interleaved({"early-exit + cached K/V": run_fast, "naive (full forward, K/V per step)": run_naive},
