@@ -43,13 +43,7 @@ void dispatch_dtype(int dtype, F&& f) {
 template <typename F>
 void dispatch_head_dim(int hd, F&& f) {
   if (hd < 1 || hd > kAttnMaxHeadDim) throw std::runtime_error(emu::cat("head dim ", hd, " outside 1..128"));
-  if (hd <= 32) {
-    f(std::integral_constant<int, 32>{});
-  } else if (hd <= 64) {
-    f(std::integral_constant<int, 64>{});
-  } else {
-    f(std::integral_constant<int, 128>{});
-  }
+  with_head_dim_bucket(hd, std::forward<F>(f));  // the launchers' own choice of instantiation
 }
 
 // ----- kernels used only to exercise the harness's own checks --------------------------------

@@ -27,13 +27,7 @@ template <typename F>
 void dispatch_head_dim(int64_t hd, const char* op, F&& f) {
   TORCH_CHECK(hd >= 1 && hd <= kAttnMaxHeadDim, op, ": head dim hd=", hd,
               " is outside the CUDA kernel's range 1..", kAttnMaxHeadDim);
-  if (hd <= 32) {
-    f(std::integral_constant<int, 32>{});
-  } else if (hd <= 64) {
-    f(std::integral_constant<int, 64>{});
-  } else {
-    f(std::integral_constant<int, 128>{});
-  }
+  with_head_dim_bucket(hd, std::forward<F>(f));
 }
 
 // q (B,nh,Lq,hd), k and v (B,nh,Lk,hd) on one CUDA device with one dtype.

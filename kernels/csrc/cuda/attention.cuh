@@ -32,11 +32,28 @@
 
 #include "common.cuh"
 
+#include <type_traits>
+#include <utility>
+
 namespace DIT4DIT_KERNEL_NS {
 
 constexpr int kAttnThreads = 128;       // threads per block of the tile kernels
 constexpr int kAttnRowWarps = 4;        // rows per block of the preprocess kernel
 constexpr int kAttnMaxHeadDim = 128;
+
+// Calls f(std::integral_constant<int, HD>{}) for the smallest head-dim bucket HD >= hd (32, 64
+// or 128): the instantiation both the CUDA launchers and the CPU emulation tests run. The
+// caller checks 1 <= hd <= kAttnMaxHeadDim first.
+template <typename F>
+inline void with_head_dim_bucket(long long hd, F&& f) {
+  if (hd <= 32) {
+    f(std::integral_constant<int, 32>{});
+  } else if (hd <= 64) {
+    f(std::integral_constant<int, 64>{});
+  } else {
+    f(std::integral_constant<int, 128>{});
+  }
+}
 
 // Tile sizes per head-dim bucket, chosen so that the static shared memory stays below
 // 48 KiB and each thread keeps at most 32 float accumulators.
