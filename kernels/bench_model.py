@@ -43,9 +43,11 @@ def naive_predict_action(model, obs, state, instruction, generator):
     text = model.encode_text(instruction)
     cond = model.tokenizer.encode(obs[:, :, None])  # (B, C, 1, h, w)
     B, C, _, h, w = cond.shape
-    noise = torch.randn(B, C, cfg.num_future_frames, h, w, generator=generator)
+    # as many future latent frames as the tokenizer makes of F frames (a 4x temporal VAE: F/4)
+    future = model.tokenizer.latent_frames(1 + cfg.num_future_frames) - 1
+    noise = torch.randn(B, C, future, h, w, generator=generator, device=cond.device, dtype=cond.dtype)
     x = torch.cat([cond, noise], dim=2)  # (B, C, T, h, w)
-    tau = torch.full((B, x.shape[2]), cfg.tau_f)
+    tau = torch.full((B, x.shape[2]), cfg.tau_f, device=x.device)
     tau[:, 0] = d.COND_TAU
     captured = {}
     hook = model.video_dit.blocks[cfg.extract_layer].register_forward_hook(
@@ -54,7 +56,7 @@ def naive_predict_action(model, obs, state, instruction, generator):
         model.video_dit(x, tau, text)  # all blocks and the final layer; the velocity is discarded
     finally:
         hook.remove()
-    a = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=generator)
+    a = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=generator, device=obs.device)
     a = d.euler_sample(lambda a_t, t: model.action_dit(a_t, t, state, h=captured["h"]), a, cfg.num_action_steps)
     return a.clamp(-1, 1)
 
