@@ -23,9 +23,10 @@ Flow-matching convention (both branches): tau in [0, 1], tau = 0 is data, tau = 
   x_tau = (1 - tau) * x0 + tau * eps,   target velocity v* = eps - x0,
   sampling integrates Euler steps from tau = 1 down to 0: x <- x - dtau * v_hat.
 
-Kernels: `modulate` and `attention` have pure-PyTorch bodies (the reference) and dispatch to
-the fused C++/CUDA ops of the `kernels` package when it is built (`select_backend`,
-environment variable DIT4DIT_KERNELS=auto|0|1, read at import).
+Kernels: `modulate` and `attention` run the fused C++/CUDA ops of the `kernels` package when it
+is built, and otherwise the pure-PyTorch reference bodies of kernels/reference.py
+(`select_backend`, environment variable DIT4DIT_KERNELS=auto|0|1 read at import; `backend()`
+says which is active).
 """
 import dataclasses
 import logging
@@ -38,6 +39,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+import kernels  # the fused ops when built; always the pure-PyTorch references (kernels/reference.py)
 
 log = logging.getLogger("dit4dit")
 
@@ -70,33 +73,32 @@ def video_to_frames(video):
 # ----------------------------------------------------------------------------------------------
 # The two ops the fused kernels replace, and the switch between them.
 
-_BACKEND = None  # "kernels" or "torch", set by select_backend() at import
-_kernels = None  # the imported `kernels` package when it is used
+_BACKEND = None  # "kernels" or "torch", set by select_backend() at import; read it with backend()
 
 
 def select_backend(mode="auto"):
     """Choose the implementation of `modulate` and `attention`: "auto" uses the fused kernels
     when the extension is built, "0" always uses PyTorch, "1" requires the kernels."""
-    global _BACKEND, _kernels
+    global _BACKEND
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"mode (DIT4DIT_KERNELS) must be 'auto', '0' or '1', got {mode!r}")
     chosen, why = "torch", "DIT4DIT_KERNELS=0"
     if mode != "0":
-        try:
-            import kernels  # lazy: dit4dit works without the extension
-
-            ok = kernels.available()
-            why = "kernels.available() is False (build with `python setup.py build_ext --inplace`)"
-        except (ImportError, OSError, AttributeError) as err:
-            ok, why = False, f"the kernels package does not import ({err})"
-        if ok:
-            chosen, _kernels = "kernels", kernels
-        elif mode == "1":
-            raise RuntimeError(f"DIT4DIT_KERNELS=1 asks for the fused kernels, but {why}")
+        if kernels.available():
+            chosen = "kernels"
+        else:
+            why = f"kernels._C is not loaded ({kernels.load_error()}); {kernels.BUILD_HINT}"
+            if mode == "1":
+                raise RuntimeError(f"DIT4DIT_KERNELS=1 asks for the fused kernels, but {why}")
     if chosen != _BACKEND:
         log.info("modulate/attention backend = %s%s", chosen, "" if chosen == "kernels" else f" ({why})")
     _BACKEND = chosen
     return chosen
+
+
+def backend():
+    """The active implementation of `modulate` and `attention`: "kernels" or "torch"."""
+    return _BACKEND
 
 
 def modulate(x, shift, scale):
@@ -104,21 +106,17 @@ def modulate(x, shift, scale):
 
     x (B, N, D); shift, scale (B, G, D) with N divisible by G: the N tokens are G contiguous
     groups (G = 1: one vector per sample; G = T: one per frame) and group g uses row g."""
-    B, N, D = x.shape
-    G = shift.shape[1]
     if _BACKEND == "kernels":
-        return _kernels.adaln_modulate(x.contiguous(), shift.to(x.dtype).contiguous(),
-                                       scale.to(x.dtype).contiguous(), eps=1e-6)
-    xn = F.layer_norm(x.float(), (D,), eps=1e-6).view(B, G, N // G, D)  # (B, G, N/G, D)
-    y = torch.addcmul(shift.float()[:, :, None], xn, 1 + scale.float()[:, :, None])  # shift + xn * (1 + scale)
-    return y.view(B, N, D).to(x.dtype)  # (B, N, D)
+        return kernels.adaln_modulate(x.contiguous(), shift.to(x.dtype).contiguous(),
+                                      scale.to(x.dtype).contiguous(), eps=1e-6)
+    return kernels.reference_adaln_modulate(x, shift, scale, eps=1e-6)
 
 
 def attention(q, k, v):
     """Softmax attention without mask, scale 1/sqrt(hd). q (B, nh, Lq, hd), k, v (B, nh, Lk, hd)."""
     if _BACKEND == "kernels":
-        return _kernels.attention(q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous())
-    return F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype))
+        return kernels.attention(q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous())
+    return kernels.reference_attention(q, k, v)
 
 
 select_backend(os.environ.get("DIT4DIT_KERNELS", "auto"))

@@ -8,8 +8,9 @@ the op schemas and their CPU kernels (and CUDA kernels when built with CUDA). Th
   (the backward of each forward op calls its `*_bwd` op),
 - exposes typed wrappers, `adaln_modulate(x, shift, scale, eps)` and `attention(q, k, v)`,
   which validate shapes with clear errors and make inputs contiguous,
-- and holds the pure-PyTorch references `reference_adaln_modulate` and
-  `reference_attention` written in explicit math: the oracle of the tests.
+- and re-exports the pure-PyTorch references of kernels/reference.py as
+  `reference_adaln_modulate` and `reference_attention`: one body per op, which dit4dit.py's
+  fallback runs and the tests and kernels/bench.py compare with.
 
 Ops (all shapes are (batch, ...), statistics float32, float64 for float64 inputs):
     dit4dit::adaln_modulate_fwd(x (B,N,D), shift (B,G,D), scale (B,G,D), eps) -> (y, mean (B,N), rstd (B,N))
@@ -19,9 +20,11 @@ Ops (all shapes are (batch, ...), statistics float32, float64 for float64 inputs
 """
 from __future__ import annotations
 
-import math
-
 import torch
+
+from .reference import adaln_modulate as reference_adaln_modulate
+from .reference import attention as reference_attention
+from .reference import compute_dtype as _stats_dtype  # the ops' statistics follow the same rule
 
 __all__ = [
     "available",
@@ -56,47 +59,8 @@ def _require_extension() -> None:
         raise RuntimeError(f"the dit4dit kernels extension kernels._C is not available ({_LOAD_ERROR}); {BUILD_HINT}")
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 # ----------------------------------------------------------------------------------------
-# pure-PyTorch references (explicit math; the test oracle and the fallback of dit4dit.py)
-
-def reference_adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-                             eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm without affine over the last dim, statistics in float32 (float64 for float64 x),
-    then y = xhat * (1 + scale[g]) + shift[g] with token n in group g = n // (N // G).
-
-    x (B, N, D); shift, scale (B, G, D) with N % G == 0. Returns y (B, N, D) in x's dtype."""
-    _check_adaln_args(x, shift, scale)
-    B, N, D = x.shape
-    G = shift.shape[1]
-    acc = _stats_dtype(x.dtype)
-    xf = x.to(acc)
-    mean = xf.sum(dim=-1, keepdim=True) / D
-    var = ((xf - mean) ** 2).sum(dim=-1, keepdim=True) / D
-    xhat = (xf - mean) / torch.sqrt(var + eps)
-    xhat = xhat.reshape(B, G, N // G, D)
-    y = xhat * (1 + scale.to(acc)[:, :, None, :]) + shift.to(acc)[:, :, None, :]
-    return y.reshape(B, N, D).to(x.dtype)
-
-
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hd)) v, no mask, computed in float32 (float64 for float64 inputs).
-
-    q (B, nh, Lq, hd); k, v (B, nh, Lk, hd). Returns (B, nh, Lq, hd) in q's dtype."""
-    _check_attention_args(q, k, v)
-    acc = _stats_dtype(q.dtype)
-    qf, kf, vf = q.to(acc), k.to(acc), v.to(acc)
-    s = (qf @ kf.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))
-    p = torch.exp(s - s.amax(dim=-1, keepdim=True))
-    p = p / p.sum(dim=-1, keepdim=True)
-    return (p @ vf).to(q.dtype)
-
-
-# ----------------------------------------------------------------------------------------
-# argument checks shared by the wrappers and the references (ValueError naming the argument)
+# argument checks of the wrappers (ValueError naming the argument)
 
 def _check_adaln_args(x, shift, scale) -> None:
     for name, t in (("x", x), ("shift", shift), ("scale", scale)):

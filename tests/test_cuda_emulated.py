@@ -9,8 +9,8 @@ or DIT4DIT_EMU_BUILD_DIR) and called through ctypes on raw pointers of CPU tenso
 Accuracy rule: outputs and gradients are compared with a float64 ground truth computed from
 the same (rounded) inputs. float32 must match tightly; for float16 and bfloat16 the kernel's
 error may be at most twice the error of the PyTorch reference run on the same-dtype inputs
-(kernels.reference_*, which compute in float32 and round the result; without them, the
-formulas below evaluated in that dtype), plus one unit of the dtype at the largest magnitude.
+(kernels/reference.py, which computes in float32 and rounds the result), plus one unit of
+the dtype at the largest magnitude.
 mean, rstd and lse are float32 outputs at every dtype and must match tightly.
 
 When a GPU is visible the same comparisons run on the device against the built kernels._C.
@@ -22,6 +22,9 @@ import pathlib
 
 import pytest
 import torch
+
+from kernels.reference import adaln_modulate as reference_modulate
+from kernels.reference import attention as reference_attention
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMU_DIR = ROOT / "tests" / "emu"
@@ -37,28 +40,7 @@ ATTN_SHAPES = [(1, 2, 37, 40, 45), (1, 1, 70, 16, 9), (1, 1, 20, 80, 33)]
 
 
 # ----------------------------------------------------------------------------------------------
-# Reference: explicit math (the project's kernels.reference_* when they import, else the same
-# formulas written here).
-def _oracle_modulate(x, shift, scale, eps=EPS):
-    n, g = x.shape[1], shift.shape[1]
-    mean = x.mean(-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(-1, keepdim=True)
-    xhat = (x - mean) * torch.rsqrt(var + eps)
-    return xhat * (1 + scale.repeat_interleave(n // g, 1)) + shift.repeat_interleave(n // g, 1)
-
-
-def _oracle_attention(q, k, v):
-    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
-    return s.softmax(-1) @ v
-
-
-try:
-    from kernels import reference_adaln_modulate as reference_modulate
-    from kernels import reference_attention
-except Exception:  # kernels/ not importable: fall back to the formulas above
-    reference_modulate, reference_attention = _oracle_modulate, _oracle_attention
-
-
+# Reference: the project's one PyTorch body per op (kernels/reference.py).
 def _reference_adaln(x, shift, scale, dy):
     """y and the gradients of sum(y * dy) by autograd, in the dtype of the inputs."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (x, shift, scale)]
@@ -266,7 +248,7 @@ def test_broken_kernel_is_caught(emu):
     """The forward kernel without the barrier after staging K gives wrong results."""
     q, k, v, _ = _attn_inputs((1, 2, 37, 40, 100), torch.float32, seed=1)
     good, _ = emu.attention_fwd(q, k, v)
-    truth = _oracle_attention(q.double(), k.double(), v.double())
+    truth = reference_attention(q.double(), k.double(), v.double())
     assert (good.double() - truth).abs().max() < 1e-4
     try:
         broken, _ = emu.attention_fwd(q, k, v, broken=True)

@@ -353,7 +353,7 @@ def test_embeddings_config_rejects_strings_and_takes_tensors():
 
 
 def test_select_backend_torch_and_back():
-    before = d._BACKEND
+    before = d.backend()
     try:
         assert d.select_backend("0") == "torch"
         assert d.select_backend("auto") in ("torch", "kernels")
@@ -368,10 +368,10 @@ def test_backend_1_fails_loudly_when_extension_is_missing(monkeypatch):
         monkeypatch.setattr(kernels, "available", lambda: False)
     except ImportError:
         pass  # not importable at all: the error path is the same
-    before = d._BACKEND
+    before = d.backend()
     with pytest.raises(RuntimeError, match="DIT4DIT_KERNELS=1"):
         d.select_backend("1")
-    assert d._BACKEND == before
+    assert d.backend() == before
 
 
 # --- normalizer and checkpoints -----------------------------------------------------------------

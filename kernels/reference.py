@@ -1,0 +1,42 @@
+"""The pure-PyTorch reference of each fused op: one body per op, used by all three of
+- dit4dit.py's fallback when the fused kernels are off (DIT4DIT_KERNELS=0, or not built),
+- the tests, which compare the kernels with it (fp32 at tight tolerance; for float16 and
+  bfloat16 it computes in float32 and rounds the result, the error bar a kernel must meet),
+- the `reference` rows of kernels/bench.py.
+
+It imports nothing from the extension, so it works whether or not kernels._C is built. Both
+bodies are the fast built-ins (F.layer_norm, F.scaled_dot_product_attention) rather than
+explicit math, so the fallback trains at PyTorch's speed; the logsumexp that the attention
+tests also check is computed in the tests from the scores. The wrappers in kernels/__init__.py
+validate arguments; these bodies do not (the model calls them on every sublayer).
+"""
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(dtype):
+    """float64 stays float64; everything else (float32, float16, bfloat16) computes in float32
+    (the ops' saved statistics, mean/rstd and logsumexp, use the same rule)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def adaln_modulate(x, shift, scale, eps=1e-6):
+    """LayerNorm without affine over the last dim, statistics in float32 (float64 for float64
+    x), then y = xhat * (1 + scale[g]) + shift[g] with token n in group g = n // (N // G).
+
+    x (B, N, D); shift, scale (B, G, D) with N % G == 0. Returns y (B, N, D) in x's dtype."""
+    B, N, D = x.shape
+    G = shift.shape[1]
+    acc = compute_dtype(x.dtype)
+    xhat = F.layer_norm(x.to(acc), (D,), eps=eps).view(B, G, N // G, D)  # (B, G, N/G, D)
+    y = torch.addcmul(shift.to(acc)[:, :, None], xhat, 1 + scale.to(acc)[:, :, None])  # shift + xhat * (1 + scale)
+    return y.view(B, N, D).to(x.dtype)  # (B, N, D)
+
+
+def attention(q, k, v):
+    """softmax(q k^T / sqrt(hd)) v, no mask, computed in float32 (float64 for float64 q).
+
+    q (B, nh, Lq, hd); k, v (B, nh, Lk, hd). Returns (B, nh, Lq, hd) in q's dtype. Under
+    autocast the built-in runs in the autocast dtype, as the rest of the model does."""
+    acc = compute_dtype(q.dtype)
+    return F.scaled_dot_product_attention(q.to(acc), k.to(acc), v.to(acc)).to(q.dtype)
