@@ -23,6 +23,12 @@ Flow-matching convention (both branches): tau in [0, 1], tau = 0 is data, tau = 
   x_tau = (1 - tau) * x0 + tau * eps,   target velocity v* = eps - x0,
   sampling integrates Euler steps from tau = 1 down to 0: x <- x - dtau * v_hat.
 
+Reading order: the two ops and their backend switch; building blocks; the blocks of both DiTs;
+the config; VideoDiT; ActionDiT; the joint DiT4DiT (one video call for every use, the dual
+flow-matching loss beside the feature extraction, then inference); then the boundaries, which
+the method does not need to be read (tokenizer, text encoder, frame conversion, input checks,
+normalizer, checkpoints); presets last.
+
 Kernels: `modulate` and `attention` run the fused C++/CUDA ops of the `kernels` package when it
 is built, and otherwise the pure-PyTorch reference bodies of kernels/reference.py
 (`select_backend`, environment variable DIT4DIT_KERNELS=auto|0|1 read at import; `backend()`
@@ -45,29 +51,6 @@ import kernels  # the fused ops when built; always the pure-PyTorch references (
 log = logging.getLogger("dit4dit")
 
 COND_TAU = 1e-4  # timestep given to the (clean) conditioning frame, as in Cosmos-Predict2.5
-
-
-# ----------------------------------------------------------------------------------------------
-# Frames <-> video tensors: the one place where simulator uint8 HWC frames become model tensors.
-
-def frames_to_video(frames):
-    """uint8 frames (B, T, H, W, 3), numpy or torch -> float32 video (B, 3, T, H, W) in [-1, 1]."""
-    if isinstance(frames, np.ndarray):
-        frames = torch.from_numpy(frames)
-    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
-        raise ValueError(f"frames: expected uint8 array/tensor, got {getattr(frames, 'dtype', type(frames))}")
-    if frames.ndim != 5 or frames.shape[-1] != 3:
-        raise ValueError(f"frames: expected shape (B, T, H, W, 3), got {tuple(frames.shape)}")
-    video = frames.permute(0, 4, 1, 2, 3).float()  # (B, 3, T, H, W)
-    return video / 127.5 - 1.0
-
-
-def video_to_frames(video):
-    """float video (B, 3, T, H, W) in [-1, 1] -> uint8 numpy frames (B, T, H, W, 3)."""
-    if not isinstance(video, torch.Tensor) or video.ndim != 5 or video.shape[1] != 3:
-        raise ValueError(f"video: expected a tensor (B, 3, T, H, W), got {getattr(video, 'shape', type(video))}")
-    pixels = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 4, 1).cpu().numpy()  # (B, T, H, W, 3)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,6 +272,9 @@ class VideoBlock(nn.Module):
         return x + per_frame(gate, self.mlp(modulate(x, shift, scale)))
 
 
+# ----------------------------------------------------------------------------------------------
+# Action DiT block (DESIGN 3.6): adaLN without gate, cross- or self-attention, MLP.
+
 class ActionBlock(nn.Module):
     """GR00T-style block: adaLN (shift, scale; no gate) -> attention -> residual; LN -> MLP -> residual.
 
@@ -345,8 +331,8 @@ class DiT4DiTConfig:
     # the method (DESIGN 3.4-3.8)
     extract_layer: int = 1          # 0-based block whose output is the feature h (paper: 17 of 28)
     tau_f: float = 0.995            # timestep of the extraction pass (released code: first sampler step)
-    detach_features: bool = True    # True: extraction under no_grad (release); False: L_action also
-                                    # trains the video DiT through h (paper)
+    detach_features: bool | None = None  # True: extraction under no_grad (release); False: L_action
+                                    # also trains the video DiT through h (paper); None: True unless action_only
     action_only: bool = False       # ablation: no video loss; implies detach_features=False
     repeat: int = 4                 # R: action-noise draws per sample, sharing h and state
     video_loss_weight: float = 1.0  # lambda in L = L_action + lambda * L_video
@@ -354,95 +340,14 @@ class DiT4DiTConfig:
     num_video_steps: int = 10       # Euler steps of imagine_video (visualization only)
 
     def __post_init__(self):
-        if self.action_only:
-            # The baseline keeps the architecture and lets the action loss train the video DiT.
-            self.detach_features = False
-        self.check()
-
-    def check(self):
-        positive = ["image_size", "num_future_frames", "action_horizon", "action_dim", "state_dim",
-                    "latent_channels", "text_dim", "text_max_len", "patch_size", "video_width", "video_depth",
-                    "video_heads", "video_mlp_dim", "action_width", "action_depth", "action_heads",
-                    "action_mlp_dim", "repeat", "num_action_steps", "num_video_steps"]
-        for name in positive:
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
-        if self.text_encoder not in ("bytes", "embeddings"):
-            raise ValueError(f"text_encoder must be 'bytes' or 'embeddings', got {self.text_encoder!r}")
-        if not 0 <= self.extract_layer < self.video_depth:
-            raise ValueError(f"extract_layer={self.extract_layer} is out of range for video_depth={self.video_depth}")
-        if not 0.0 < self.tau_f <= 1.0:
-            raise ValueError(f"tau_f must be in (0, 1], got {self.tau_f}")
-        for name in ("video", "action"):
-            width, heads = getattr(self, f"{name}_width"), getattr(self, f"{name}_heads")
-            if width % heads:
-                raise ValueError(f"{name}_width={width} is not divisible by {name}_heads={heads}")
-        hd = self.video_width // self.video_heads
-        if hd < 6 or hd % 2:
-            raise ValueError(f"video head dim {hd} must be even and >= 6 (3D rotary split)")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}")
-        if self.adaln_lora_rank < 0:
-            raise ValueError(f"adaln_lora_rank must be >= 0, got {self.adaln_lora_rank}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Tokenizer and text boundaries.
-
-class PixelTokenizer(nn.Module):
-    """The default video tokenizer: latents are the pixels in [-1, 1] (DESIGN 3.2).
-
-    A real VAE (the paper: Wan2.1, 16 channels, 8x spatial, 4x temporal) plugs in with the same
-    interface: `channels`, `spatial_factor`, `latent_frames(T)`, `encode`, `decode`."""
-
-    channels = 3
-    spatial_factor = 1
-
-    def latent_frames(self, num_frames):
-        return num_frames
-
-    def encode(self, video):  # (B, 3, T, H, W) -> (B, C, T', H/s, W/s)
-        return video
-
-    def decode(self, latents):  # (B, C, T', h, w) -> (B, 3, T, H, W)
-        return latents.clamp(-1, 1)
-
-
-class ByteTextEncoder(nn.Module):
-    """A small trainable text encoder over UTF-8 bytes (the paper uses a frozen 7B LM, DESIGN 3.3).
-
-    Instructions are truncated / padded to `max_len` bytes, so one instruction always gives the
-    same features whatever the batch. The pad bytes stay visible to the video DiT's
-    cross-attention (the attention op takes no mask); they are a learned constant suffix."""
-
-    PAD = 256
-
-    def __init__(self, dim, depth, max_len):
-        super().__init__()
-        self.max_len = max_len
-        self.embed = nn.Embedding(257, dim)
-        self.pos = nn.Parameter(torch.zeros(max_len, dim))
-        heads = max(1, dim // 32)
-        self.blocks = nn.ModuleList(nn.ModuleList([nn.LayerNorm(dim), Attention(dim, heads, bias=True),
-                                                   nn.LayerNorm(dim), MLP(dim, 4 * dim, bias=True)])
-                                    for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        nn.init.normal_(self.pos, std=0.02)
-        nn.init.normal_(self.embed.weight, std=0.02)
-
-    def tokenize(self, texts):
-        ids = torch.full((len(texts), self.max_len), self.PAD, dtype=torch.long)
-        for i, text in enumerate(texts):
-            b = list(text.encode("utf-8"))[: self.max_len]
-            ids[i, : len(b)] = torch.tensor(b, dtype=torch.long)
-        return ids  # (B, S)
-
-    def forward(self, texts):
-        x = self.embed(self.tokenize(texts).to(self.pos.device)) + self.pos  # (B, S, D_text)
-        for ln1, attn, ln2, mlp in self.blocks:
-            x = x + attn(ln1(x))
-            x = x + mlp(ln2(x))
-        return self.norm(x)
+        # The action-only baseline keeps the architecture and lets the action loss train the video
+        # DiT through h (DESIGN 6): it implies detach_features=False and contradicts True.
+        if self.detach_features is None:
+            self.detach_features = not self.action_only
+        elif self.action_only and self.detach_features:
+            raise ValueError("action_only=True (train_toy.py --action-only) trains the video DiT through the "
+                             "features: it cannot be combined with detach_features=True (--detach-features)")
+        _check_config(self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,9 +383,12 @@ class VideoDiT(nn.Module):
         # (gate 0) and the zero final linear makes a fresh model predict exactly zero velocity.
         # With adaLN-LoRA the up-projection and the shared term are zeroed (the down-projection
         # keeps its random init, as in LoRA).
-        for mod in [b.mod_self for b in self.blocks] + [b.mod_cross for b in self.blocks] + \
-                   [b.mod_mlp for b in self.blocks] + [self.final_mod]:
-            nn.init.zeros_(mod.proj.weight if isinstance(mod.proj, nn.Linear) else mod.proj[1].weight)
+        modulations = [self.final_mod]
+        for block in self.blocks:
+            modulations += [block.mod_self, block.mod_cross, block.mod_mlp]
+        for mod in modulations:
+            out_layer = mod.proj if isinstance(mod.proj, nn.Linear) else mod.proj[1]  # LoRA: the up-projection
+            nn.init.zeros_(out_layer.weight)
         if self.t_shared is not None:
             nn.init.zeros_(self.t_shared.weight)
         nn.init.zeros_(self.final_linear.weight)
@@ -598,7 +506,7 @@ class ActionDiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Samplers shared by both branches.
+# Flow-matching pieces shared by both branches: the Euler sampler, the action-time draw, the masked MSE.
 
 def euler_sample(velocity, x, num_steps):
     """Integrate dx/dtau = velocity(x, tau) from tau = 1 (noise) to 0 (data) in equal steps:
@@ -623,7 +531,234 @@ def masked_mse(pred, target, mask):
 
 
 # ----------------------------------------------------------------------------------------------
-# Input validation for the public entry points.
+# The joint model: dual flow matching (DESIGN 3.4-3.7) and inference (DESIGN 3.8).
+
+class DiT4DiT(nn.Module):
+    """The joint model: tokenizer and text boundaries, video DiT, action DiT; training loss
+    (`loss`) and inference (`extract_features`, `predict_action`, `imagine_video`)."""
+
+    def __init__(self, config, tokenizer=None):
+        super().__init__()
+        tokenizer = tokenizer if tokenizer is not None else PixelTokenizer()
+        _check_model_parts(config, tokenizer)
+        self.config = config
+        self.tokenizer = tokenizer
+        self.text_encoder = (ByteTextEncoder(config.text_dim, config.text_depth, config.text_max_len)
+                             if config.text_encoder == "bytes" else None)
+        self.video_dit = VideoDiT(config)
+        self.action_dit = ActionDiT(config)
+
+    # -- every use of the video DiT: a clean conditioning frame + future frames at one tau -------
+    def video_forward(self, cond, future, tau, text, stop_after=None):
+        """cond (B, C, 1, h, w) clean conditioning latent; future (B, C, T-1, h, w) future latents
+        at timestep tau (B,); text (B, S, D_text). The conditioning frame gets COND_TAU. Returns
+        the velocity (B, C, T, h, w), or block `stop_after`'s tokens (B, T*h*w, D_video)."""
+        x = torch.cat([cond, future], dim=2)  # (B, C, T, h, w)
+        taus = tau[:, None].repeat(1, x.shape[2])  # (B, T): one timestep per frame
+        taus[:, 0] = COND_TAU
+        return self.video_dit(x, taus, text, stop_after=stop_after)
+
+    def future_noise(self, cond, generator=None):
+        """Pure noise for every future latent frame, like cond (B, C, 1, h, w) -> (B, C, T-1, h, w)."""
+        B, C, _, h, w = cond.shape
+        T_future = self.tokenizer.latent_frames(1 + self.config.num_future_frames) - 1
+        return torch.randn(B, C, T_future, h, w, generator=generator, device=cond.device, dtype=cond.dtype)
+
+    # -- training: the dual flow-matching loss (DESIGN 3.4-3.7) ---------------------------------
+    def video_flow_loss(self, latents, text, tau_v, noise):
+        """Flow-matching loss of the video DiT. latents (B, C, T, h, w), frame 0 conditioning;
+        tau_v (B,); noise like latents. The conditioning frame stays clean and is not scored."""
+        tau = tau_v[:, None, None, None, None]
+        future = ((1 - tau) * latents + tau * noise)[:, :, 1:]  # x_tau of the future frames
+        v_hat = self.video_forward(latents[:, :, :1], future, tau_v, text)
+        return F.mse_loss(v_hat[:, :, 1:], (noise - latents)[:, :, 1:])
+
+    def action_flow_loss(self, h, state, actions, mask, tau_a, noise):
+        """Flow-matching loss of the action DiT. h (B, N, D_video), state (B, P), actions
+        (B, K, A), mask (B, A); tau_a (B*R,) and noise (B*R, K, A): R draws per sample that
+        share h and state (released: R = 4)."""
+        R = tau_a.shape[0] // actions.shape[0]
+        kv = [None if p is None else (p[0].repeat_interleave(R, 0), p[1].repeat_interleave(R, 0))
+              for p in self.action_dit.context_kv(h)]  # each (B*R, nh, N, hd)
+        a0 = actions.repeat_interleave(R, 0)  # (B*R, K, A)
+        tau = tau_a[:, None, None]
+        v_hat = self.action_dit((1 - tau) * a0 + tau * noise, tau_a, state.repeat_interleave(R, 0), kv=kv)
+        return masked_mse(v_hat, noise - a0, mask.repeat_interleave(R, 0)[:, None, :])
+
+    def _extract(self, cond, text, generator):
+        """The extraction pass (DESIGN 3.5): clean conditioning latent cond (B, C, 1, h, w), all
+        future frames fresh noise (no ground truth) at tau_f, and an early exit after block
+        extract_layer (the release runs every block and discards the rest) -> h (B, N, D_video)."""
+        tau_f = torch.full((cond.shape[0],), self.config.tau_f, device=cond.device)
+        return self.video_forward(cond, self.future_noise(cond, generator), tau_f, text,
+                                  stop_after=self.config.extract_layer)
+
+    def loss(self, batch, generator=None):
+        """Total training loss L = L_action + lambda * L_video (tri-timestep scheme, DESIGN 3.7).
+        Returns dict(loss, video_loss, action_loss); video_loss is 0 when action_only."""
+        cfg = self.config
+        video, state, actions, mask, text = _check_batch(self, batch)
+        B, dev = video.shape[0], video.device
+        latents = self.tokenizer.encode(video)  # (B, C, T, h, w)
+        text = self.encode_text(text)  # (B, S, D_text)
+
+        # 1. Video flow matching: one tau_v ~ U[0, 1] per sample on the future frames.
+        if cfg.action_only:
+            video_loss = torch.zeros((), device=dev)
+        else:
+            tau_v = torch.rand(B, generator=generator, device=dev)
+            noise = torch.randn(latents.shape, generator=generator, device=dev, dtype=latents.dtype)
+            video_loss = self.video_flow_loss(latents, text, tau_v, noise)
+
+        # 2. Extraction: a separate pass at tau_f from fresh noise, stopped after extract_layer.
+        #    detach_features=True (release): under no_grad, L_action trains only the action DiT;
+        #    False (paper, and the action-only baseline): L_action also trains the video DiT via h.
+        with torch.no_grad() if cfg.detach_features else nullcontext():
+            h = self._extract(latents[:, :, :1], text, generator)
+
+        # 3. Action flow matching: R draws of (eps, tau_a ~ Beta(1.5, 1)/0.999) per sample.
+        R = cfg.repeat
+        tau_a = sample_action_time(B * R, generator, dev)
+        noise_a = torch.randn(B * R, *actions.shape[1:], generator=generator, device=dev, dtype=actions.dtype)
+        action_loss = self.action_flow_loss(h, state, actions, mask, tau_a, noise_a)
+        loss = action_loss + cfg.video_loss_weight * video_loss
+        return dict(loss=loss, video_loss=video_loss, action_loss=action_loss)
+
+    # -- inference (DESIGN 3.8) -------------------------------------------------------------------
+    def extract_features(self, obs, text_tokens, generator=None):
+        """obs (B, 3, H, W) in [-1, 1]; text_tokens: list[str] or (B, S, D_text) ->
+        h (B, T*h*w, D_video), the output of block `extract_layer` (all frames' tokens)."""
+        _check_frames(self, "obs", obs, time_axis=False)
+        _check_text(text_tokens, obs.shape[0])
+        cond = self.tokenizer.encode(obs[:, :, None])  # (B, C, 1, h, w)
+        return self._extract(cond, self.encode_text(text_tokens), generator)
+
+    @torch.inference_mode()
+    def predict_action(self, obs, state, instruction, generator=None):
+        """obs (B, 3, H, W) in [-1, 1], state (B, P) normalized, instruction list[str] or
+        (B, S, D_text) -> normalized actions (B, K, A) clipped to [-1, 1]. Dropout follows the
+        module's mode: call .eval() first for deterministic actions."""
+        cfg = self.config
+        B = _check_frames(self, "obs", obs, time_axis=False).shape[0]
+        _check_tensor("state", state, (B, cfg.state_dim))
+        h = self.extract_features(obs, instruction, generator)  # one video pass, early exit
+        kv = self.action_dit.context_kv(h)  # cross-attention K/V of h, computed once for all steps
+        a = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=generator, device=obs.device)
+        a = euler_sample(lambda x, tau: self.action_dit(x, tau, state, kv=kv), a, cfg.num_action_steps)
+        return a.clamp(-1, 1)
+
+    @torch.no_grad()
+    def imagine_video(self, obs, instruction, generator=None, num_steps=None):
+        """Full video sampler for visualization: obs (B, 3, H, W) -> video (B, 3, 1+F, H, W) in [-1, 1]
+        whose frame 0 is the observation."""
+        _check_frames(self, "obs", obs, time_axis=False)
+        _check_text(instruction, obs.shape[0])
+        text = self.encode_text(instruction)
+        cond = self.tokenizer.encode(obs[:, :, None])  # (B, C, 1, h, w)
+
+        def velocity(future, tau):  # only the future frames move; the conditioning frame stays clean
+            return self.video_forward(cond, future, tau, text)[:, :, 1:]
+
+        future = euler_sample(velocity, self.future_noise(cond, generator), num_steps or self.config.num_video_steps)
+        return self.tokenizer.decode(torch.cat([cond, future], dim=2)).clamp(-1, 1)
+
+    # -- boundary: text features --------------------------------------------------------------------
+    def encode_text(self, instructions):
+        """list[str] (byte encoder) or precomputed embeddings (B, S, text_dim) -> (B, S, text_dim)."""
+        if isinstance(instructions, torch.Tensor):
+            return _check_tensor("instruction", instructions, (None, None, self.config.text_dim))
+        if not isinstance(instructions, (list, tuple)) or not all(isinstance(s, str) for s in instructions):
+            raise ValueError("instruction: expected a list of strings or a (B, S, text_dim) tensor")
+        if self.text_encoder is None:
+            raise ValueError("instruction: this config takes precomputed text embeddings "
+                             "(text_encoder='embeddings'); pass a (B, S, text_dim) tensor")
+        return self.text_encoder(list(instructions))
+
+
+# ----------------------------------------------------------------------------------------------
+# Boundaries: the video tokenizer and the text encoder (DESIGN 3.2, 3.3).
+
+class PixelTokenizer(nn.Module):
+    """The default video tokenizer: latents are the pixels in [-1, 1] (DESIGN 3.2).
+
+    A real VAE (the paper: Wan2.1, 16 channels, 8x spatial, 4x temporal) plugs in with the same
+    interface: `channels`, `spatial_factor`, `latent_frames(T)`, `encode`, `decode`."""
+
+    channels = 3
+    spatial_factor = 1
+
+    def latent_frames(self, num_frames):
+        return num_frames
+
+    def encode(self, video):  # (B, 3, T, H, W) -> (B, C, T', H/s, W/s)
+        return video
+
+    def decode(self, latents):  # (B, C, T', h, w) -> (B, 3, T, H, W)
+        return latents.clamp(-1, 1)
+
+
+class ByteTextEncoder(nn.Module):
+    """A small trainable text encoder over UTF-8 bytes (the paper uses a frozen 7B LM, DESIGN 3.3).
+
+    Instructions are truncated / padded to `max_len` bytes, so one instruction always gives the
+    same features whatever the batch. The pad bytes stay visible to the video DiT's
+    cross-attention (the attention op takes no mask); they are a learned constant suffix."""
+
+    PAD = 256
+
+    def __init__(self, dim, depth, max_len):
+        super().__init__()
+        self.max_len = max_len
+        self.embed = nn.Embedding(257, dim)
+        self.pos = nn.Parameter(torch.zeros(max_len, dim))
+        heads = max(1, dim // 32)
+        self.blocks = nn.ModuleList(nn.ModuleList([nn.LayerNorm(dim), Attention(dim, heads, bias=True),
+                                                   nn.LayerNorm(dim), MLP(dim, 4 * dim, bias=True)])
+                                    for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.pos, std=0.02)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def tokenize(self, texts):
+        ids = torch.full((len(texts), self.max_len), self.PAD, dtype=torch.long)
+        for i, text in enumerate(texts):
+            b = list(text.encode("utf-8"))[: self.max_len]
+            ids[i, : len(b)] = torch.tensor(b, dtype=torch.long)
+        return ids  # (B, S)
+
+    def forward(self, texts):
+        x = self.embed(self.tokenize(texts).to(self.pos.device)) + self.pos  # (B, S, D_text)
+        for ln1, attn, ln2, mlp in self.blocks:
+            x = x + attn(ln1(x))
+            x = x + mlp(ln2(x))
+        return self.norm(x)
+
+
+# ----------------------------------------------------------------------------------------------
+# Boundary: frames <-> video tensors, the one place where simulator uint8 HWC frames become model tensors.
+
+def frames_to_video(frames):
+    """uint8 frames (B, T, H, W, 3), numpy or torch -> float32 video (B, 3, T, H, W) in [-1, 1]."""
+    if isinstance(frames, np.ndarray):
+        frames = torch.from_numpy(frames)
+    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
+        raise ValueError(f"frames: expected uint8 array/tensor, got {getattr(frames, 'dtype', type(frames))}")
+    if frames.ndim != 5 or frames.shape[-1] != 3:
+        raise ValueError(f"frames: expected shape (B, T, H, W, 3), got {tuple(frames.shape)}")
+    video = frames.permute(0, 4, 1, 2, 3).float()  # (B, 3, T, H, W)
+    return video / 127.5 - 1.0
+
+
+def video_to_frames(video):
+    """float video (B, 3, T, H, W) in [-1, 1] -> uint8 numpy frames (B, T, H, W, 3)."""
+    if not isinstance(video, torch.Tensor) or video.ndim != 5 or video.shape[1] != 3:
+        raise ValueError(f"video: expected a tensor (B, 3, T, H, W), got {getattr(video, 'shape', type(video))}")
+    pixels = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 4, 1).cpu().numpy()  # (B, T, H, W, 3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Boundary: input checks of the public entry points (ValueError naming the argument).
 
 def _check_tensor(name, x, shape):
     """shape: tuple of ints or None (any size). Raises ValueError naming `name`."""
@@ -639,196 +774,91 @@ def _check_tensor(name, x, shape):
     return x
 
 
-# ----------------------------------------------------------------------------------------------
-# The joint model: dual flow matching and inference.
+def _check_config(cfg):
+    """Field types and ranges of a DiT4DiTConfig, and the constraints between fields."""
+    positive = ["image_size", "num_future_frames", "action_horizon", "action_dim", "state_dim",
+                "latent_channels", "text_dim", "text_max_len", "patch_size", "video_width", "video_depth",
+                "video_heads", "video_mlp_dim", "action_width", "action_depth", "action_heads",
+                "action_mlp_dim", "repeat", "num_action_steps", "num_video_steps"]
+    for name in positive:
+        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be a positive int, got {getattr(cfg, name)!r}")
+    if cfg.text_encoder not in ("bytes", "embeddings"):
+        raise ValueError(f"text_encoder must be 'bytes' or 'embeddings', got {cfg.text_encoder!r}")
+    if not 0 <= cfg.extract_layer < cfg.video_depth:
+        raise ValueError(f"extract_layer={cfg.extract_layer} is out of range for video_depth={cfg.video_depth}")
+    if not 0.0 < cfg.tau_f <= 1.0:
+        raise ValueError(f"tau_f must be in (0, 1], got {cfg.tau_f}")
+    for name in ("video", "action"):
+        width, heads = getattr(cfg, f"{name}_width"), getattr(cfg, f"{name}_heads")
+        if width % heads:
+            raise ValueError(f"{name}_width={width} is not divisible by {name}_heads={heads}")
+    hd = cfg.video_width // cfg.video_heads
+    if hd < 6 or hd % 2:
+        raise ValueError(f"video head dim {hd} must be even and >= 6 (3D rotary split)")
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"image_size={cfg.image_size} is not a multiple of patch_size={cfg.patch_size}")
+    if cfg.adaln_lora_rank < 0:
+        raise ValueError(f"adaln_lora_rank must be >= 0, got {cfg.adaln_lora_rank}")
 
-class DiT4DiT(nn.Module):
-    """The joint model: tokenizer and text boundaries, video DiT, action DiT; training loss
-    (`loss`) and inference (`extract_features`, `predict_action`, `imagine_video`)."""
 
-    def __init__(self, config, tokenizer=None):
-        super().__init__()
-        if not isinstance(config, DiT4DiTConfig):
-            raise ValueError(f"config: expected a DiT4DiTConfig, got {type(config).__name__}")
-        config.check()
-        self.config = config
-        self.tokenizer = tokenizer if tokenizer is not None else PixelTokenizer()
-        if getattr(self.tokenizer, "channels", None) != config.latent_channels:
-            raise ValueError(f"tokenizer: gives {getattr(self.tokenizer, 'channels', None)} latent channels but "
-                             f"config.latent_channels={config.latent_channels} (a VAE tokenizer is needed?)")
-        self.text_encoder = (ByteTextEncoder(config.text_dim, config.text_depth, config.text_max_len)
-                             if config.text_encoder == "bytes" else None)
-        self.video_dit = VideoDiT(config)
-        self.action_dit = ActionDiT(config)
+def _check_model_parts(config, tokenizer):
+    if not isinstance(config, DiT4DiTConfig):
+        raise ValueError(f"config: expected a DiT4DiTConfig, got {type(config).__name__}")
+    _check_config(config)  # again: a config may have been changed since it was made
+    if getattr(tokenizer, "channels", None) != config.latent_channels:
+        raise ValueError(f"tokenizer: gives {getattr(tokenizer, 'channels', None)} latent channels but "
+                         f"config.latent_channels={config.latent_channels} (a VAE tokenizer is needed?)")
 
-    # -- boundaries ---------------------------------------------------------------------------
-    def encode_text(self, instructions):
-        """list[str] (byte encoder) or precomputed embeddings (B, S, text_dim) -> (B, S, text_dim)."""
-        if isinstance(instructions, torch.Tensor):
-            return _check_tensor("instruction", instructions, (None, None, self.config.text_dim))
-        if not isinstance(instructions, (list, tuple)) or not all(isinstance(s, str) for s in instructions):
-            raise ValueError("instruction: expected a list of strings or a (B, S, text_dim) tensor")
-        if self.text_encoder is None:
-            raise ValueError("instruction: this config takes precomputed text embeddings "
-                             "(text_encoder='embeddings'); pass a (B, S, text_dim) tensor")
-        return self.text_encoder(list(instructions))
 
-    def _check_frames(self, name, x, time_axis):
-        cfg, f = self.config, self.tokenizer.spatial_factor * self.config.patch_size
-        shape = (None, 3, 1 + cfg.num_future_frames, None, None) if time_axis else (None, 3, None, None)
-        _check_tensor(name, x, shape)
-        H, W = x.shape[-2:]
-        if H % f or W % f:
-            raise ValueError(f"{name}: frame size {H}x{W} is not a multiple of the patch ({f} pixels)")
-        return x
+def _check_frames(model, name, x, time_axis):
+    """Video (B, 3, 1+F, H, W) when time_axis, else one frame (B, 3, H, W); H and W multiples of
+    the patch in pixels."""
+    cfg, f = model.config, model.tokenizer.spatial_factor * model.config.patch_size
+    shape = (None, 3, 1 + cfg.num_future_frames, None, None) if time_axis else (None, 3, None, None)
+    _check_tensor(name, x, shape)
+    H, W = x.shape[-2:]
+    if H % f or W % f:
+        raise ValueError(f"{name}: frame size {H}x{W} is not a multiple of the patch ({f} pixels)")
+    return x
 
-    def _check_text(self, text, B):
-        if isinstance(text, str) or not hasattr(text, "__len__"):
-            raise ValueError("instruction: expected a list of strings or a (B, S, text_dim) tensor")
-        if len(text) != B:
-            raise ValueError(f"instruction: expected {B} entries (one per sample), got {len(text)}")
 
-    def _frame_taus(self, tau, T):
-        """tau (B,) of the future frames -> per-frame timesteps (B, T), conditioning frame at COND_TAU."""
-        taus = tau[:, None].repeat(1, T)  # (B, T)
-        taus[:, 0] = COND_TAU
-        return taus
+def _check_text(text, B):
+    if isinstance(text, str) or not hasattr(text, "__len__"):
+        raise ValueError("instruction: expected a list of strings or a (B, S, text_dim) tensor")
+    if len(text) != B:
+        raise ValueError(f"instruction: expected {B} entries (one per sample), got {len(text)}")
 
-    def _future_latent_frames(self):
-        return self.tokenizer.latent_frames(1 + self.config.num_future_frames) - 1
 
-    # -- losses (DESIGN 3.4-3.7) -----------------------------------------------------------
-    def video_flow_loss(self, latents, text, tau_v, noise):
-        """Flow-matching loss of the video DiT. latents (B, C, T, h, w), frame 0 conditioning;
-        tau_v (B,); noise like latents. The conditioning frame stays clean and is not scored."""
-        tau = tau_v[:, None, None, None, None]
-        x_tau = torch.cat([latents[:, :, :1], ((1 - tau) * latents + tau * noise)[:, :, 1:]], dim=2)
-        v_hat = self.video_dit(x_tau, self._frame_taus(tau_v, latents.shape[2]), text)
-        return F.mse_loss(v_hat[:, :, 1:], (noise - latents)[:, :, 1:])
-
-    def _extract(self, cond, text, generator):
-        """The extraction pass (DESIGN 3.5): clean conditioning latent cond (B, C, 1, h, w), all
-        future frames fresh noise at tau_f, stop after block extract_layer -> h (B, N, D_video)."""
-        B, C, _, h, w = cond.shape
-        noise = torch.randn(B, C, self._future_latent_frames(), h, w, generator=generator,
-                            device=cond.device, dtype=cond.dtype)
-        x = torch.cat([cond, noise], dim=2)  # (B, C, T, h, w)
-        tau = torch.full((B,), self.config.tau_f, device=cond.device)
-        return self.video_dit(x, self._frame_taus(tau, x.shape[2]), text, stop_after=self.config.extract_layer)
-
-    def action_flow_loss(self, h, state, actions, mask, tau_a, noise):
-        """Flow-matching loss of the action DiT. h (B, N, D_video), state (B, P), actions
-        (B, K, A), mask (B, A); tau_a (B*R,) and noise (B*R, K, A): R draws per sample that
-        share h and state (released: R = 4)."""
-        R = tau_a.shape[0] // actions.shape[0]
-        kv = [None if p is None else (p[0].repeat_interleave(R, 0), p[1].repeat_interleave(R, 0))
-              for p in self.action_dit.context_kv(h)]  # each (B*R, nh, N, hd)
-        a0 = actions.repeat_interleave(R, 0)  # (B*R, K, A)
-        tau = tau_a[:, None, None]
-        v_hat = self.action_dit((1 - tau) * a0 + tau * noise, tau_a, state.repeat_interleave(R, 0), kv=kv)
-        return masked_mse(v_hat, noise - a0, mask.repeat_interleave(R, 0)[:, None, :])
-
-    def _check_batch(self, batch):
-        cfg = self.config
-        if not isinstance(batch, dict):
-            raise ValueError(f"batch: expected a dict, got {type(batch).__name__}")
-        for key in ("video", "state", "actions"):
-            if key not in batch:
-                raise ValueError(f"batch: missing key {key!r}")
-        video = self._check_frames("video", batch["video"], time_axis=True)
-        B = video.shape[0]
-        state = _check_tensor("state", batch["state"], (B, cfg.state_dim))
-        actions = _check_tensor("actions", batch["actions"], (B, cfg.action_horizon, cfg.action_dim))
-        mask = batch.get("action_mask")
-        if mask is None:
-            mask = torch.ones(B, cfg.action_dim, device=actions.device)
-        else:
-            if not isinstance(mask, torch.Tensor) or mask.shape not in ((cfg.action_dim,), (B, cfg.action_dim)):
-                raise ValueError(f"action_mask: expected shape ({cfg.action_dim},) or ({B}, {cfg.action_dim}), "
-                                 f"got {tuple(getattr(mask, 'shape', ()))}")
-            mask = mask.to(actions.dtype).expand(B, cfg.action_dim)
-        if ("instruction" in batch) == ("text" in batch):
-            raise ValueError("batch: give exactly one of 'instruction' (list of str) or 'text' (B, S, D_text)")
-        text = batch.get("instruction", batch.get("text"))
-        self._check_text(text, B)
-        return video, state, actions, mask, text
-
-    def loss(self, batch, generator=None):
-        """Total training loss L = L_action + lambda * L_video (tri-timestep scheme, DESIGN 3.7).
-        Returns dict(loss, video_loss, action_loss); video_loss is 0 when action_only."""
-        cfg = self.config
-        video, state, actions, mask, text = self._check_batch(batch)
-        B, dev = video.shape[0], video.device
-        latents = self.tokenizer.encode(video)  # (B, C, T, h, w)
-        text = self.encode_text(text)  # (B, S, D_text)
-
-        # 1. Video flow matching: one tau_v ~ U[0, 1] per sample on the future frames.
-        if cfg.action_only:
-            video_loss = torch.zeros((), device=dev)
-        else:
-            tau_v = torch.rand(B, generator=generator, device=dev)
-            noise = torch.randn(latents.shape, generator=generator, device=dev, dtype=latents.dtype)
-            video_loss = self.video_flow_loss(latents, text, tau_v, noise)
-
-        # 2. Extraction: a separate pass at tau_f from fresh noise (no ground truth future).
-        with torch.no_grad() if cfg.detach_features else nullcontext():
-            h = self._extract(latents[:, :, :1], text, generator)
-
-        # 3. Action flow matching: R draws of (eps, tau_a ~ Beta(1.5, 1)/0.999) per sample.
-        R = cfg.repeat
-        tau_a = sample_action_time(B * R, generator, dev)
-        noise_a = torch.randn(B * R, *actions.shape[1:], generator=generator, device=dev, dtype=actions.dtype)
-        action_loss = self.action_flow_loss(h, state, actions, mask, tau_a, noise_a)
-        loss = action_loss + cfg.video_loss_weight * video_loss
-        return dict(loss=loss, video_loss=video_loss, action_loss=action_loss)
-
-    # -- inference (DESIGN 3.8) --------------------------------------------------------------
-    def extract_features(self, obs, text_tokens, generator=None):
-        """obs (B, 3, H, W) in [-1, 1]; text_tokens: list[str] or (B, S, D_text) ->
-        h (B, T*h*w, D_video), the output of block `extract_layer` (all frames' tokens)."""
-        self._check_frames("obs", obs, time_axis=False)
-        self._check_text(text_tokens, obs.shape[0])
-        cond = self.tokenizer.encode(obs[:, :, None])  # (B, C, 1, h, w)
-        return self._extract(cond, self.encode_text(text_tokens), generator)
-
-    @torch.inference_mode()
-    def predict_action(self, obs, state, instruction, generator=None):
-        """obs (B, 3, H, W) in [-1, 1], state (B, P) normalized, instruction list[str] or
-        (B, S, D_text) -> normalized actions (B, K, A) clipped to [-1, 1]. Dropout follows the
-        module's mode: call .eval() first for deterministic actions."""
-        cfg = self.config
-        B = self._check_frames("obs", obs, time_axis=False).shape[0]
-        _check_tensor("state", state, (B, cfg.state_dim))
-        h = self.extract_features(obs, instruction, generator)  # one video pass, early exit
-        kv = self.action_dit.context_kv(h)  # cross-attention K/V of h, computed once for all steps
-        a = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=generator, device=obs.device)
-        a = euler_sample(lambda x, tau: self.action_dit(x, tau, state, kv=kv), a, cfg.num_action_steps)
-        return a.clamp(-1, 1)
-
-    @torch.no_grad()
-    def imagine_video(self, obs, instruction, generator=None, num_steps=None):
-        """Full video sampler for visualization: obs (B, 3, H, W) -> video (B, 3, 1+F, H, W) in [-1, 1]
-        whose frame 0 is the observation."""
-        self._check_frames("obs", obs, time_axis=False)
-        self._check_text(instruction, obs.shape[0])
-        text = self.encode_text(instruction)
-        cond = self.tokenizer.encode(obs[:, :, None])  # (B, C, 1, h, w)
-        B, C, _, h, w = cond.shape
-        noise = torch.randn(B, C, self._future_latent_frames(), h, w, generator=generator,
-                            device=obs.device, dtype=cond.dtype)
-        x = torch.cat([cond, noise], dim=2)  # (B, C, T, h, w)
-
-        def velocity(x, tau):
-            v = self.video_dit(x, self._frame_taus(tau, x.shape[2]), text)
-            v[:, :, 0] = 0  # the conditioning frame stays clean
-            return v
-
-        x = euler_sample(velocity, x, num_steps or self.config.num_video_steps)
-        return self.tokenizer.decode(x).clamp(-1, 1)
+def _check_batch(model, batch):
+    """The training batch of DiT4DiT.loss -> (video, state, actions, mask (B, A), text)."""
+    cfg = model.config
+    if not isinstance(batch, dict):
+        raise ValueError(f"batch: expected a dict, got {type(batch).__name__}")
+    for key in ("video", "state", "actions"):
+        if key not in batch:
+            raise ValueError(f"batch: missing key {key!r}")
+    video = _check_frames(model, "video", batch["video"], time_axis=True)
+    B = video.shape[0]
+    state = _check_tensor("state", batch["state"], (B, cfg.state_dim))
+    actions = _check_tensor("actions", batch["actions"], (B, cfg.action_horizon, cfg.action_dim))
+    mask = batch.get("action_mask")
+    if mask is None:
+        mask = torch.ones(B, cfg.action_dim, device=actions.device)
+    else:
+        if not isinstance(mask, torch.Tensor) or mask.shape not in ((cfg.action_dim,), (B, cfg.action_dim)):
+            raise ValueError(f"action_mask: expected shape ({cfg.action_dim},) or ({B}, {cfg.action_dim}), "
+                             f"got {tuple(getattr(mask, 'shape', ()))}")
+        mask = mask.to(actions.dtype).expand(B, cfg.action_dim)
+    if ("instruction" in batch) == ("text" in batch):
+        raise ValueError("batch: give exactly one of 'instruction' (list of str) or 'text' (B, S, D_text)")
+    text = batch.get("instruction", batch.get("text"))
+    _check_text(text, B)
+    return video, state, actions, mask, text
 
 
 # ----------------------------------------------------------------------------------------------
-# Normalization statistics and checkpoints.
+# Boundary: normalization statistics of states and actions (DESIGN 3.1).
 
 class Normalizer:
     """Per-dimension min-max normalization to [-1, 1] (DESIGN 3.1); works on numpy and torch.
@@ -874,6 +904,9 @@ class Normalizer:
         return cls(d["low"], d["high"])
 
 
+# ----------------------------------------------------------------------------------------------
+# Boundary: checkpoints.
+
 def save_checkpoint(path, payload):
     """Write `payload` atomically: a temporary file in the same directory, then os.replace, so a
     crash mid-write leaves any previous checkpoint at `path` intact."""
@@ -902,40 +935,41 @@ def load_checkpoint(path):
 
 
 # ----------------------------------------------------------------------------------------------
-# Presets.
+# Presets: the fields each named configuration sets; the others keep DiT4DiTConfig's defaults.
 
 PRESETS = {
     # Unit tests: a forward takes milliseconds.
-    "tiny": DiT4DiTConfig(image_size=16, num_future_frames=2, action_horizon=4, action_dim=2, state_dim=3,
-                          text_dim=16, text_depth=1, text_max_len=16, patch_size=4,
-                          video_width=64, video_depth=2, video_heads=4, video_mlp_dim=128,
-                          action_width=32, action_depth=2, action_heads=2, action_mlp_dim=64,
-                          extract_layer=0, repeat=2, num_video_steps=4),
+    "tiny": dict(image_size=16, num_future_frames=2, action_horizon=4, action_dim=2, state_dim=3,
+                 text_dim=16, text_depth=1, text_max_len=16, patch_size=4,
+                 video_width=64, video_depth=2, video_heads=4, video_mlp_dim=128,
+                 action_width=32, action_depth=2, action_heads=2, action_mlp_dim=64,
+                 extract_layer=0, repeat=2, num_video_steps=4),
     # CPU training in minutes on the toy suite (64x64 RGB; A and P are overridden from the data).
     # Sized by compute: a batch of 32 is 32 x 3 frames x 64 tokens = 6144 video tokens, and one
     # training step (video loss fwd+bwd, extraction pass, action loss with R = 4) is ~26 GFLOP.
     # extract_layer 1 is the second of four blocks (the paper takes ~60% depth, 18 of 28).
-    "toy": DiT4DiTConfig(),
+    "toy": dict(),
     # The published scale (DESIGN 3.9) with RoboCasa-GR1 data: chunk 16 with 8
     # future frames (LIBERO would be chunk 8 with 4 frames). A and P are GR00T's padded maxima.
     # Latents come from a Wan2.1 VAE (16 channels, 8x spatial) and text from a frozen LM
     # (1024-d features), both outside this module: pass tokenizer= and text embeddings.
-    "paper": DiT4DiTConfig(image_size=256, num_future_frames=8, action_horizon=16, action_dim=32, state_dim=64,
-                           latent_channels=16, text_encoder="embeddings", text_dim=1024, patch_size=2,
-                           video_width=2048, video_depth=28, video_heads=16, video_mlp_dim=8192,
-                           adaln_lora_rank=256, abs_pos_embed=False,
-                           action_width=768, action_depth=16, action_heads=12, action_mlp_dim=3072,
-                           action_dropout=0.2, extract_layer=17, tau_f=0.995, repeat=4, num_action_steps=4,
-                           num_video_steps=35),
+    "paper": dict(image_size=256, num_future_frames=8, action_horizon=16, action_dim=32, state_dim=64,
+                  latent_channels=16, text_encoder="embeddings", text_dim=1024, patch_size=2,
+                  video_width=2048, video_depth=28, video_heads=16, video_mlp_dim=8192,
+                  adaln_lora_rank=256, abs_pos_embed=False,
+                  action_width=768, action_depth=16, action_heads=12, action_mlp_dim=3072,
+                  action_dropout=0.2, extract_layer=17, tau_f=0.995, repeat=4, num_action_steps=4,
+                  num_video_steps=35),
 }
 
 
 def make_config(preset, **overrides):
-    """A copy of PRESETS[preset] with fields replaced; ValueError names an unknown preset or field."""
+    """The DiT4DiTConfig of PRESETS[preset] with fields replaced; ValueError names an unknown
+    preset or field (or a contradiction, see DiT4DiTConfig.__post_init__)."""
     if preset not in PRESETS:
         raise ValueError(f"preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
     fields = {f.name for f in dataclasses.fields(DiT4DiTConfig)}
     unknown = sorted(set(overrides) - fields)
     if unknown:
         raise ValueError(f"overrides: unknown config field(s) {unknown}")
-    return dataclasses.replace(PRESETS[preset], **overrides)
+    return DiT4DiTConfig(**{**PRESETS[preset], **overrides})

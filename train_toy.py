@@ -344,14 +344,14 @@ def make_optimizer(model, args):
     return optimizer, scheduler
 
 
-def build_config(args, image_size, state_dim, action_dim):
-    """The preset, with the data's shapes and the command-line overrides."""
-    overrides = {"image_size": image_size, "state_dim": state_dim, "action_dim": action_dim}
-    for field in ("video_loss_weight", "repeat", "extract_layer", "detach_features", "action_only"):
-        value = getattr(args, field)
-        if value is not None:
-            overrides[field] = value
-    return dit4dit.make_config(args.preset, **overrides)
+def build_config(args, **data_shapes):
+    """The preset with the data's shapes (image_size, state_dim, action_dim) and the flags that
+    override config fields; a flag left unset keeps the preset's value. The config owns the rules
+    between fields: a contradiction (--action-only with --detach-features) raises its ValueError."""
+    flags = {"video_loss_weight": args.video_loss_weight, "repeat": args.repeat,
+             "extract_layer": args.extract_layer, "detach_features": args.detach_features,
+             "action_only": args.action_only}
+    return dit4dit.make_config(args.preset, **data_shapes, **{k: v for k, v in flags.items() if v is not None})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,7 +501,8 @@ def main(args):
     else:
         state_normalizer = dit4dit.Normalizer.fit(np.concatenate([e["state"] for e in episodes]))
         action_normalizer = dit4dit.Normalizer.fit(np.concatenate([e["action"] for e in episodes]))
-        config = build_config(args, image_size, episodes[0]["state"].shape[-1], episodes[0]["action"].shape[-1])
+        config = build_config(args, image_size=image_size, state_dim=episodes[0]["state"].shape[-1],
+                              action_dim=episodes[0]["action"].shape[-1])
     dataset = EpisodeDataset(episodes, config.num_future_frames, config.action_horizon,
                              state_normalizer, action_normalizer)
     if is_main:
@@ -648,9 +649,7 @@ def validate_args(args):
             raise ValueError(f"--tasks: unknown task {task!r}; choose from {sorted(eval_sim.TASKS)}")
     if args.data is not None and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data: {args.data!r} is not a directory")
-    if args.action_only and args.detach_features:
-        raise ValueError("--action-only trains the video DiT through the features: it cannot be combined "
-                         "with --detach-features")
+    build_config(args)  # the config's own checks of the flags, before any demo is collected
     if args.resume is not None and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume: no checkpoint at {args.resume!r}")
 

@@ -218,6 +218,13 @@ def test_action_only_has_no_video_loss_and_trains_video_dit_through_features():
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.video_dit.parameters())
 
 
+def test_action_only_and_detach_features_have_one_rule():
+    assert d.make_config("tiny").detach_features is True  # unset: the release's default
+    assert d.make_config("tiny", action_only=True, detach_features=False).detach_features is False
+    with pytest.raises(ValueError, match="action_only.*detach_features"):
+        d.make_config("tiny", action_only=True, detach_features=True)
+
+
 # --- losses -------------------------------------------------------------------------------------
 
 def test_video_loss_ignores_conditioning_frame_target():
