@@ -905,23 +905,43 @@ class Normalizer:
 
 
 # ----------------------------------------------------------------------------------------------
-# Boundary: checkpoints.
+# Boundary: files. One atomic write for every file that must never be seen half-written, and
+# the one owner of the checkpoint layout (train_toy.py writes and resumes, eval_sim.py loads).
 
-def save_checkpoint(path, payload):
-    """Write `payload` atomically: a temporary file in the same directory, then os.replace, so a
-    crash mid-write leaves any previous checkpoint at `path` intact."""
+def atomic_write(path, write, mode="wb"):
+    """Write a file all at once or not at all: write(f) fills a temporary file opened with `mode`
+    in path's folder (named with this process's id, so concurrent writers do not collide), which
+    then replaces path with os.replace. On any error the temporary file is removed and a
+    previous file at path is left intact."""
     path = os.fspath(path)
     tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
     try:
-        torch.save(payload, tmp)
+        with open(tmp, mode) as f:
+            write(f)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
+CHECKPOINT_KEYS = ("model", "config", "state_normalizer", "action_normalizer")
+
+
+def save_checkpoint(path, model, state_normalizer, action_normalizer, **extra):
+    """Write a checkpoint atomically: {"model": model.state_dict(), "config": the DiT4DiTConfig
+    as a dict, "state_normalizer", "action_normalizer": Normalizer.state_dict(), **extra}
+    (train_toy.py adds step, optimizer, scheduler, args). Tensors and plain Python values only,
+    so load_checkpoint reads it back with torch.load(weights_only=True)."""
+    payload = {"model": model.state_dict(), "config": dataclasses.asdict(model.config),
+               "state_normalizer": state_normalizer.state_dict(),
+               "action_normalizer": action_normalizer.state_dict(), **extra}
+    atomic_write(path, lambda f: torch.save(payload, f))
+
+
 def load_checkpoint(path):
-    """torch.load(weights_only=True) with errors that name the file."""
+    """The payload dict of a checkpoint written by save_checkpoint, on the CPU, read with
+    torch.load(weights_only=True). FileNotFoundError or ValueError naming the file when it is
+    missing, truncated, not a torch file, or lacks one of CHECKPOINT_KEYS."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -931,7 +951,19 @@ def load_checkpoint(path):
         raise ValueError(f"checkpoint {path} is truncated or not a dit4dit checkpoint: {err}") from err
     if not isinstance(payload, dict):
         raise ValueError(f"checkpoint {path} holds a {type(payload).__name__}, expected a dict")
+    missing = [k for k in CHECKPOINT_KEYS if k not in payload]
+    if missing:
+        raise ValueError(f"checkpoint {path}: missing keys {missing}")
     return payload
+
+
+def model_from_checkpoint(payload):
+    """(model, state_normalizer, action_normalizer) rebuilt from a load_checkpoint payload: a
+    DiT4DiT of the saved config (default tokenizer) holding the saved weights, on the CPU."""
+    model = DiT4DiT(DiT4DiTConfig(**payload["config"]))
+    model.load_state_dict(payload["model"])
+    return (model, Normalizer.from_state_dict(payload["state_normalizer"]),
+            Normalizer.from_state_dict(payload["action_normalizer"]))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -57,6 +57,8 @@ from gymnasium import spaces
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
+import dit4dit
+
 # ----------------------------------------------------------------------------------------------
 # The toy suite: geometry, physics and tasks
 
@@ -417,7 +419,7 @@ EPISODE_KEYS = ("frames", "state", "action", "instruction", "task", "seed", "suc
 
 
 def save_episode(path, episode):
-    """Write `episode` (dict with EPISODE_KEYS) to `path` atomically (temporary file + os.replace)."""
+    """Write `episode` (dict with EPISODE_KEYS) to `path` atomically (dit4dit.atomic_write)."""
     path = os.fspath(path)
     missing = [k for k in EPISODE_KEYS if k not in episode]
     if missing:
@@ -432,14 +434,7 @@ def save_episode(path, episode):
         "success": np.asarray(bool(episode["success"])),
     }
     _check_episode(path, arrays)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    dit4dit.atomic_write(path, lambda f: np.savez_compressed(f, **arrays))
 
 
 def load_episode(path):
@@ -532,8 +527,6 @@ class ModelPolicy:
 
     @torch.no_grad()
     def _plan(self, rows, observations):
-        import dit4dit
-
         device = next(self.model.parameters()).device
         images = np.stack([obs["image"] for obs in observations])                 # (B, H, W, 3) uint8
         if images.shape[1:3] != (self.image_size, self.image_size):
@@ -562,18 +555,10 @@ class ModelPolicy:
 
 
 def load_policy(path, execute_steps=None, device="cpu"):
-    """ModelPolicy from a checkpoint written by train_toy.py (keys: model, config,
-    state_normalizer, action_normalizer, step)."""
-    import dit4dit
-
+    """ModelPolicy from a checkpoint written by dit4dit.save_checkpoint (train_toy.py's)."""
     ckpt = dit4dit.load_checkpoint(path)  # FileNotFoundError / ValueError naming the file
-    missing = [k for k in ("model", "config", "state_normalizer", "action_normalizer") if k not in ckpt]
-    if missing:
-        raise ValueError(f"checkpoint {path}: missing keys {missing}")
-    model = dit4dit.DiT4DiT(dit4dit.DiT4DiTConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
-    policy = ModelPolicy(model.to(device), dit4dit.Normalizer.from_state_dict(ckpt["state_normalizer"]),
-                         dit4dit.Normalizer.from_state_dict(ckpt["action_normalizer"]), execute_steps)
+    model, state_normalizer, action_normalizer = dit4dit.model_from_checkpoint(ckpt)
+    policy = ModelPolicy(model.to(device), state_normalizer, action_normalizer, execute_steps)
     policy.checkpoint = {"path": os.path.abspath(path), "sha256": file_sha256(path), "step": ckpt.get("step")}
     return policy
 
@@ -768,10 +753,7 @@ def evaluate(policy, tasks=None, episodes=50, out_dir="out", gif_episodes=2, ima
             "env_steps": env_steps,
         },
     }
-    tmp = os.path.join(out_dir, ".report.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(report, f, indent=2)
-    os.replace(tmp, os.path.join(out_dir, "report.json"))
+    dit4dit.atomic_write(os.path.join(out_dir, "report.json"), lambda f: json.dump(report, f, indent=2), mode="w")
     return report
 
 

@@ -425,28 +425,16 @@ def read_log(path, upto_step=None):
 
 
 def write_log(path, rows):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
+    dit4dit.atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows), mode="w")
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints
+# Checkpoints (layout: dit4dit.save_checkpoint; this script adds the training state)
 
-def checkpoint_payload(model, optimizer, scheduler, step, config, state_normalizer, action_normalizer, args):
-    return {
-        "model": model.state_dict(),
-        "config": dataclasses.asdict(config),
-        "state_normalizer": state_normalizer.state_dict(),
-        "action_normalizer": action_normalizer.state_dict(),
-        "step": step,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "rng": rng_state(),
-        "args": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
-    }
+def save_training_checkpoint(path, model, optimizer, scheduler, step, state_normalizer, action_normalizer, args):
+    dit4dit.save_checkpoint(path, model, state_normalizer, action_normalizer, step=step,
+                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state(),
+                            args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()})
 
 
 def default_out_dir():
@@ -494,10 +482,9 @@ def main(args):
     image_size = episodes[0]["frames"].shape[1]
     if args.image_size is not None and args.image_size != image_size:
         raise ValueError(f"--image-size {args.image_size} does not match the episodes' {image_size}px frames")
-    if resume is not None:  # the checkpoint's statistics and config, not a refit
-        state_normalizer = dit4dit.Normalizer.from_state_dict(resume["state_normalizer"])
-        action_normalizer = dit4dit.Normalizer.from_state_dict(resume["action_normalizer"])
-        config = dit4dit.DiT4DiTConfig(**resume["config"])
+    if resume is not None:  # the checkpoint's model, statistics and config, not a refit
+        resumed_model, state_normalizer, action_normalizer = dit4dit.model_from_checkpoint(resume)
+        config = resumed_model.config
     else:
         state_normalizer = dit4dit.Normalizer.fit(np.concatenate([e["state"] for e in episodes]))
         action_normalizer = dit4dit.Normalizer.fit(np.concatenate([e["action"] for e in episodes]))
@@ -511,11 +498,10 @@ def main(args):
 
     # --- model and optimizer
     seed_everything(args.seed)
-    model = dit4dit.DiT4DiT(config).to(device)
+    model = (resumed_model if resume is not None else dit4dit.DiT4DiT(config)).to(device)
     optimizer, scheduler = make_optimizer(model, args)
     start_step = 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         set_rng_state(resume["rng"])
@@ -588,8 +574,8 @@ def main(args):
                                  "seconds": round(time.time() - train_start, 2)})
                 write_log(log_path, log_rows)
             if done % args.ckpt_every == 0 or done == end_step:
-                dit4dit.save_checkpoint(os.path.join(args.out, "checkpoint.pt"), checkpoint_payload(
-                    model, optimizer, scheduler, done, config, state_normalizer, action_normalizer, args))
+                save_training_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, optimizer, scheduler, done,
+                                         state_normalizer, action_normalizer, args)
     bar.close()
     train_seconds = time.time() - train_start
     barrier()
@@ -618,8 +604,8 @@ def main(args):
             "world_size": world, "args": vars(args), "demo_seconds": round(demo_seconds, 1),
             "total_seconds": round(time.time() - run_start, 1),
         }
-        with open(os.path.join(args.out, "report.json"), "w") as f:
-            json.dump(report, f, indent=2, default=str)
+        dit4dit.atomic_write(os.path.join(args.out, "report.json"),
+                             lambda f: json.dump(report, f, indent=2, default=str), mode="w")
         print(f"success {report['overall']['success_rate']:.1%} "
               f"(95% CI {report['overall']['ci95'][0]:.1%}-{report['overall']['ci95'][1]:.1%}) "
               f"over {report['overall']['n']} episodes")

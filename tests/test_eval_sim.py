@@ -272,9 +272,7 @@ def test_evaluate_tiny_dit4dit_and_load_policy(tmp_path):
     state_norm = dit4dit.Normalizer(low=[-0.3, -0.3, -0.5, -0.5], high=[0.3, 0.3, 0.5, 0.5])
     action_norm = dit4dit.Normalizer(low=[-1, -1], high=[1, 1])
     ckpt = tmp_path / "ckpt.pt"
-    dit4dit.save_checkpoint(ckpt, {"model": model.state_dict(), "config": dataclasses.asdict(config),
-                                   "state_normalizer": state_norm.state_dict(),
-                                   "action_normalizer": action_norm.state_dict(), "step": 7})
+    dit4dit.save_checkpoint(ckpt, model, state_norm, action_norm, step=7)
     policy = es.load_policy(str(ckpt), execute_steps=config.action_horizon)
     assert policy.checkpoint["step"] == 7 and len(policy.checkpoint["sha256"]) == 64
     for k, v in model.state_dict().items():

@@ -402,22 +402,23 @@ def test_checkpoint_round_trip(tmp_path):
     model = tiny_model()
     path = tmp_path / "ckpt.pt"
     norm = d.Normalizer.fit(np.arange(12.0).reshape(6, 2))
-    d.save_checkpoint(path, {"model": model.state_dict(), "step": 7, "normalizer": norm.state_dict(),
-                             "config": d.dataclasses.asdict(model.config)})
+    d.save_checkpoint(path, model, norm, norm, step=7)
     payload = d.load_checkpoint(path)
     assert payload["step"] == 7
-    other = d.DiT4DiT(d.DiT4DiTConfig(**payload["config"]))
-    other.load_state_dict(payload["model"])
+    other, state_norm, _ = d.model_from_checkpoint(payload)
     for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), k
+    x = np.arange(12.0).reshape(6, 2)
+    assert np.allclose(state_norm.normalize(x), norm.normalize(x))
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+    model, norm = tiny_model(), d.Normalizer([0.0], [1.0])
     path = tmp_path / "ckpt.pt"
-    d.save_checkpoint(path, {"step": 1})
+    d.save_checkpoint(path, model, norm, norm, step=1)
     with pytest.raises(Exception):
-        d.save_checkpoint(path, {"step": 2, "bad": lambda: None})  # cannot be pickled mid-write
+        d.save_checkpoint(path, model, norm, norm, step=2, bad=lambda: None)  # cannot be pickled mid-write
     assert d.load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
@@ -427,7 +428,8 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         d.load_checkpoint(missing)
     path = tmp_path / "ckpt.pt"
-    d.save_checkpoint(path, {"w": torch.randn(1000)})
+    norm = d.Normalizer([0.0], [1.0])
+    d.save_checkpoint(path, tiny_model(), norm, norm)
     data = path.read_bytes()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[: len(data) // 2])
@@ -441,3 +443,7 @@ def test_load_checkpoint_errors_name_the_file(tmp_path):
     torch.save([1, 2], listed)
     with pytest.raises(ValueError, match="list.pt"):
         d.load_checkpoint(listed)
+    partial = tmp_path / "partial.pt"
+    torch.save({"model": {}, "step": 1}, partial)
+    with pytest.raises(ValueError, match="partial.pt.*missing keys"):
+        d.load_checkpoint(partial)
