@@ -1,13 +1,14 @@
 """Whole-model timings on the `toy` preset (CPU).
 
-    python kernels/bench_model.py [--repeats 20] [--threads 2]
+    python bench_model.py [--repeats 20] [--threads 2]
 
 (a) predict_action, batch 1: the path dit4dit.py implements (the extraction pass stops after
     block `extract_layer`; the action DiT's cross-attention K/V of h are computed once for all
     Euler steps) against the naive path of the authors' release (all video blocks and the final
     layer run, h is read from block `extract_layer`, K/V are recomputed at every Euler step).
-    The naive path is composed here from public pieces of dit4dit.py, so the module keeps one
-    inference path; both paths draw the same noise and their actions are checked to agree.
+    The naive path is composed here from public pieces of dit4dit.py (DiT4DiT.video_forward,
+    future_noise), so the module keeps one inference path; both paths draw the same noise and
+    their actions are checked to agree.
 (b) one toy training step (batch 32) and predict_action with the fused kernels on and off
     (select_backend("1") vs "0"); skipped when the extension is not built.
 
@@ -42,21 +43,15 @@ def naive_predict_action(model, obs, state, instruction, generator):
     cfg = model.config
     text = model.encode_text(instruction)
     cond = model.tokenizer.encode(obs[:, :, None])  # (B, C, 1, h, w)
-    B, C, _, h, w = cond.shape
-    # as many future latent frames as the tokenizer makes of F frames (a 4x temporal VAE: F/4)
-    future = model.tokenizer.latent_frames(1 + cfg.num_future_frames) - 1
-    noise = torch.randn(B, C, future, h, w, generator=generator, device=cond.device, dtype=cond.dtype)
-    x = torch.cat([cond, noise], dim=2)  # (B, C, T, h, w)
-    tau = torch.full((B, x.shape[2]), cfg.tau_f, device=x.device)
-    tau[:, 0] = d.COND_TAU
+    tau_f = torch.full((cond.shape[0],), cfg.tau_f, device=cond.device)
     captured = {}
     hook = model.video_dit.blocks[cfg.extract_layer].register_forward_hook(
         lambda module, inputs, output: captured.__setitem__("h", output))
-    try:
-        model.video_dit(x, tau, text)  # all blocks and the final layer; the velocity is discarded
+    try:  # all blocks and the final layer; the velocity is discarded
+        model.video_forward(cond, model.future_noise(cond, generator), tau_f, text)
     finally:
         hook.remove()
-    a = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=generator, device=obs.device)
+    a = torch.randn(cond.shape[0], cfg.action_horizon, cfg.action_dim, generator=generator, device=obs.device)
     a = d.euler_sample(lambda a_t, t: model.action_dit(a_t, t, state, h=captured["h"]), a, cfg.num_action_steps)
     return a.clamp(-1, 1)
 
@@ -119,11 +114,12 @@ def bench_inference_paths(repeats):
     # where the time goes: the video pass alone (early exit vs all blocks + final layer)
     with torch.no_grad():
         text_tokens = model.encode_text(text)
-        x = torch.cat([obs[:, :, None], torch.randn(1, 3, cfg.num_future_frames, *obs.shape[-2:])], dim=2)
-        tau = torch.full((1, x.shape[2]), cfg.tau_f)
-        video_ms = time_interleaved({"exit": lambda: model.video_dit(x, tau, text_tokens, stop_after=cfg.extract_layer),
-                                     "full": lambda: model.video_dit(x, tau, text_tokens)}, repeats)
-    print(f"(a) predict_action, toy preset, batch 1, backend {d._BACKEND}: extract_layer {cfg.extract_layer} "
+        cond = model.tokenizer.encode(obs[:, :, None])  # (1, C, 1, h, w)
+        future, tau_f = model.future_noise(cond), torch.full((1,), cfg.tau_f)
+        video_ms = time_interleaved(
+            {"exit": lambda: model.video_forward(cond, future, tau_f, text_tokens, stop_after=cfg.extract_layer),
+             "full": lambda: model.video_forward(cond, future, tau_f, text_tokens)}, repeats)
+    print(f"(a) predict_action, toy preset, batch 1, backend {d.backend()}: extract_layer {cfg.extract_layer} "
           f"of {cfg.video_depth} blocks, {cfg.num_action_steps} Euler steps (max |diff| of actions {diff:.1e})")
     print(f"    {name_f:38s} {t_f:8.2f} ms")
     print(f"    {name_n:38s} {t_n:8.2f} ms")
