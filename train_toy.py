@@ -20,8 +20,9 @@ should do next. Repeating the last action instead would teach it to keep pushing
 Exact resume. Everything random in a training step (which samples, the model's noise draws,
 dropout) is a function of (seed, step, which slice of the global batch) only, never of the RNG
 state left by earlier steps, so a run resumed from its checkpoint at step N continues exactly as
-the uninterrupted run would have; and N processes x 1 micro-step train on the same samples with
-the same noise as 1 process x N micro-steps of gradient accumulation.
+the uninterrupted run would have (so the checkpoint holds no RNG state); and N processes x 1
+micro-step train on the same samples with the same noise as 1 process x N micro-steps of
+gradient accumulation.
 """
 import argparse
 import contextlib
@@ -109,31 +110,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
-
-
-def rng_state():
-    """Global RNG states as plain tensors/ints/lists, loadable with torch.load(weights_only=True)."""
-    _, keys, pos, has_gauss, gauss = np.random.get_state()  # ("MT19937", ...)
-    version, py_state, py_gauss = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
-        "python": {"version": version, "state": list(py_state), "gauss": py_gauss},
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state):
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["state"]), p["gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -433,7 +409,7 @@ def write_log(path, rows):
 
 def save_training_checkpoint(path, model, optimizer, scheduler, step, state_normalizer, action_normalizer, args):
     dit4dit.save_checkpoint(path, model, state_normalizer, action_normalizer, step=step,
-                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(), rng=rng_state(),
+                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                             args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()})
 
 
@@ -442,175 +418,222 @@ def default_out_dir():
 
 
 # ----------------------------------------------------------------------------------------------
-# The run
+# The run, in three parts: data, the training loop, the finish
 
-def main(args):
-    run_start = time.time()
-    validate_args(args)
-    device, amp_dtype = pick_device()
-    rank, world = setup_distributed(device)
-    is_main = rank == 0
-    threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-    torch.set_num_threads(threads)
+@dataclasses.dataclass(frozen=True)
+class Process:
+    """Where this process trains: device and autocast dtype (pick_device), rank among world."""
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    rank: int
+    world: int
 
-    resume = dit4dit.load_checkpoint(args.resume) if args.resume else None
-    if args.out is None:
-        args.out = os.path.dirname(os.path.abspath(args.resume)) if args.resume else default_out_dir()
-    if world > 1:  # every rank must write into the folder rank 0 named (timestamps may differ)
-        shared = [args.out]
-        dist.broadcast_object_list(shared, src=0)
-        args.out = shared[0]
-    os.makedirs(args.out, exist_ok=True)
-    if is_main:
-        print(f"run folder: {os.path.abspath(args.out)}  ({device}, {'bf16 autocast' if amp_dtype else 'fp32'}, "
-              f"{world} process(es) x {threads} thread(s))")
+    @property
+    def is_main(self):
+        return self.rank == 0
 
-    # --- data
-    tasks = args.tasks or list(eval_sim.TASKS)
+
+def load_data(args, tasks, proc):
+    """The training episodes: from --data, or scripted demos collected once on rank 0 (cached on
+    disk) and read by every rank. Returns (episodes, seconds it took)."""
     t0 = time.time()
     if args.data:
-        episodes = load_episodes(args.data, progress=is_main)
+        episodes = load_episodes(args.data, progress=proc.is_main)
     else:
         image_size = args.image_size or dit4dit.make_config(args.preset).image_size
         cache = args.demo_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "demos")
-        if is_main:
+        if proc.is_main:
             collect_demos(tasks, args.demos_per_task, image_size, cache)
             print(f"demos ready in {time.time() - t0:.1f} s ({cache})")
         barrier()
         episodes = collect_demos(tasks, args.demos_per_task, image_size, cache, progress=False)
-    demo_seconds = time.time() - t0
     image_size = episodes[0]["frames"].shape[1]
     if args.image_size is not None and args.image_size != image_size:
         raise ValueError(f"--image-size {args.image_size} does not match the episodes' {image_size}px frames")
-    if resume is not None:  # the checkpoint's model, statistics and config, not a refit
-        resumed_model, state_normalizer, action_normalizer = dit4dit.model_from_checkpoint(resume)
-        config = resumed_model.config
-    else:
-        state_normalizer = dit4dit.Normalizer.fit(np.concatenate([e["state"] for e in episodes]))
-        action_normalizer = dit4dit.Normalizer.fit(np.concatenate([e["action"] for e in episodes]))
-        config = build_config(args, image_size=image_size, state_dim=episodes[0]["state"].shape[-1],
-                              action_dim=episodes[0]["action"].shape[-1])
-    dataset = EpisodeDataset(episodes, config.num_future_frames, config.action_horizon,
-                             state_normalizer, action_normalizer)
-    if is_main:
-        print(f"{len(episodes)} episodes, {len(dataset)} samples, frames {image_size}px, "
-              f"K={config.action_horizon} F={config.num_future_frames} stride={dataset.stride}")
+    return episodes, time.time() - t0
 
-    # --- model and optimizer
-    seed_everything(args.seed)
-    model = (resumed_model if resume is not None else dit4dit.DiT4DiT(config)).to(device)
-    optimizer, scheduler = make_optimizer(model, args)
-    start_step = 0
+
+def model_and_normalizers(args, episodes, resume):
+    """(model, state_normalizer, action_normalizer): when resuming, the checkpoint's config, weights
+    and statistics (not a refit); else statistics fitted to the episodes and the preset with the
+    data's shapes and the flags, initialized from --seed."""
     if resume is not None:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        set_rng_state(resume["rng"])
-        start_step = int(resume["step"])
-    if is_main:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"preset {args.preset}: {n_params / 1e6:.2f} M parameters"
-              + (f"; resuming at step {start_step} (model config from the checkpoint)" if resume else ""))
+        return dit4dit.model_from_checkpoint(resume)
+    state_normalizer = dit4dit.Normalizer.fit(np.concatenate([e["state"] for e in episodes]))
+    action_normalizer = dit4dit.Normalizer.fit(np.concatenate([e["action"] for e in episodes]))
+    config = build_config(args, image_size=episodes[0]["frames"].shape[1], state_dim=episodes[0]["state"].shape[-1],
+                          action_dim=episodes[0]["action"].shape[-1])
+    seed_everything(args.seed)
+    return dit4dit.DiT4DiT(config), state_normalizer, action_normalizer
+
+
+def train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step):
+    """One optimizer step of args.grad_accum micro-steps; DDP all-reduces the gradients on the last
+    micro-step only (no_sync on the others). Returns (losses: [loss, video_loss, action_loss]
+    averaged over micro-steps and processes, the clipped gradient norm, the learning rates used)."""
+    totals = torch.zeros(3, device=proc.device)  # loss, video_loss, action_loss summed over micro-steps
+    for micro in range(args.grad_accum):
+        indices = batch_indices(len(dataset), args.seed, step, micro, proc.rank, proc.world, args.batch_size,
+                                args.grad_accum)
+        batch = dataset.batch(indices, proc.device)
+        # The model's noise draws (generator) and anything on the global RNGs (dropout), seeded
+        # by this micro-batch's slice of the global batch: N processes x 1 micro-step draw
+        # exactly what 1 process x N micro-steps draws, and a resumed run what the uninterrupted
+        # one drew (so a checkpoint needs no RNG state).
+        noise_seed = mix_seed(args.seed, step, micro * proc.world + proc.rank)
+        seed_everything(noise_seed)
+        generator = torch.Generator(device=proc.device).manual_seed(noise_seed)
+        final = micro == args.grad_accum - 1
+        with contextlib.nullcontext() if (final or proc.world == 1) else wrapped.no_sync():
+            with autocast(proc.device, proc.amp_dtype):
+                losses = wrapped(batch, generator)
+            (losses["loss"] / args.grad_accum).backward()
+        totals += torch.stack([losses[k].detach().float() for k in ("loss", "video_loss", "action_loss")])
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+    lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}  # the rates this step used
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    totals /= args.grad_accum
+    if proc.world > 1:
+        dist.all_reduce(totals)
+        totals /= proc.world
+    return totals, grad_norm, lrs
+
+
+def train(proc, args, model, optimizer, scheduler, dataset, start_step):
+    """The training loop from start_step to --steps (or --stop-after steps of this invocation), with
+    a train_log.jsonl row every --log-every steps (losses averaged since the previous row) and a
+    checkpoint every --ckpt-every steps and at the end. Returns (log rows, end step, seconds)."""
     wrapped = LossModule(model)
-    if world > 1:
+    if proc.world > 1:
         # action_only leaves the blocks after extract_layer without gradient: tell DDP.
         wrapped = nn.parallel.DistributedDataParallel(
-            wrapped, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=bool(config.action_only))
-
-    # --- training
+            wrapped, device_ids=[proc.device.index] if proc.device.type == "cuda" else None,
+            find_unused_parameters=bool(model.config.action_only))
     log_path = os.path.join(args.out, "train_log.jsonl")
-    log_rows = read_log(log_path, upto_step=start_step) if resume is not None else []
+    log_rows = read_log(log_path, upto_step=start_step) if start_step > 0 else []
     end_step = args.steps if args.stop_after is None else min(args.steps, start_step + args.stop_after)
     train_start = time.time()
     step_times = []
     window = torch.zeros(4)  # loss, video_loss, action_loss sums and the step count since the last row
     bar = tqdm(range(start_step, end_step), desc="train", initial=start_step, total=args.steps,
-               disable=not is_main, dynamic_ncols=True)
+               disable=not proc.is_main, dynamic_ncols=True)
     model.train()
     for step in bar:
         t_step = time.time()
-        totals = torch.zeros(3, device=device)  # loss, video_loss, action_loss summed over micro-steps
-        for micro in range(args.grad_accum):
-            indices = batch_indices(len(dataset), args.seed, step, micro, rank, world, args.batch_size, args.grad_accum)
-            batch = dataset.batch(indices, device)
-            # The model's noise draws (generator) and anything on the global RNGs (dropout), seeded
-            # by this micro-batch's slice of the global batch: N processes x 1 micro-step draw
-            # exactly what 1 process x N micro-steps draws.
-            noise_seed = mix_seed(args.seed, step, micro * world + rank)
-            seed_everything(noise_seed)
-            generator = torch.Generator(device=device).manual_seed(noise_seed)
-            final = micro == args.grad_accum - 1
-            sync = contextlib.nullcontext() if (final or world == 1) else wrapped.no_sync()
-            with sync:
-                with autocast(device, amp_dtype):
-                    losses = wrapped(batch, generator)
-                (losses["loss"] / args.grad_accum).backward()
-            totals += torch.stack([losses[k].detach().float() for k in ("loss", "video_loss", "action_loss")])
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-        lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}  # the rates this step used
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
-        totals /= args.grad_accum
-        if world > 1:
-            dist.all_reduce(totals)
-            totals /= world
+        totals, grad_norm, lrs = train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step)
         done = step + 1
         step_times.append(time.time() - t_step)
-        if is_main:
-            loss, video_loss, action_loss = totals.tolist()
-            bar.set_postfix(loss=f"{loss:.4f}", video_loss=f"{video_loss:.4f}", action_loss=f"{action_loss:.4f}")
-            window += torch.tensor([loss, video_loss, action_loss, 1.0])
-            if len(step_times) == 4 and end_step - start_step > 4:
-                per_step = sum(step_times[1:]) / 3  # the first step pays one-off costs
-                tqdm.write(f"measured {per_step:.3f} s/step -> about {per_step * (end_step - done) / 60:.1f} min "
-                           f"for the remaining {end_step - done} steps")
-            if done % args.log_every == 0 or done == end_step or done == 1:
-                # losses averaged over the steps since the previous row
-                mean = (window[:3] / window[3]).tolist()
-                window.zero_()
-                log_rows.append({"step": done, "loss": mean[0], "video_loss": mean[1], "action_loss": mean[2],
-                                 "grad_norm": float(grad_norm), **lrs,
-                                 "seconds": round(time.time() - train_start, 2)})
-                write_log(log_path, log_rows)
-            if done % args.ckpt_every == 0 or done == end_step:
-                save_training_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, optimizer, scheduler, done,
-                                         state_normalizer, action_normalizer, args)
+        if not proc.is_main:
+            continue
+        loss, video_loss, action_loss = totals.tolist()
+        bar.set_postfix(loss=f"{loss:.4f}", video_loss=f"{video_loss:.4f}", action_loss=f"{action_loss:.4f}")
+        window += torch.tensor([loss, video_loss, action_loss, 1.0])
+        if len(step_times) == 4 and end_step - start_step > 4:
+            per_step = sum(step_times[1:]) / 3  # the first step pays one-off costs
+            tqdm.write(f"measured {per_step:.3f} s/step -> about {per_step * (end_step - done) / 60:.1f} min "
+                       f"for the remaining {end_step - done} steps")
+        if done % args.log_every == 0 or done == end_step or done == 1:
+            mean = (window[:3] / window[3]).tolist()
+            window.zero_()
+            log_rows.append({"step": done, "loss": mean[0], "video_loss": mean[1], "action_loss": mean[2],
+                             "grad_norm": float(grad_norm), **lrs, "seconds": round(time.time() - train_start, 2)})
+            write_log(log_path, log_rows)
+        if done % args.ckpt_every == 0 or done == end_step:
+            save_training_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, optimizer, scheduler, done,
+                                     dataset.state_normalizer, dataset.action_normalizer, args)
     bar.close()
-    train_seconds = time.time() - train_start
-    barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    if not is_main:
-        return None
+    return log_rows, end_step, time.time() - train_start
+
+
+def finish(args, proc, tasks, log_rows, training):
+    """On rank 0 after the loop: the loss curve; then, unless the run stopped before --steps, the
+    evaluation (eval_sim's protocol: fixed seeds disjoint from the demo seeds) of the checkpoint
+    just written, loaded back as any user would load it, and report.json with `training` (the
+    run's figures) added. Returns the report, or None without evaluation."""
     draw_loss_curve(log_rows, os.path.join(args.out, "loss.png"))
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
-    if end_step < args.steps:
-        print(f"stopped at step {end_step} of {args.steps}; continue with --resume {ckpt_path}")
+    if training["end_step"] < args.steps:
+        print(f"stopped at step {training['end_step']} of {args.steps}; continue with --resume {ckpt_path}")
         return None
-
-    # --- evaluation (eval_sim's protocol: fixed seeds disjoint from the demo seeds) of the
-    # checkpoint just written, loaded back as any user would load it
     report = None
     if args.eval_episodes > 0:
         t0 = time.time()
-        report = eval_sim.evaluate(
-            eval_sim.load_policy(ckpt_path, device=device), tasks=tasks, episodes=args.eval_episodes, out_dir=args.out,
-            gif_episodes=GIF_EPISODES)
+        report = eval_sim.evaluate(eval_sim.load_policy(ckpt_path, device=proc.device), tasks=tasks,
+                                   episodes=args.eval_episodes, out_dir=args.out, gif_episodes=GIF_EPISODES)
         report["training"] = {
-            "steps": args.steps, "train_seconds": round(train_seconds, 1),
-            "seconds_per_step": round(train_seconds / max(1, end_step - start_step), 4),
+            "steps": args.steps, "train_seconds": round(training["train_seconds"], 1),
+            "seconds_per_step": round(training["train_seconds"] / max(1, training["end_step"] - training["start_step"]),
+                                      4),
             "eval_seconds": round(time.time() - t0, 1), "final_losses": log_rows[-1] if log_rows else None,
-            "world_size": world, "args": vars(args), "demo_seconds": round(demo_seconds, 1),
-            "total_seconds": round(time.time() - run_start, 1),
+            "world_size": proc.world, "args": vars(args), "demo_seconds": round(training["demo_seconds"], 1),
+            "total_seconds": round(time.time() - training["run_start"], 1),
         }
         dit4dit.atomic_write(os.path.join(args.out, "report.json"),
                              lambda f: json.dump(report, f, indent=2, default=str), mode="w")
         print(f"success {report['overall']['success_rate']:.1%} "
               f"(95% CI {report['overall']['ci95'][0]:.1%}-{report['overall']['ci95'][1]:.1%}) "
               f"over {report['overall']['n']} episodes")
-    print(f"wrote {os.path.abspath(args.out)} in {(time.time() - run_start) / 60:.1f} min")
+    print(f"wrote {os.path.abspath(args.out)} in {(time.time() - training['run_start']) / 60:.1f} min")
     return report
+
+
+def main(args):
+    """Data (episodes, normalizers, dataset), the training loop, the finish (loss curve,
+    evaluation, report). Returns the evaluation report on rank 0 (None elsewhere, or without one)."""
+    run_start = time.time()
+    validate_args(args)
+    device, amp_dtype = pick_device()
+    proc = Process(device, amp_dtype, *setup_distributed(device))
+    threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", proc.world)))
+    torch.set_num_threads(threads)
+    resume = dit4dit.load_checkpoint(args.resume) if args.resume else None
+    if args.out is None:
+        args.out = os.path.dirname(os.path.abspath(args.resume)) if args.resume else default_out_dir()
+    if proc.world > 1:  # every rank must write into the folder rank 0 named (timestamps may differ)
+        shared = [args.out]
+        dist.broadcast_object_list(shared, src=0)
+        args.out = shared[0]
+    os.makedirs(args.out, exist_ok=True)
+    if proc.is_main:
+        print(f"run folder: {os.path.abspath(args.out)}  ({device}, {'bf16 autocast' if amp_dtype else 'fp32'}, "
+              f"{proc.world} process(es) x {threads} thread(s))")
+
+    # --- data
+    tasks = args.tasks or list(eval_sim.TASKS)
+    episodes, demo_seconds = load_data(args, tasks, proc)
+    model, state_normalizer, action_normalizer = model_and_normalizers(args, episodes, resume)
+    config = model.config
+    dataset = EpisodeDataset(episodes, config.num_future_frames, config.action_horizon,
+                             state_normalizer, action_normalizer)
+    if proc.is_main:
+        print(f"{len(episodes)} episodes, {len(dataset)} samples, frames {episodes[0]['frames'].shape[1]}px, "
+              f"K={config.action_horizon} F={config.num_future_frames} stride={dataset.stride}")
+
+    # --- the training loop
+    model.to(device)
+    optimizer, scheduler = make_optimizer(model, args)
+    start_step = 0
+    if resume is not None:  # the training state this script added to the checkpoint
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        start_step = int(resume["step"])
+    if proc.is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"preset {args.preset}: {n_params / 1e6:.2f} M parameters"
+              + (f"; resuming at step {start_step} (model config from the checkpoint)" if resume else ""))
+    log_rows, end_step, train_seconds = train(proc, args, model, optimizer, scheduler, dataset, start_step)
+    barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+    # --- finish
+    if not proc.is_main:
+        return None
+    return finish(args, proc, tasks, log_rows, dict(run_start=run_start, demo_seconds=demo_seconds,
+                                                    start_step=start_step, end_step=end_step,
+                                                    train_seconds=train_seconds))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def test_smoke_train_then_evaluate(tmp_path):
     assert on_disk["training"]["steps"] == 3 and report["overall"] == on_disk["overall"]
     ckpt = dit4dit.load_checkpoint(str(run / "checkpoint.pt"))
     for key in ("model", "config", "state_normalizer", "action_normalizer", "step",
-                "optimizer", "scheduler", "rng", "args"):
+                "optimizer", "scheduler", "args"):
         assert key in ckpt, key
     assert ckpt["step"] == 3 and ckpt["config"]["image_size"] == TINY.image_size
     rows = [json.loads(line) for line in (run / "train_log.jsonl").read_text().splitlines()]
