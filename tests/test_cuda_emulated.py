@@ -41,19 +41,13 @@ ATTN_SHAPES = [(1, 2, 37, 40, 45), (1, 1, 70, 16, 9), (1, 1, 20, 80, 33)]
 
 # ----------------------------------------------------------------------------------------------
 # Reference: the project's one PyTorch body per op (kernels/reference.py).
-def _reference_adaln(x, shift, scale, dy):
-    """y and the gradients of sum(y * dy) by autograd, in the dtype of the inputs."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in (x, shift, scale)]
-    y = reference_modulate(*leaves, EPS)
-    y.backward(dy)
-    return {"y": y.detach(), "dx": leaves[0].grad, "dshift": leaves[1].grad, "dscale": leaves[2].grad}
-
-
-def _reference_attn(q, k, v, do):
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    o = reference_attention(*leaves)
-    o.backward(do)
-    return {"o": o.detach(), "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
+def _reference(fn, keys, inputs, grad_out):
+    """{keys[0]: fn(*inputs), keys[1:]: the gradients of sum(fn(*inputs) * grad_out)} by autograd, in
+    the dtype of the inputs."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    out.backward(grad_out)
+    return dict(zip(keys, [out.detach()] + [t.grad for t in leaves]))
 
 
 def _assert_accuracy(name, got, low, truth, dtype):
@@ -206,25 +200,27 @@ def _attn_inputs(shape, dtype, seed=0):
     return q, k, v, do
 
 
-def _check_adaln(got, x, shift, scale, dy):
-    dtype = x.dtype
-    truth = _reference_adaln(*(t.double() for t in (x, shift, scale, dy)))
-    low = _reference_adaln(x, shift, scale, dy)
-    for key in ("y", "dx", "dshift", "dscale"):
+def _check_outputs(got, fn, keys, inputs, grad_out):
+    """The kernel's output and input gradients `got` against the float64 truth of fn, within the
+    error bar of fn run on the same-dtype inputs (_assert_accuracy)."""
+    dtype = inputs[0].dtype
+    truth = _reference(fn, keys, [t.double() for t in inputs], grad_out.double())
+    low = _reference(fn, keys, inputs, grad_out)
+    for key in keys:
         assert got[key].dtype == dtype and got[key].shape == truth[key].shape, key
         _assert_accuracy(key, got[key], low[key], truth[key], dtype)
+
+
+def _check_adaln(got, x, shift, scale, dy):
+    _check_outputs(got, lambda *tensors: reference_modulate(*tensors, EPS), ("y", "dx", "dshift", "dscale"),
+                   (x, shift, scale), dy)
     x64 = x.double()
     _assert_float32_stat("mean", got["mean"], x64.mean(-1))
     _assert_float32_stat("rstd", got["rstd"], torch.rsqrt(x64.var(-1, unbiased=False) + EPS))
 
 
 def _check_attn(got, q, k, v, do):
-    dtype = q.dtype
-    truth = _reference_attn(*(t.double() for t in (q, k, v, do)))
-    low = _reference_attn(q, k, v, do)
-    for key in ("o", "dq", "dk", "dv"):
-        assert got[key].dtype == dtype and got[key].shape == truth[key].shape, key
-        _assert_accuracy(key, got[key], low[key], truth[key], dtype)
+    _check_outputs(got, reference_attention, ("o", "dq", "dk", "dv"), (q, k, v), do)
     scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     _assert_float32_stat("lse", got["lse"], torch.logsumexp(scores, -1))
 

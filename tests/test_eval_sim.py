@@ -134,7 +134,7 @@ def test_unknown_task_and_bad_image_size():
     env.close()
 
 
-def test_episode_round_trip_and_corrupt_files(tmp_path):
+def test_episode_round_trip_and_corrupt_files(tmp_path, damaged_copies):
     ep = es.collect_episode("push", es.demo_seeds("push", 1)[0], image_size=16)
     path = tmp_path / "ep.npz"
     es.save_episode(path, ep)
@@ -147,15 +147,9 @@ def test_episode_round_trip_and_corrupt_files(tmp_path):
            (ep["instruction"], "push", 0, True)
     assert os.listdir(tmp_path) == ["ep.npz"]  # no temporary file left behind
 
-    data = path.read_bytes()
-    truncated = tmp_path / "truncated.npz"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated.npz"):
-        es.load_episode(truncated)
-    garbage = tmp_path / "garbage.npz"
-    garbage.write_bytes(b"not an episode at all")
-    with pytest.raises(ValueError, match="garbage.npz"):
-        es.load_episode(garbage)
+    for damaged in damaged_copies(path):  # truncated.npz, garbage.npz
+        with pytest.raises(ValueError, match=damaged.name):
+            es.load_episode(damaged)
     no_action = tmp_path / "no_action.npz"
     np.savez_compressed(no_action, **{k: np.asarray(v) for k, v in ep.items() if k != "action"})
     with pytest.raises(ValueError, match="no_action.npz.*action"):

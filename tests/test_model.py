@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dit4dit as d
+from bench_model import trained_like  # random values in the zero-initialized layers
 
 
 def tiny_model(seed=0, **overrides):
@@ -25,15 +26,6 @@ def tiny_batch(cfg, B=3, seed=1):
                 state=torch.randn(B, cfg.state_dim, generator=g),
                 actions=torch.rand(B, cfg.action_horizon, cfg.action_dim, generator=g) * 2 - 1,
                 instruction=["push the red block onto the blue pad", "reach the green ball", "push blue"][:B])
-
-
-def randomize_zero_layers(model, seed=0):
-    """Give every zero-initialized weight random values so outputs depend on all inputs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.abs().sum() == 0:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
 
 
 def gen(seed):
@@ -149,7 +141,7 @@ def test_absolute_positions_make_tokens_of_a_uniform_frame_distinguishable():
 
 def test_early_exit_equals_block_output_inside_full_forward():
     model = tiny_model(video_depth=3, extract_layer=1)
-    randomize_zero_layers(model)
+    trained_like(model)
     cfg = model.config
     batch = tiny_batch(cfg)
     obs = batch["video"][:, :, 0]
@@ -172,7 +164,7 @@ def test_early_exit_equals_block_output_inside_full_forward():
 
 def test_predict_action_cached_kv_equals_uncached():
     model = tiny_model()
-    randomize_zero_layers(model)
+    trained_like(model)
     model.eval()
     cfg = model.config
     batch = tiny_batch(cfg)
@@ -191,7 +183,7 @@ def test_predict_action_cached_kv_equals_uncached():
 @pytest.mark.parametrize("detach", [True, False])
 def test_detach_features_controls_gradient_into_video_dit(detach):
     model = tiny_model(detach_features=detach)
-    randomize_zero_layers(model)
+    trained_like(model)
     batch = tiny_batch(model.config)
     model.loss(batch, generator=gen(0))["action_loss"].backward()
     grads = [p.grad for p in model.video_dit.parameters()]
@@ -211,7 +203,7 @@ def test_training_after_inference_mode_prediction():
 def test_action_only_has_no_video_loss_and_trains_video_dit_through_features():
     model = tiny_model(action_only=True)
     assert model.config.detach_features is False
-    randomize_zero_layers(model)
+    trained_like(model)
     out = model.loss(tiny_batch(model.config), generator=gen(0))
     assert out["video_loss"].item() == 0.0 and torch.equal(out["loss"], out["action_loss"])
     out["loss"].backward()
@@ -229,7 +221,7 @@ def test_action_only_and_detach_features_have_one_rule():
 
 def test_video_loss_ignores_conditioning_frame_target():
     model = tiny_model()
-    randomize_zero_layers(model)
+    trained_like(model)
     cfg = model.config
     batch = tiny_batch(cfg)
     latents = batch["video"]
@@ -246,7 +238,7 @@ def test_video_loss_ignores_conditioning_frame_target():
 
 def test_action_loss_ignores_masked_dims():
     model = tiny_model(action_dim=3)
-    randomize_zero_layers(model)
+    trained_like(model)
     cfg = model.config
     batch = tiny_batch(cfg)
     B, R = 3, cfg.repeat
@@ -423,22 +415,16 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
-def test_load_checkpoint_errors_name_the_file(tmp_path):
+def test_load_checkpoint_errors_name_the_file(tmp_path, damaged_copies):
     missing = tmp_path / "missing.pt"
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         d.load_checkpoint(missing)
     path = tmp_path / "ckpt.pt"
     norm = d.Normalizer([0.0], [1.0])
     d.save_checkpoint(path, tiny_model(), norm, norm)
-    data = path.read_bytes()
-    truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(data[: len(data) // 2])
-    with pytest.raises(ValueError, match="truncated.pt"):
-        d.load_checkpoint(truncated)
-    wrong = tmp_path / "notes.txt"
-    wrong.write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="notes.txt"):
-        d.load_checkpoint(wrong)
+    for damaged in damaged_copies(path):  # truncated.pt, garbage.pt
+        with pytest.raises(ValueError, match=damaged.name):
+            d.load_checkpoint(damaged)
     listed = tmp_path / "list.pt"
     torch.save([1, 2], listed)
     with pytest.raises(ValueError, match="list.pt"):
