@@ -657,7 +657,8 @@ def cmd_summary(args):
                 obj = json.loads(line)
                 rows[obj["step"]] = obj
     env = rows.get("env", {})
-    print(f"summary ({env.get('device', '?')}, torch {env.get('torch', '?')}):")
+    ceilings = ", ".join(f"{k} {v}" for k, v in env.items() if k.startswith(("copy_", "matmul_")))
+    print(f"summary ({env.get('device', '?')}, torch {env.get('torch', '?')}; measured ceilings: {ceilings or '?'}):")
     for line in summarize(rows):
         print("  " + line)
     return rows

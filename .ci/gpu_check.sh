@@ -32,11 +32,17 @@ START=$(date +%s)
 DEADLINE=$(( START + ${GPU_CHECK_BUDGET:-450} ))
 FAILED=()
 
-# step NAME LIMIT_S COMMAND...: run with a time limit (cut to what is left of the budget),
-# print its status and wall time, record a failure and go on.
+# step KEY NAME LIMIT_S COMMAND...: run with a time limit (cut to what is left of the budget),
+# print its status and wall time, record a failure and go on. GPU_CHECK_ONLY="KEY ..." runs only
+# those steps (keys: env shapes build tests ops predict train cputests), e.g. to rerun the
+# benchmarks on a machine that is still warm and keeps kernels/_C from the first call.
 step() {
-  local name=$1 limit=$2 left rc t0
-  shift 2
+  local key=$1 name=$2 limit=$3 left rc t0
+  shift 3
+  if [ -n "${GPU_CHECK_ONLY:-}" ] && [[ " $GPU_CHECK_ONLY " != *" $key "* ]]; then
+    echo "== $name: not selected (GPU_CHECK_ONLY=$GPU_CHECK_ONLY)"
+    return
+  fi
   left=$(( DEADLINE - $(date +%s) ))
   if (( left < 20 )); then
     echo "== $name: SKIPPED, ${left}s of the budget left"
@@ -124,19 +130,19 @@ main() {
   nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv,noheader 2>&1 | head -n 4
   echo "python $("$PY" -c 'import sys; print(sys.version.split()[0])'), $("$PY" -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda)'),"\
        "MUJOCO_GL=$MUJOCO_GL, EGL: $(ldconfig -p 2>/dev/null | grep -c 'libEGL.so') libEGL entries"
-  rm -f "$RESULTS"
+  [ -n "${GPU_CHECK_ONLY:-}" ] || rm -f "$RESULTS"
 
-  step "env and ceilings" 60 "$PY" .ci/gpu_bench.py env "${smoke_flag[@]}" --json "$RESULTS"
-  step "shapes" 30 "$PY" .ci/gpu_bench.py shapes --json "$RESULTS"
-  step "build" 270 bash -c build
-  step "CUDA kernel tests" 150 bash -c cuda_tests
-  step "ops benchmark" 100 "$PY" .ci/gpu_bench.py ops "${smoke_flag[@]}" --json "$RESULTS" \
+  step env "env and ceilings" 60 "$PY" .ci/gpu_bench.py env "${smoke_flag[@]}" --json "$RESULTS"
+  step shapes "shapes" 30 "$PY" .ci/gpu_bench.py shapes --json "$RESULTS"
+  step build "build" 270 bash -c build
+  step tests "CUDA kernel tests" 150 bash -c cuda_tests
+  step ops "ops benchmark" 100 "$PY" .ci/gpu_bench.py ops "${smoke_flag[@]}" --json "$RESULTS" \
        $([ "$SMOKE" = 1 ] && echo --reps 3)
-  step "predict_action (paper preset)" 120 "$PY" .ci/gpu_bench.py predict "${smoke_flag[@]}" --presets paper toy \
+  step predict "predict_action (paper preset)" 120 "$PY" .ci/gpu_bench.py predict "${smoke_flag[@]}" --presets paper toy \
        --json "$RESULTS" $([ "$SMOKE" = 1 ] && echo --repeats 3)
-  step "train_toy (toy preset)" 150 "$PY" .ci/gpu_bench.py train "${smoke_flag[@]}" --data "$DATA" --steps 100 \
+  step train "train_toy (toy preset)" 150 "$PY" .ci/gpu_bench.py train "${smoke_flag[@]}" --data "$DATA" --steps 100 \
        --with-torch-backend --timeout 70 --json "$RESULTS"
-  step "CPU kernel tests (tests/test_kernels.py)" 90 bash -c cpu_kernel_tests
+  step cputests "CPU kernel tests (tests/test_kernels.py)" 90 bash -c cpu_kernel_tests
 
   echo
   "$PY" .ci/gpu_bench.py summary --json "$RESULTS"
