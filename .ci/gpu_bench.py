@@ -429,7 +429,9 @@ def small_paper_config():
                                action_heads=4, action_mlp_dim=64, extract_layer=3)
 
 
-def build_model(preset, device, dtype, cpu_smoke):
+def build_model(preset, device, dtype, cpu_smoke, randomize=True):
+    """The preset's model (with the stand-in VAE tokenizer when it takes 16-channel latents), built
+    on `device`, zero-initialized layers randomized, cast to `dtype`, in eval mode."""
     import dit4dit
 
     cfg = small_paper_config() if (cpu_smoke and preset == "paper") else dit4dit.make_config(preset)
@@ -437,7 +439,9 @@ def build_model(preset, device, dtype, cpu_smoke):
     torch.manual_seed(0)
     with torch.device(device):
         model = dit4dit.DiT4DiT(cfg, tokenizer=tokenizer)
-    randomize_zero_init(model)
+    model.to(device)  # the tokenizer was built outside the device context
+    if randomize:
+        randomize_zero_init(model)
     return model.to(dtype).eval()
 
 

@@ -14,8 +14,21 @@
 # Every step has a time limit inside one overall budget (GPU_CHECK_BUDGET seconds, default 450).
 # Log: $OUT/gpu_check.log; results: $OUT/gpu_results.jsonl (one JSON object per step).
 #
-#   bash .ci/gpu_check.sh                       # on the GPU machine (see the run command in the README)
 #   GPU_CHECK_CPU_SMOKE=1 bash .ci/gpu_check.sh # dry run here: every step at tiny sizes on the CPU
+#
+# Before a device run, once, in the repository root of the machine that calls the device tool
+# (both folders are git-ignored through .git/info/exclude and travel with the call's `carry`):
+#   echo /.whl/ >> .git/info/exclude; echo /.gpu_data/ >> .git/info/exclude
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
+#     gymnasium==1.4.0 farama-notifications==0.0.6 mujoco==3.3.7 pyopengl==3.1.10 glfw==2.11.0
+#   PYTHONPATH=. python .ci/gpu_bench.py make-data --out .gpu_data --demos-per-task 10
+# Then the device call: carry [".whl", ".gpu_data"], timeout_s 540, command
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site
+#   .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash .ci/gpu_check.sh
+# (mujoco 3.3.7: one wheel, where 4.x needs three; training from --data renders nothing, and
+# without EGL libraries on the machine the training runs fall back to MUJOCO_GL=disable.)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

@@ -88,6 +88,18 @@ def test_stand_in_tokenizer_has_the_vae_shapes():
     assert model.tokenizer is tok
 
 
+def test_paper_model_is_built_on_the_device():
+    """Every parameter and buffer (the stand-in tokenizer's too) lands on the target device: the
+    meta device stands in for CUDA, at the paper's full size, without allocating."""
+    meta = torch.device("meta")
+    model = gb.build_model("paper", meta, torch.bfloat16, cpu_smoke=False, randomize=False)
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    assert "tokenizer.proj" in tensors
+    assert {name for name, t in tensors.items() if t.device != meta or t.dtype != torch.bfloat16} == set()
+    assert 2.0e9 < sum(p.numel() for p in model.parameters()) < 2.2e9
+    assert not model.training
+
+
 def test_read_step_seconds(tmp_path):
     log = tmp_path / "train_log.jsonl"
     rows = [dict(step=1, seconds=0.5, loss=2.0), dict(step=50, seconds=5.4, loss=1.0),
