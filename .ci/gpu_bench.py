@@ -353,6 +353,10 @@ def cmd_ops(args):
                         rows.append(dict(preset=preset, **bench_one(label, op, shape, dtype, device,
                                                                     args.reps, backward)))
     record(args.json, "ops", dict(device=device_name(device), reps=args.reps, rows=rows))
+    broken = [f"{r['name']} {r['dtype']} {r['direction']}: " + r["skipped"].get("dit4dit kernel", "non-finite output")
+              for r in rows if "dit4dit kernel" in r["skipped"] or not math.isfinite(r["errors"]["dit4dit kernel"])]
+    if broken:
+        sys.exit("gpu_bench ops: the kernel failed on\n  " + "\n  ".join(broken))
     return rows
 
 

@@ -161,3 +161,17 @@ def test_predict_on_cpu_and_its_mismatch_check(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(gb, "import_naive_predict_action", lambda: wrong)
     with pytest.raises(SystemExit, match="disagree"):
         gb.cmd_predict(gb.parse_args(["predict", "--cpu-smoke", "--presets", "toy", "--repeats", "1"]))
+
+
+@needs_kernels
+def test_ops_step_fails_when_the_kernel_fails(monkeypatch, capsys):
+    def broken(q, k, v):
+        raise RuntimeError("attention_fwd: planted failure")
+
+    monkeypatch.setattr(kernels, "attention", broken)
+    try:
+        with pytest.raises(SystemExit, match="planted failure"):
+            gb.cmd_ops(gb.parse_args(["ops", "--cpu-smoke", "--reps", "1", "--presets", "toy"]))
+    finally:
+        dit4dit.select_backend(os.environ.get("DIT4DIT_KERNELS", "auto"))
+    assert "dit4dit kernel" in capsys.readouterr().out
