@@ -25,9 +25,9 @@ Flow-matching convention (both branches): tau in [0, 1], tau = 0 is data, tau = 
 
 Reading order: the two ops and their backend switch; building blocks; the blocks of both DiTs;
 the config; VideoDiT; ActionDiT; the joint DiT4DiT (one video call for every use, the dual
-flow-matching loss beside the feature extraction, then inference); then the boundaries, which
-the method does not need to be read (tokenizer, text encoder, frame conversion, input checks,
-normalizer, checkpoints); presets last.
+flow-matching loss beside the feature extraction, then inference); then the boundaries, which a
+reader of the method can skip (tokenizer, text encoder, frame conversion, input checks,
+normalizer, atomic writes and checkpoints); presets last.
 
 Kernels: `modulate` and `attention` run the fused C++/CUDA ops of the `kernels` package when it
 is built, and otherwise the pure-PyTorch reference bodies of kernels/reference.py
@@ -735,7 +735,8 @@ class ByteTextEncoder(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Boundary: frames <-> video tensors, the one place where simulator uint8 HWC frames become model tensors.
+# Boundary: frames <-> video tensors, the one place where simulator uint8 HWC frames become
+# model tensors.
 
 def frames_to_video(frames):
     """uint8 frames (B, T, H, W, 3), numpy or torch -> float32 video (B, 3, T, H, W) in [-1, 1]."""
