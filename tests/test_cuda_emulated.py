@@ -16,6 +16,7 @@ mean, rstd and lse are float32 outputs at every dtype and must match tightly.
 When a GPU is visible the same comparisons run on the device against the built kernels._C.
 """
 import ctypes
+import functools
 import math
 import os
 import pathlib
@@ -211,7 +212,10 @@ def _check_outputs(got, fn, keys, inputs, grad_out):
         _assert_accuracy(key, got[key], low[key], truth[key], dtype)
 
 
-def _check_adaln(got, x, shift, scale, dy):
+def _check_adaln(run, inputs):
+    """run(x, shift, scale, dy) -> the kernel's outputs, checked on `inputs` (_adaln_inputs)."""
+    x, shift, scale, dy = inputs
+    got = run(x, shift, scale, dy)
     _check_outputs(got, lambda *tensors: reference_modulate(*tensors, EPS), ("y", "dx", "dshift", "dscale"),
                    (x, shift, scale), dy)
     x64 = x.double()
@@ -219,7 +223,10 @@ def _check_adaln(got, x, shift, scale, dy):
     _assert_float32_stat("rstd", got["rstd"], torch.rsqrt(x64.var(-1, unbiased=False) + EPS))
 
 
-def _check_attn(got, q, k, v, do):
+def _check_attn(run, inputs):
+    """run(q, k, v, do) -> the kernel's outputs, checked on `inputs` (_attn_inputs)."""
+    q, k, v, do = inputs
+    got = run(q, k, v, do)
     _check_outputs(got, reference_attention, ("o", "dq", "dk", "dv"), (q, k, v), do)
     scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     _assert_float32_stat("lse", got["lse"], torch.logsumexp(scores, -1))
@@ -229,15 +236,13 @@ def _check_attn(got, q, k, v, do):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "B{}N{}D{}G{}".format(*s))
 def test_adaln_emulated(emu, shape, dtype):
-    x, shift, scale, dy = _adaln_inputs(shape, dtype)
-    _check_adaln(_run_adaln_emu(emu, x, shift, scale, dy), x, shift, scale, dy)
+    _check_adaln(functools.partial(_run_adaln_emu, emu), _adaln_inputs(shape, dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "B{}H{}Lq{}hd{}Lk{}".format(*s))
 def test_attention_emulated(emu, shape, dtype):
-    q, k, v, do = _attn_inputs(shape, dtype)
-    _check_attn(_run_attn_emu(emu, q, k, v, do), q, k, v, do)
+    _check_attn(functools.partial(_run_attn_emu, emu), _attn_inputs(shape, dtype))
 
 
 def test_broken_kernel_is_caught(emu):
@@ -306,13 +311,11 @@ needs_gpu = pytest.mark.skipif(
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "B{}N{}D{}G{}".format(*s))
 def test_adaln_on_device(shape, dtype):
-    x, shift, scale, dy = _adaln_inputs(shape, dtype)
-    _check_adaln(_run_adaln_cuda(x, shift, scale, dy), x, shift, scale, dy)
+    _check_adaln(_run_adaln_cuda, _adaln_inputs(shape, dtype))
 
 
 @needs_gpu
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "B{}H{}Lq{}hd{}Lk{}".format(*s))
 def test_attention_on_device(shape, dtype):
-    q, k, v, do = _attn_inputs(shape, dtype)
-    _check_attn(_run_attn_cuda(q, k, v, do), q, k, v, do)
+    _check_attn(_run_attn_cuda, _attn_inputs(shape, dtype))
