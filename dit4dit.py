@@ -35,9 +35,11 @@ is built, and otherwise the pure-PyTorch reference bodies of kernels/reference.p
 says which is active).
 """
 import dataclasses
+import hashlib
 import logging
 import math
 import os
+import re
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -343,11 +345,11 @@ class DiT4DiTConfig:
         # The action-only baseline keeps the architecture and lets the action loss train the video
         # DiT through h (DESIGN 6): it implies detach_features=False and contradicts True.
         if self.detach_features is None:
-            self.detach_features = not self.action_only
-        elif self.action_only and self.detach_features:
+            self.detach_features = not self.action_only  # a non-bool action_only is reported next
+        _check_config(self)
+        if self.action_only and self.detach_features:
             raise ValueError("action_only=True (train_toy.py --action-only) trains the video DiT through the "
                              "features: it cannot be combined with detach_features=True (--detach-features)")
-        _check_config(self)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -640,7 +642,7 @@ class DiT4DiT(nn.Module):
         module's mode: call .eval() first for deterministic actions."""
         cfg = self.config
         B = _check_frames(self, "obs", obs, time_axis=False).shape[0]
-        _check_tensor("state", state, (B, cfg.state_dim))
+        _check_tensor("state", state, (B, cfg.state_dim), obs.dtype)
         h = self.extract_features(obs, instruction, generator)  # one video pass, early exit
         kv = self.action_dit.context_kv(h)  # cross-attention K/V of h, computed once for all steps
         a = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=generator, device=obs.device)
@@ -666,7 +668,7 @@ class DiT4DiT(nn.Module):
     def encode_text(self, instructions):
         """list[str] (byte encoder) or precomputed embeddings (B, S, text_dim) -> (B, S, text_dim)."""
         if isinstance(instructions, torch.Tensor):
-            return _check_tensor("instruction", instructions, (None, None, self.config.text_dim))
+            return _check_tensor("instruction", instructions, (None, None, self.config.text_dim), _model_dtype(self))
         if not isinstance(instructions, (list, tuple)) or not all(isinstance(s, str) for s in instructions):
             raise ValueError("instruction: expected a list of strings or a (B, S, text_dim) tensor")
         if self.text_encoder is None:
@@ -761,12 +763,19 @@ def video_to_frames(video):
 # ----------------------------------------------------------------------------------------------
 # Boundary: input checks of the public entry points (ValueError naming the argument).
 
-def _check_tensor(name, x, shape):
-    """shape: tuple of ints or None (any size). Raises ValueError naming `name`."""
+def _dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def _check_tensor(name, x, shape, dtype=None):
+    """shape: tuple of ints or None (any size); dtype: the model's dtype, which x must have
+    (None: any floating dtype). Raises ValueError naming `name`."""
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
+    if dtype is not None and x.dtype != dtype:
+        raise ValueError(f"{name}: expected {_dtype_name(dtype)} like the model, got {_dtype_name(x.dtype)}")
     want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
     if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
         raise ValueError(f"{name}: expected shape {want}, got {tuple(x.shape)}")
@@ -775,21 +784,60 @@ def _check_tensor(name, x, shape):
     return x
 
 
+def _model_dtype(model):
+    return next(model.parameters()).dtype
+
+
+# Every field of DiT4DiTConfig: its type and the values it may take, as (type, test, what the
+# message says). int means an int and not a bool; float means a finite number (an int is fine,
+# a bool is not); bool means True or False. A new config field needs a row here (_check_config
+# refuses a field without one). Rules between fields follow in _check_config.
+_POSITIVE_INT = (int, lambda v: v >= 1, "an int >= 1")
+_NON_NEGATIVE_INT = (int, lambda v: v >= 0, "an int >= 0")
+_BOOL = (bool, lambda v: True, "True or False")
+CONFIG_FIELDS = {
+    "image_size": _POSITIVE_INT, "num_future_frames": _POSITIVE_INT, "action_horizon": _POSITIVE_INT,
+    "action_dim": _POSITIVE_INT, "state_dim": _POSITIVE_INT, "latent_channels": _POSITIVE_INT,
+    "text_encoder": (str, lambda v: v in ("bytes", "embeddings"), "'bytes' or 'embeddings'"),
+    "text_dim": _POSITIVE_INT, "text_depth": _NON_NEGATIVE_INT, "text_max_len": _POSITIVE_INT,
+    "patch_size": _POSITIVE_INT, "video_width": _POSITIVE_INT, "video_depth": _POSITIVE_INT,
+    "video_heads": _POSITIVE_INT, "video_mlp_dim": _POSITIVE_INT, "adaln_lora_rank": _NON_NEGATIVE_INT,
+    "rope_theta": (float, lambda v: v > 0, "a finite number > 0"),  # 0 makes every rotary angle NaN
+    "abs_pos_embed": _BOOL,
+    "action_width": _POSITIVE_INT, "action_depth": _POSITIVE_INT, "action_heads": _POSITIVE_INT,
+    "action_mlp_dim": _POSITIVE_INT,
+    "action_dropout": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "extract_layer": _NON_NEGATIVE_INT,  # and < video_depth (below)
+    "tau_f": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "detach_features": _BOOL,  # None is resolved by DiT4DiTConfig.__post_init__ before the check
+    "action_only": _BOOL,
+    "repeat": _POSITIVE_INT,
+    "video_loss_weight": (float, lambda v: v >= 0, "a finite number >= 0"),
+    "num_action_steps": _POSITIVE_INT, "num_video_steps": _POSITIVE_INT,
+}
+
+
+def _has_type(value, kind):
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
 def _check_config(cfg):
-    """Field types and ranges of a DiT4DiTConfig, and the constraints between fields."""
-    positive = ["image_size", "num_future_frames", "action_horizon", "action_dim", "state_dim",
-                "latent_channels", "text_dim", "text_max_len", "patch_size", "video_width", "video_depth",
-                "video_heads", "video_mlp_dim", "action_width", "action_depth", "action_heads",
-                "action_mlp_dim", "repeat", "num_action_steps", "num_video_steps"]
-    for name in positive:
-        if not isinstance(getattr(cfg, name), int) or getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be a positive int, got {getattr(cfg, name)!r}")
-    if cfg.text_encoder not in ("bytes", "embeddings"):
-        raise ValueError(f"text_encoder must be 'bytes' or 'embeddings', got {cfg.text_encoder!r}")
-    if not 0 <= cfg.extract_layer < cfg.video_depth:
-        raise ValueError(f"extract_layer={cfg.extract_layer} is out of range for video_depth={cfg.video_depth}")
-    if not 0.0 < cfg.tau_f <= 1.0:
-        raise ValueError(f"tau_f must be in (0, 1], got {cfg.tau_f}")
+    """Field types and ranges of a DiT4DiTConfig (CONFIG_FIELDS), then the rules between fields.
+    ValueError "config field NAME=VALUE (TYPE): must be ..." naming the first bad field."""
+    for field in dataclasses.fields(cfg):
+        if field.name not in CONFIG_FIELDS:
+            raise ValueError(f"config field {field.name} has no row in dit4dit.CONFIG_FIELDS (its type and range)")
+        kind, test, allowed = CONFIG_FIELDS[field.name]
+        value = getattr(cfg, field.name)
+        if not (_has_type(value, kind) and test(value)):
+            raise ValueError(f"config field {field.name}={value!r} ({type(value).__name__}): must be {allowed}")
+    if cfg.extract_layer >= cfg.video_depth:
+        raise ValueError(f"config field extract_layer={cfg.extract_layer} is out of range for "
+                         f"video_depth={cfg.video_depth} (0 .. {cfg.video_depth - 1})")
     for name in ("video", "action"):
         width, heads = getattr(cfg, f"{name}_width"), getattr(cfg, f"{name}_heads")
         if width % heads:
@@ -799,8 +847,9 @@ def _check_config(cfg):
         raise ValueError(f"video head dim {hd} must be even and >= 6 (3D rotary split)")
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"image_size={cfg.image_size} is not a multiple of patch_size={cfg.patch_size}")
-    if cfg.adaln_lora_rank < 0:
-        raise ValueError(f"adaln_lora_rank must be >= 0, got {cfg.adaln_lora_rank}")
+    if cfg.text_encoder == "bytes" and cfg.text_dim % max(1, cfg.text_dim // 32):
+        raise ValueError(f"text_dim={cfg.text_dim} is not divisible by the byte text encoder's "
+                         f"{cfg.text_dim // 32} heads (text_dim // 32)")
 
 
 def _check_model_parts(config, tokenizer):
@@ -810,17 +859,28 @@ def _check_model_parts(config, tokenizer):
     if getattr(tokenizer, "channels", None) != config.latent_channels:
         raise ValueError(f"tokenizer: gives {getattr(tokenizer, 'channels', None)} latent channels but "
                          f"config.latent_channels={config.latent_channels} (a VAE tokenizer is needed?)")
+    f = getattr(tokenizer, "spatial_factor", 1) * config.patch_size
+    if config.image_size % f:
+        raise ValueError(f"image_size={config.image_size} is not a multiple of the patch in pixels ({f} = "
+                         f"tokenizer spatial factor x patch_size)")
 
 
 def _check_frames(model, name, x, time_axis):
-    """Video (B, 3, 1+F, H, W) when time_axis, else one frame (B, 3, H, W); H and W multiples of
-    the patch in pixels."""
-    cfg, f = model.config, model.tokenizer.spatial_factor * model.config.patch_size
+    """Video (B, 3, 1+F, H, W) when time_axis, else one frame (B, 3, H, W): B >= 1, H = W =
+    config.image_size, the model's dtype, pixel values in [-1, 1] (frames_to_video's range)."""
+    cfg = model.config
     shape = (None, 3, 1 + cfg.num_future_frames, None, None) if time_axis else (None, 3, None, None)
-    _check_tensor(name, x, shape)
+    _check_tensor(name, x, shape, _model_dtype(model))
     H, W = x.shape[-2:]
-    if H % f or W % f:
-        raise ValueError(f"{name}: frame size {H}x{W} is not a multiple of the patch ({f} pixels)")
+    if (H, W) != (cfg.image_size, cfg.image_size):
+        raise ValueError(f"{name}: frames are {H}x{W} pixels, but the model was configured for "
+                         f"{cfg.image_size}x{cfg.image_size} (config image_size={cfg.image_size})")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}: empty batch (B = 0)")
+    low, high = x.aminmax()
+    if low < -1 or high > 1:
+        raise ValueError(f"{name}: pixel values must lie in [-1, 1] (frames_to_video converts uint8 frames), "
+                         f"got values in [{low.item():.4g}, {high.item():.4g}]")
     return x
 
 
@@ -840,9 +900,9 @@ def _check_batch(model, batch):
         if key not in batch:
             raise ValueError(f"batch: missing key {key!r}")
     video = _check_frames(model, "video", batch["video"], time_axis=True)
-    B = video.shape[0]
-    state = _check_tensor("state", batch["state"], (B, cfg.state_dim))
-    actions = _check_tensor("actions", batch["actions"], (B, cfg.action_horizon, cfg.action_dim))
+    B, dtype = video.shape[0], video.dtype
+    state = _check_tensor("state", batch["state"], (B, cfg.state_dim), dtype)
+    actions = _check_tensor("actions", batch["actions"], (B, cfg.action_horizon, cfg.action_dim), dtype)
     mask = batch.get("action_mask")
     if mask is None:
         mask = torch.ones(B, cfg.action_dim, device=actions.device)
@@ -851,6 +911,10 @@ def _check_batch(model, batch):
             raise ValueError(f"action_mask: expected shape ({cfg.action_dim},) or ({B}, {cfg.action_dim}), "
                              f"got {tuple(getattr(mask, 'shape', ()))}")
         mask = mask.to(actions.dtype).expand(B, cfg.action_dim)
+        if not torch.isfinite(mask).all():
+            raise ValueError("action_mask: contains NaN or inf")
+        if ((mask < 0) | (mask > 1)).any():
+            raise ValueError("action_mask: values must lie in [0, 1] (1 = a real action dim, 0 = padding)")
     if ("instruction" in batch) == ("text" in batch):
         raise ValueError("batch: give exactly one of 'instruction' (list of str) or 'text' (B, S, D_text)")
     text = batch.get("instruction", batch.get("text"))
@@ -909,13 +973,18 @@ class Normalizer:
 # Boundary: files. One atomic write for every file that must never be seen half-written, and
 # the one owner of the checkpoint layout (train_toy.py writes and resumes, eval_sim.py loads).
 
+def _temp_path(path, pid):
+    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{pid}")
+
+
 def atomic_write(path, write, mode="wb"):
     """Write a file all at once or not at all: write(f) fills a temporary file opened with `mode`
-    in path's folder (named with this process's id, so concurrent writers do not collide), which
-    then replaces path with os.replace. On any error the temporary file is removed and a
-    previous file at path is left intact."""
+    in path's folder, `.NAME.tmpPID` (named with this process's id, so concurrent writers do not
+    collide), which then replaces path with os.replace. On any error the temporary file is
+    removed and a previous file at path is left intact; one left by a killed process is removed
+    by remove_stale_temp_files."""
     path = os.fspath(path)
-    tmp = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{os.getpid()}")
+    tmp = _temp_path(path, os.getpid())
     try:
         with open(tmp, mode) as f:
             write(f)
@@ -925,43 +994,149 @@ def atomic_write(path, write, mode="wb"):
             os.remove(tmp)
 
 
+def _process_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def remove_stale_temp_files(folder):
+    """Remove atomic_write's temporary files in `folder` whose process is gone (a `kill -9`
+    during a write leaves one behind). Returns the paths removed."""
+    removed = []
+    for name in os.listdir(folder):
+        match = re.fullmatch(r"\..+\.tmp(\d+)", name)
+        if match and not _process_alive(int(match.group(1))):
+            try:
+                os.remove(os.path.join(folder, name))
+                removed.append(os.path.join(folder, name))
+            except FileNotFoundError:  # another process cleaned it first
+                pass
+    return removed
+
+
 CHECKPOINT_KEYS = ("model", "config", "state_normalizer", "action_normalizer")
+
+
+def checkpoint_sha256(payload):
+    """The content hash of a checkpoint payload (every entry but "sha256" itself): sha256 over
+    the keys in order, each tensor's dtype, shape and bytes, and the repr of every other value.
+    A byte changed anywhere in the numbers or the settings changes it."""
+    digest = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            digest.update(f"T{_dtype_name(t.dtype)}{tuple(t.shape)}".encode())
+            digest.update(t.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            digest.update(f"D{len(x)}".encode())
+            for key, value in x.items():
+                feed(key)
+                feed(value)
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"L{len(x)}".encode())
+            for value in x:
+                feed(value)
+        else:
+            digest.update(f"{type(x).__name__}:{x!r};".encode())
+
+    feed({k: v for k, v in payload.items() if k != "sha256"})
+    return digest.hexdigest()
 
 
 def save_checkpoint(path, model, state_normalizer, action_normalizer, **extra):
     """Write a checkpoint atomically: {"model": model.state_dict(), "config": the DiT4DiTConfig
-    as a dict, "state_normalizer", "action_normalizer": Normalizer.state_dict(), **extra}
-    (train_toy.py adds step, optimizer, scheduler, args). Tensors and plain Python values only,
-    so load_checkpoint reads it back with torch.load(weights_only=True)."""
+    as a dict, "state_normalizer", "action_normalizer": Normalizer.state_dict(), **extra,
+    "sha256": checkpoint_sha256 of all that} (train_toy.py adds step, optimizer, scheduler,
+    args, experiment). Tensors and plain Python values only, so load_checkpoint reads it back
+    with torch.load(weights_only=True)."""
     payload = {"model": model.state_dict(), "config": dataclasses.asdict(model.config),
                "state_normalizer": state_normalizer.state_dict(),
                "action_normalizer": action_normalizer.state_dict(), **extra}
+    payload["sha256"] = checkpoint_sha256(payload)
     atomic_write(path, lambda f: torch.save(payload, f))
 
 
 def load_checkpoint(path):
     """The payload dict of a checkpoint written by save_checkpoint, on the CPU, read with
-    torch.load(weights_only=True). FileNotFoundError or ValueError naming the file when it is
-    missing, truncated, not a torch file, or lacks one of CHECKPOINT_KEYS."""
+    torch.load(weights_only=True) and verified: its content hash, its keys, the config (known
+    fields, types and ranges), the normalizer sizes against the config and the weights against
+    the model the config builds. FileNotFoundError, IsADirectoryError or ValueError (one line)
+    naming the file. A checkpoint written before checkpoints held a hash loads with a warning."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"checkpoint {path} is a directory, expected a checkpoint file "
+                                f"(such as {os.path.join(path, 'checkpoint.pt')})")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, not a torch file, or an object weights_only refuses
-        raise ValueError(f"checkpoint {path} is truncated or not a dit4dit checkpoint: {err}") from err
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"checkpoint {path} is truncated or not a dit4dit checkpoint: {reason}") from err
     if not isinstance(payload, dict):
         raise ValueError(f"checkpoint {path} holds a {type(payload).__name__}, expected a dict")
     missing = [k for k in CHECKPOINT_KEYS if k not in payload]
     if missing:
         raise ValueError(f"checkpoint {path}: missing keys {missing}")
+    if "sha256" not in payload:
+        log.warning("checkpoint %s has no content hash (written before dit4dit stored one): not verified", path)
+    elif payload["sha256"] != checkpoint_sha256(payload):
+        raise ValueError(f"checkpoint {path} is corrupt: its content does not match the sha256 stored when it "
+                         f"was written (bytes changed on disk or in a copy)")
+    try:
+        _check_checkpoint_contents(payload)
+    except ValueError as err:
+        raise ValueError(f"checkpoint {path}: {err}") from err
     return payload
+
+
+def _config_from_dict(d):
+    if not isinstance(d, dict):
+        raise ValueError(f"config: expected a dict of DiT4DiTConfig fields, got {type(d).__name__}")
+    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(DiT4DiTConfig)})
+    if unknown:
+        raise ValueError(f"unknown config field(s) {unknown} (written by another version of dit4dit.py?)")
+    return DiT4DiTConfig(**d)
+
+
+def _check_checkpoint_contents(payload):
+    """What model_from_checkpoint needs, checked before any model is built: a valid config,
+    normalizers of its sizes, and weights with exactly the names and shapes of DiT4DiT(config)."""
+    config = _config_from_dict(payload["config"])
+    for name, size in (("state_normalizer", config.state_dim), ("action_normalizer", config.action_dim)):
+        try:
+            norm = Normalizer.from_state_dict(payload[name])
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{name}: {err}") from None
+        if norm.low.shape != (size,):
+            raise ValueError(f"{name} has {norm.low.numel()} entries but config.{name.split('_')[0]}_dim={size}")
+    weights = payload["model"]
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ValueError("model: expected a state dict of tensors")
+    tokenizer = PixelTokenizer()  # the weights do not depend on the tokenizer, only its channel count
+    tokenizer.channels = config.latent_channels
+    with torch.device("meta"):  # names and shapes only: nothing is allocated
+        expected = {k: v.shape for k, v in DiT4DiT(config, tokenizer).state_dict().items()}
+    got = {k: v.shape for k, v in weights.items() if not k.startswith("tokenizer.")}
+    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+    reshaped = [f"{k} {tuple(got[k])} (config: {tuple(expected[k])})"
+                for k in expected if k in got and got[k] != expected[k]]
+    if missing or unexpected or reshaped:
+        parts = [f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", reshaped)) if items]
+        raise ValueError(f"the weights do not fit the config: {'; '.join(parts)}")
 
 
 def model_from_checkpoint(payload):
     """(model, state_normalizer, action_normalizer) rebuilt from a load_checkpoint payload: a
     DiT4DiT of the saved config (default tokenizer) holding the saved weights, on the CPU."""
-    model = DiT4DiT(DiT4DiTConfig(**payload["config"]))
+    model = DiT4DiT(_config_from_dict(payload["config"]))
     model.load_state_dict(payload["model"])
     return (model, Normalizer.from_state_dict(payload["state_normalizer"]),
             Normalizer.from_state_dict(payload["action_normalizer"]))

@@ -1,6 +1,7 @@
 """Shared test setup. Run the suite from the repository root with `python -m pytest -q tests`
 (`python -m` puts the root on the import path, so `import dit4dit` works without path edits)."""
 import os
+import zipfile
 
 import pytest
 
@@ -19,4 +20,23 @@ def damaged_copies(tmp_path):
         truncated.write_bytes(data[: len(data) // 2])
         garbage.write_text("not a dit4dit file at all")
         return truncated, garbage
+    return make
+
+
+@pytest.fixture
+def flipped_copy(tmp_path):
+    """flipped_copy(path) -> a copy of the torch checkpoint at path, in tmp_path, with one byte
+    inverted in the middle of its largest stored tensor: the zip and the pickle stay readable (torch
+    does not check the zip's CRC), only the numbers change, as a bad disk or copy would."""
+    def make(path):
+        data = bytearray(path.read_bytes())
+        with zipfile.ZipFile(path) as zf:
+            info = max((i for i in zf.infolist() if "/data/" in i.filename), key=lambda i: i.file_size)
+        local = info.header_offset
+        name_len = int.from_bytes(data[local + 26:local + 28], "little")
+        extra_len = int.from_bytes(data[local + 28:local + 30], "little")
+        data[local + 30 + name_len + extra_len + info.file_size // 2] ^= 0xFF
+        flipped = tmp_path / f"flipped{path.suffix}"
+        flipped.write_bytes(bytes(data))
+        return flipped
     return make

@@ -1,4 +1,5 @@
 """Executable specification of dit4dit.py (issue 2). Runs on the `tiny` preset in seconds."""
+import dataclasses
 import os
 
 import numpy as np
@@ -339,6 +340,66 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
             call()
 
 
+
+def test_inputs_are_checked_for_dtype_range_mask_and_empty_batch():
+    model = tiny_model()
+    cfg = model.config
+    good = tiny_batch(cfg)
+    obs, state, text = good["video"][:, :, 0], good["state"], good["instruction"]
+
+    def loss(**changes):
+        return model.loss({**good, **changes})
+
+    cases = [
+        ("video: expected float32 like the model, got float64", lambda: loss(video=good["video"].double())),
+        ("state: expected float32 like the model, got bfloat16", lambda: loss(state=state.bfloat16())),
+        ("actions: expected float32 like the model, got float64", lambda: loss(actions=good["actions"].double())),
+        (r"video: .*\[-1, 1\].*255", lambda: loss(video=(good["video"] + 1) * 127.5)),  # a 0..255 input
+        ("action_mask: .*NaN", lambda: loss(action_mask=torch.tensor([1.0, float("nan")]))),
+        (r"action_mask: .*\[0, 1\]", lambda: loss(action_mask=torch.tensor([1.0, 2.0]))),
+        ("video: empty batch", lambda: loss(video=good["video"][:0], state=state[:0], actions=good["actions"][:0],
+                                            instruction=[])),
+        ("obs: expected float32 like the model, got float64", lambda: model.predict_action(obs.double(), state, text)),
+        (r"obs: .*\[-1, 1\]", lambda: model.predict_action((obs + 1) * 127.5, state, text)),
+        ("obs: empty batch", lambda: model.predict_action(obs[:0], state[:0], [])),
+        ("instruction: expected float32", lambda: tiny_model(text_encoder="embeddings").predict_action(
+            obs, state, torch.randn(3, 4, cfg.text_dim, dtype=torch.float64))),
+    ]
+    for size in (12, 32):  # the model was configured for 16x16 frames
+        small = torch.zeros(3, 3, size, size)
+        cases.append((f"obs: frames are {size}x{size} pixels.*image_size=16", lambda s=small: model.predict_action(s, state, text)))
+        cases.append((f"obs: frames are {size}x{size}", lambda s=small: model.imagine_video(s, text)))
+        video = torch.zeros(3, 3, 1 + cfg.num_future_frames, size, size)
+        cases.append((f"video: frames are {size}x{size}", lambda v=video: loss(video=v)))
+    for message, call in cases:
+        with pytest.raises(ValueError, match=message):
+            call()
+    # the boundaries of the accepted ranges still pass
+    assert torch.isfinite(loss(video=good["video"].clamp(-1, 1).sign(), action_mask=torch.tensor([1.0, 0.0]))["loss"])
+
+
+def test_config_fields_are_type_and_range_checked_in_one_table():
+    fields = {f.name for f in dataclasses.fields(d.DiT4DiTConfig)}
+    assert set(d.CONFIG_FIELDS) == fields  # a new field needs its row
+    bad = [
+        ("extract_layer", 1.0), ("extract_layer", True), ("extract_layer", "0"), ("extract_layer", 2),
+        ("abs_pos_embed", "no"), ("abs_pos_embed", 1), ("rope_theta", 0), ("rope_theta", -1.0),
+        ("rope_theta", float("inf")), ("video_loss_weight", float("nan")), ("video_loss_weight", -0.5),
+        ("tau_f", 0.0), ("tau_f", 1.5), ("action_dropout", 1.0), ("image_size", True), ("image_size", 16.0),
+        ("repeat", 0), ("repeat", 2.0), ("detach_features", "yes"), ("action_only", 0), ("text_encoder", 3),
+        ("adaln_lora_rank", -1), ("num_action_steps", None),
+    ]
+    for name, value in bad:
+        with pytest.raises(ValueError, match=f"^config field {name}=") as err:
+            d.make_config("tiny", **{name: value})
+        assert "\n" not in str(err.value)
+    cfg = d.make_config("tiny", video_loss_weight=0, tau_f=1.0, rope_theta=500, action_dropout=0.5)
+    assert cfg.video_loss_weight == 0 and cfg.rope_theta == 500  # an int is a fine float
+    cfg.extract_layer = 0.0  # a config changed after it was made
+    with pytest.raises(ValueError, match="^config field extract_layer="):
+        d.DiT4DiT(cfg)
+
+
 def test_embeddings_config_rejects_strings_and_takes_tensors():
     model = tiny_model(text_encoder="embeddings")
     assert model.text_encoder is None
@@ -390,38 +451,65 @@ def test_normalizer_round_trip():
         d.Normalizer.from_state_dict({"low": torch.zeros(3)})
 
 
+def tiny_normalizers(cfg):
+    """(state, action) normalizers of the sizes a checkpoint of cfg must hold."""
+    return (d.Normalizer(-torch.ones(cfg.state_dim), torch.ones(cfg.state_dim)),
+            d.Normalizer(torch.zeros(cfg.action_dim), torch.arange(1.0, cfg.action_dim + 1)))
+
+
 def test_checkpoint_round_trip(tmp_path):
     model = tiny_model()
     path = tmp_path / "ckpt.pt"
-    norm = d.Normalizer.fit(np.arange(12.0).reshape(6, 2))
-    d.save_checkpoint(path, model, norm, norm, step=7)
+    state_norm, action_norm = tiny_normalizers(model.config)
+    d.save_checkpoint(path, model, state_norm, action_norm, step=7)
     payload = d.load_checkpoint(path)
-    assert payload["step"] == 7
-    other, state_norm, _ = d.model_from_checkpoint(payload)
+    assert payload["step"] == 7 and len(payload["sha256"]) == 64
+    other, state_back, action_back = d.model_from_checkpoint(payload)
     for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), k
-    x = np.arange(12.0).reshape(6, 2)
-    assert np.allclose(state_norm.normalize(x), norm.normalize(x))
+    x = np.arange(6.0).reshape(3, 2)
+    assert np.allclose(action_back.normalize(x), action_norm.normalize(x))
+    assert torch.equal(state_back.low, state_norm.low)
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_atomic_write_keeps_old_file_on_failure(tmp_path):
-    model, norm = tiny_model(), d.Normalizer([0.0], [1.0])
+    model = tiny_model()
+    norms = tiny_normalizers(model.config)
     path = tmp_path / "ckpt.pt"
-    d.save_checkpoint(path, model, norm, norm, step=1)
+    d.save_checkpoint(path, model, *norms, step=1)
     with pytest.raises(Exception):
-        d.save_checkpoint(path, model, norm, norm, step=2, bad=lambda: None)  # cannot be pickled mid-write
+        d.save_checkpoint(path, model, *norms, step=2, bad=lambda: None)  # cannot be pickled mid-write
     assert d.load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]
+
+
+def test_atomic_write_temp_file_is_named_per_process_and_stale_ones_are_removed(tmp_path):
+    seen = []
+    d.atomic_write(tmp_path / "log.jsonl", lambda f: seen.append(os.listdir(tmp_path)) or f.write("x"), mode="w")
+    assert seen == [[f".log.jsonl.tmp{os.getpid()}"]]  # two writers of one file never share a temp file
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)  # a process that has exited
+    stale = [f".checkpoint.pt.tmp{dead_pid}", f".train_log.jsonl.tmp{dead_pid}"]
+    alive = f".checkpoint.pt.tmp{os.getppid()}"  # some other process still writing
+    for name in [*stale, alive, "notes.tmp1"]:
+        (tmp_path / name).write_text("partial")
+    assert sorted(d.remove_stale_temp_files(tmp_path)) == sorted(str(tmp_path / n) for n in stale)
+    assert sorted(os.listdir(tmp_path)) == sorted([alive, "log.jsonl", "notes.tmp1"])
 
 
 def test_load_checkpoint_errors_name_the_file(tmp_path, damaged_copies):
     missing = tmp_path / "missing.pt"
     with pytest.raises(FileNotFoundError, match="missing.pt"):
         d.load_checkpoint(missing)
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        d.load_checkpoint(tmp_path)
     path = tmp_path / "ckpt.pt"
-    norm = d.Normalizer([0.0], [1.0])
-    d.save_checkpoint(path, tiny_model(), norm, norm)
+    model = tiny_model()
+    d.save_checkpoint(path, model, *tiny_normalizers(model.config))
     for damaged in damaged_copies(path):  # truncated.pt, garbage.pt
         with pytest.raises(ValueError, match=damaged.name):
             d.load_checkpoint(damaged)
@@ -433,3 +521,50 @@ def test_load_checkpoint_errors_name_the_file(tmp_path, damaged_copies):
     torch.save({"model": {}, "step": 1}, partial)
     with pytest.raises(ValueError, match="partial.pt.*missing keys"):
         d.load_checkpoint(partial)
+
+
+def test_checkpoint_content_hash_refuses_flipped_bytes(tmp_path, flipped_copy):
+    path = tmp_path / "ckpt.pt"
+    model = trained_like(tiny_model())
+    d.save_checkpoint(path, model, *tiny_normalizers(model.config), step=3)
+    flipped = flipped_copy(path)
+    torch.load(flipped, weights_only=True)  # torch itself reads the damaged file without complaint
+    with pytest.raises(ValueError, match="flipped.pt.*sha256"):
+        d.load_checkpoint(flipped)
+
+
+def test_checkpoint_contents_are_checked_with_one_error_naming_the_file(tmp_path):
+    path = tmp_path / "ckpt.pt"
+    model = tiny_model()
+    d.save_checkpoint(path, model, *tiny_normalizers(model.config), step=3)
+    good = d.load_checkpoint(path)
+
+    def variant(name, change):
+        payload = {k: v for k, v in good.items() if k != "sha256"}
+        payload = {**payload, "config": dict(payload["config"]), "model": dict(payload["model"])}
+        change(payload)
+        payload["sha256"] = d.checkpoint_sha256(payload)  # a well-formed file: only the content is wrong
+        torch.save(payload, tmp_path / name)
+        return tmp_path / name
+
+    cases = [
+        ("field.pt: .*unknown config field.*widht", variant("field.pt", lambda p: p["config"].update(widht=3))),
+        ("type.pt: config field extract_layer=", variant("type.pt", lambda p: p["config"].update(extract_layer=0.5))),
+        ("norm.pt: state_normalizer has 7 entries but config.state_dim=3",
+         variant("norm.pt", lambda p: p.update(state_normalizer={"low": torch.zeros(7), "high": torch.ones(7)}))),
+        ("anorm.pt: action_normalizer", variant("anorm.pt", lambda p: p.update(action_normalizer={"low": 1}))),
+        ("weights.pt: .*weights do not fit.*missing.*final_linear",
+         variant("weights.pt", lambda p: p["model"].pop("video_dit.final_linear.weight"))),
+        ("shape.pt: .*weights do not fit.*patch_embed",
+         variant("shape.pt", lambda p: p["model"].update({"video_dit.patch_embed.weight": torch.zeros(2, 2)}))),
+        ("cfgtype.pt: config", variant("cfgtype.pt", lambda p: p.update(config=[1, 2]))),
+    ]
+    for message, file in cases:
+        with pytest.raises(ValueError, match=message) as err:
+            d.load_checkpoint(file)
+        assert "\n" not in str(err.value)
+    legacy = variant("legacy.pt", lambda p: None)  # written before checkpoints held their hash
+    payload = torch.load(legacy, weights_only=True)
+    del payload["sha256"]
+    torch.save(payload, legacy)
+    assert d.load_checkpoint(legacy)["step"] == 3
