@@ -788,13 +788,18 @@ def main(args):
         return None
     if args.expert == (args.ckpt is not None):
         raise ValueError("give exactly one of --ckpt PATH (a trained policy) or --expert (the scripted experts)")
+    for task in args.tasks or []:  # before a checkpoint is loaded
+        get_task(task)
     if args.expert:
         policy = ExpertPolicy()
     else:
+        if os.path.isdir(args.ckpt):
+            raise IsADirectoryError(f"--ckpt: {args.ckpt} is a directory; give the checkpoint file "
+                                    f"(such as {os.path.join(args.ckpt, 'checkpoint.pt')})")
         if not os.path.isfile(args.ckpt):
             raise FileNotFoundError(f"--ckpt: checkpoint {args.ckpt} does not exist")
         torch.set_num_threads(args.threads or torch.get_num_threads())
-        policy = load_policy(args.ckpt, execute_steps=args.execute_steps)
+        policy = load_policy(args.ckpt, execute_steps=args.execute_steps)  # verified: errors name the file
     report = evaluate(policy, tasks=args.tasks, episodes=args.episodes, out_dir=args.out, gif_episodes=args.gifs,
                       image_size=args.image_size, batch_size=args.batch_size)
     for name, t in report["tasks"].items():
@@ -822,5 +827,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def cli(argv=None):
+    """The command line: bad flags, a missing, damaged or mismatched checkpoint and an unknown
+    task exit with one line naming what is wrong (no traceback)."""
+    try:
+        return main(parse_args(argv))
+    except (ValueError, FileNotFoundError, IsADirectoryError) as error:
+        sys.exit(f"eval_sim.py: error: {error}")
+
+
 if __name__ == "__main__":
-    main(parse_args())
+    cli()

@@ -3,6 +3,7 @@ the episode format, the evaluation report and the DiT4DiT rollout wrapper."""
 import dataclasses
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -292,6 +293,37 @@ def test_cli_needs_exactly_one_policy(tmp_path):
     report = es.main(es.parse_args(["--expert", "--tasks", "reach", "--episodes", "1", "--gifs", "0",
                                     "--image-size", "16", "--out", str(tmp_path)]))
     assert report["tasks"]["reach"]["n"] == 1
+
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, flipped_copy):
+    dit4dit = pytest.importorskip("dit4dit")
+    config = dit4dit.make_config("tiny", state_dim=es.STATE_DIM, action_dim=es.ACTION_DIM)
+    model = dit4dit.DiT4DiT(config)
+    ckpt = tmp_path / "ckpt.pt"
+    dit4dit.save_checkpoint(ckpt, model, dit4dit.Normalizer(-torch.ones(4), torch.ones(4)),
+                            dit4dit.Normalizer(-torch.ones(2), torch.ones(2)), step=1)
+    payload = torch.load(ckpt, weights_only=True)
+    payload["state_normalizer"] = {"low": torch.zeros(7), "high": torch.ones(7)}
+    payload["sha256"] = dit4dit.checkpoint_sha256(payload)
+    torch.save(payload, tmp_path / "norm.pt")
+    out = tmp_path / "out"
+    cases = [
+        (["--ckpt", str(tmp_path / "missing.pt")], "missing.pt does not exist"),
+        (["--ckpt", str(tmp_path)], f"{tmp_path} is a directory"),
+        (["--expert", "--tasks", "juggle"], "unknown task 'juggle'"),
+        (["--ckpt", str(ckpt), "--tasks", "juggle"], "unknown task 'juggle'"),  # before the model is loaded
+        (["--ckpt", str(flipped_copy(ckpt))], "flipped.pt is corrupt.*sha256"),
+        (["--ckpt", str(tmp_path / "norm.pt")], "norm.pt: state_normalizer has 7 entries but config.state_dim=4"),
+        (["--expert", "--episodes", "0"], "episodes must be an int >= 1"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            es.cli([*argv, "--out", str(out), "--gifs", "0"])
+        text = str(exit_info.value.code)
+        assert text.startswith("eval_sim.py: error: ") and "\n" not in text, text
+        assert re.search(message, text), (message, text)
+        assert not out.exists()  # refused before the output folder is made
 
 
 def test_torch_compile_after_rendering_does_not_crash():
