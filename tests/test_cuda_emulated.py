@@ -131,6 +131,20 @@ class Emu:
         return dq, dk, dv
 
 
+def _cpu_has_fma():
+    try:
+        return " fma " in pathlib.Path("/proc/cpuinfo").read_text().replace("\n", " ")
+    except OSError:
+        return False
+
+
+# nvcc contracts a * b + c into one fused multiply-add by default (--fmad=true; --use_fast_math
+# keeps it), while g++ in ISO C++ mode does not: without these flags the emulation would hide
+# rounding that only the GPU shows (an exactly cancelling difference of a product and its own
+# rounded copy, as in the adaLN backward at D = 1, is not zero after contraction).
+_CONTRACT_FLAGS = ["-ffp-contract=fast"] + (["-mfma"] if _cpu_has_fma() else [])
+
+
 @pytest.fixture(scope="session")
 def emu():
     from torch.utils.cpp_extension import load
@@ -141,7 +155,8 @@ def emu():
     name = "dit4dit_cuda_emu"
     load(name=name, sources=[str(EMU_DIR / "emu_kernels.cpp"), str(EMU_DIR / "emu_broken.cpp")],
          extra_include_paths=[str(EMU_DIR), str(CUDA_DIR)],
-         extra_cflags=["-O2", "-std=c++20", "-pthread", "-Wno-unknown-pragmas"], extra_ldflags=["-pthread"],
+         extra_cflags=["-O2", "-std=c++20", "-pthread", "-Wno-unknown-pragmas"] + _CONTRACT_FLAGS,
+         extra_ldflags=["-pthread"],
          build_directory=build, is_python_module=False, verbose=False)
     return Emu(os.path.join(build, name + ".so"))
 
@@ -232,11 +247,26 @@ def _check_attn(run, inputs):
     _assert_float32_stat("lse", got["lse"], torch.logsumexp(scores, -1))
 
 
+def _check_adaln_one_feature(run, dtype):
+    """D = 1: LayerNorm of a single value is 0 whatever x, so y = shift and dx is exactly zero (the
+    fp32 rstd is 1/sqrt(eps) = 1000 there, so any rounding in dx is multiplied by 1000)."""
+    x, shift, scale, dy = _adaln_inputs((2, 6, 1, 3), dtype)
+    got = run(x, shift, scale, dy)
+    assert torch.equal(got["y"], shift.repeat_interleave(2, dim=1))
+    assert torch.equal(got["dx"], torch.zeros_like(x)), f"dx at D = 1 is not zero: {got['dx'].flatten()}"
+    _check_adaln(run, (x, shift, scale, dy))
+
+
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "B{}N{}D{}G{}".format(*s))
 def test_adaln_emulated(emu, shape, dtype):
     _check_adaln(functools.partial(_run_adaln_emu, emu), _adaln_inputs(shape, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adaln_emulated_one_feature(emu, dtype):
+    _check_adaln_one_feature(functools.partial(_run_adaln_emu, emu), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -312,6 +342,12 @@ needs_gpu = pytest.mark.skipif(
 @pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "B{}N{}D{}G{}".format(*s))
 def test_adaln_on_device(shape, dtype):
     _check_adaln(_run_adaln_cuda, _adaln_inputs(shape, dtype))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_adaln_on_device_one_feature(dtype):
+    _check_adaln_one_feature(_run_adaln_cuda, dtype)
 
 
 @needs_gpu

@@ -125,6 +125,13 @@ inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
 inline float __frcp_rn(float x) { return 1.0f / x; }
+inline float __fdiv_rn(float a, float b) { return a / b; }
+// As on the device, a __fmul_rn product is rounded and never fused into an FMA (the emulation is
+// compiled with -ffp-contract=fast like nvcc's default); the volatile store forces the rounding.
+inline float __fmul_rn(float a, float b) {
+  volatile float p = a * b;
+  return p;
+}
 inline float __saturatef(float x) { return x < 0.f ? 0.f : (x > 1.f ? 1.f : x); }
 
 inline float atomicAdd(float* address, float value) {

@@ -14,6 +14,12 @@
 //                           xhat = (x - mean) * rstd, the two row reductions
 //                           mean(g) and mean(g * xhat) give
 //                           dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+//                           g is rounded once (__fmul_rn, never fused into an FMA)
+//                           and the means are IEEE divisions (__fdiv_rn, not the
+//                           fast-math approximation), so at D = 1, where mean(g) = g
+//                           and xhat = 0, dx is exactly 0 as LayerNorm's gradient is;
+//                           a fused g - mean(g) would leave the rounding error of g
+//                           times rstd = 1/sqrt(eps).
 //   adaln_bwd_param_kernel  dshift = sum_n dy, dscale = sum_n dy * xhat over the tokens
 //                           of each (sample, group): a second kernel, column-parallel;
 //                           each block owns 32 columns of one (b, g), its threads
@@ -45,7 +51,7 @@ __global__ void __launch_bounds__(WARPS * kWarpSize)
   // Pass 1: mean.
   float sum = 0.f;
   for (int d = lane; d < D; d += kWarpSize) sum += to_float(xr[d]);
-  const float mean = warp_allreduce_sum(sum) / D;
+  const float mean = __fdiv_rn(warp_allreduce_sum(sum), static_cast<float>(D));  // exact at D = 1: xhat = 0
   // Pass 2: biased variance around the mean (x is re-read; it stays in cache).
   float sq = 0.f;
   for (int d = lane; d < D; d += kWarpSize) {
@@ -83,19 +89,20 @@ __global__ void __launch_bounds__(WARPS * kWarpSize)
   const float mean = mean_in[row];
   const float rstd = rstd_in[row];
 
-  // The two row reductions: sum(g) and sum(g * xhat), g = dy * (1 + scale).
+  // The two row reductions: sum(g) and sum(g * xhat), g = dy * (1 + scale), rounded once so that
+  // both loops see the same g.
   float sum_g = 0.f, sum_gx = 0.f;
   for (int d = lane; d < D; d += kWarpSize) {
-    const float gd = to_float(grad_y[row_offset + d]) * (1.f + to_float(scale[group_offset + d]));
+    const float gd = __fmul_rn(to_float(grad_y[row_offset + d]), 1.f + to_float(scale[group_offset + d]));
     const float xhat = (to_float(x[row_offset + d]) - mean) * rstd;
     sum_g += gd;
     sum_gx += gd * xhat;
   }
-  const float mean_g = warp_allreduce_sum(sum_g) / D;
-  const float mean_gx = warp_allreduce_sum(sum_gx) / D;
+  const float mean_g = __fdiv_rn(warp_allreduce_sum(sum_g), static_cast<float>(D));
+  const float mean_gx = __fdiv_rn(warp_allreduce_sum(sum_gx), static_cast<float>(D));
 
   for (int d = lane; d < D; d += kWarpSize) {
-    const float gd = to_float(grad_y[row_offset + d]) * (1.f + to_float(scale[group_offset + d]));
+    const float gd = __fmul_rn(to_float(grad_y[row_offset + d]), 1.f + to_float(scale[group_offset + d]));
     const float xhat = (to_float(x[row_offset + d]) - mean) * rstd;
     grad_x[row_offset + d] = from_float<T>(rstd * (gd - mean_g - xhat * mean_gx));
   }
