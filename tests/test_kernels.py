@@ -307,6 +307,45 @@ def test_adaln_bad_inputs_raise_clear_errors():
         OPS.adaln_modulate_bwd(y, x, scale, mean.double(), rstd.double(), 3)
 
 
+def _r(*shape):
+    return torch.randn(*shape)
+
+
+# Inputs that the Python wrappers never pass, given straight to the ops: the C++ kernels must
+# reject each one before reading any tensor data (the ops are public as torch.ops.dit4dit.*).
+DIRECT_BAD_CALLS = {
+    "fwd no groups": (lambda: OPS.adaln_modulate_fwd(_r(2, 6, 8), _r(2, 0, 8), _r(2, 0, 8), 1e-6), "G >= 1"),
+    "fwd D = 0": (lambda: OPS.adaln_modulate_fwd(_r(2, 6, 0), _r(2, 3, 0), _r(2, 3, 0), 1e-6), "D >= 1"),
+    "fwd batch": (lambda: OPS.adaln_modulate_fwd(_r(2, 6, 8), _r(1, 3, 8), _r(1, 3, 8), 1e-6), "to match x"),
+    "fwd expanded shift": (lambda: OPS.adaln_modulate_fwd(_r(2, 6, 8), _r(1, 3, 8).expand(2, 3, 8), _r(2, 3, 8),
+                                                          1e-6), "contiguous"),
+    "fwd eps nan": (lambda: OPS.adaln_modulate_fwd(_r(2, 6, 8), _r(2, 3, 8), _r(2, 3, 8), float("nan")), "eps"),
+    "bwd groups 0": (lambda: OPS.adaln_modulate_bwd(_r(2, 6, 8), _r(2, 6, 8), _r(2, 3, 8), _r(2, 6), _r(2, 6), 0),
+                     "groups = 0"),
+    "bwd grad_y": (lambda: OPS.adaln_modulate_bwd(_r(2, 6, 4), _r(2, 6, 8), _r(2, 3, 8), _r(2, 6), _r(2, 6), 3),
+                   "grad_y"),
+    "bwd mean short": (lambda: OPS.adaln_modulate_bwd(_r(2, 6, 8), _r(2, 6, 8), _r(2, 3, 8), _r(2, 5), _r(2, 5), 3),
+                       r"mean \(2, 5\)"),
+    "bwd rstd short": (lambda: OPS.adaln_modulate_bwd(_r(2, 6, 8), _r(2, 6, 8), _r(2, 3, 8), _r(2, 6), _r(2, 5), 3),
+                       "rstd"),
+    "bwd mean strided": (lambda: OPS.adaln_modulate_bwd(_r(2, 6, 8), _r(2, 6, 8), _r(2, 3, 8), _r(6, 2).t(),
+                                                        _r(2, 6), 3), "contiguous"),
+    "attn fwd Lk = 0": (lambda: OPS.attention_fwd(_r(2, 2, 5, 8), _r(2, 2, 0, 8), _r(2, 2, 0, 8)), "Lk >= 1"),
+    "attn fwd v": (lambda: OPS.attention_fwd(_r(2, 2, 5, 8), _r(2, 2, 7, 8), _r(2, 2, 6, 8)), "shape of k"),
+    "attn bwd o": (lambda: OPS.attention_bwd(_r(2, 2, 5, 8), _r(2, 2, 5, 8), _r(2, 2, 7, 8), _r(2, 2, 7, 8),
+                                             _r(2, 2, 4, 8), _r(2, 2, 5)), "shape of q"),
+    "attn bwd grad_o": (lambda: OPS.attention_bwd(_r(2, 2, 5, 4), _r(2, 2, 5, 8), _r(2, 2, 7, 8), _r(2, 2, 7, 8),
+                                                  _r(2, 2, 5, 8), _r(2, 2, 5)), "grad_o"),
+}
+
+
+@pytest.mark.parametrize("case", DIRECT_BAD_CALLS)
+def test_ops_reject_bad_inputs_called_directly(case):
+    call, message = DIRECT_BAD_CALLS[case]
+    with pytest.raises(RuntimeError, match=message):
+        call()
+
+
 def test_attention_bad_inputs_raise_clear_errors():
     q, k, v = _attn_inputs(2, 2, 5, 7, 8)
     with pytest.raises(ValueError, match=r"q must have shape \(B, nh, Lq, hd\)"):
