@@ -28,10 +28,12 @@ import argparse
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import json
 import math
 import os
 import random
+import socket
 import sys
 import time
 
@@ -134,9 +136,10 @@ def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True):
         else:
             episode = eval_sim.collect_episode(task, seed, image_size)
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            dit4dit.remove_stale_temp_files(os.path.dirname(path))
             eval_sim.save_episode(path, episode)
         if episode["success"]:
-            episodes.append(episode)
+            episodes.append({**episode, "path": path})
         else:
             failed += 1
     if failed and progress:
@@ -154,13 +157,36 @@ def load_episodes(data_dir, progress=True):
     paths = sorted(glob.glob(os.path.join(data_dir, "**", "*.npz"), recursive=True))
     if not paths:
         raise FileNotFoundError(f"--data: no episode files (*.npz) under {data_dir!r}")
-    episodes = [eval_sim.load_episode(p) for p in tqdm(paths, desc="episodes", unit="ep", disable=not progress)]
+    episodes = [{**eval_sim.load_episode(p), "path": p}
+                for p in tqdm(paths, desc="episodes", unit="ep", disable=not progress)]
     successful = [ep for ep in episodes if ep["success"]]
     if not successful:
         raise ValueError(f"--data: none of the {len(paths)} episodes under {data_dir!r} is marked successful")
     if len(successful) < len(episodes) and progress:
         print(f"skipped {len(episodes) - len(successful)} episode(s) marked unsuccessful")
     return successful
+
+
+def episode_name(episode, i):
+    """How errors name an episode: its file (episodes loaded or collected here carry "path")."""
+    return f"episode file {episode['path']}" if "path" in episode else f"episode {i}"
+
+
+def check_episodes(episodes):
+    """Every episode has the first one's frame size, state dim and action dim, and at least one
+    frame and state per action; ValueError naming the file that differs."""
+    if not episodes:
+        raise ValueError("no episodes")
+    first = episodes[0]
+    for i, ep in enumerate(episodes):
+        for what, shape in (("frames of shape", lambda e: e["frames"].shape[1:]),
+                            ("state dim", lambda e: e["state"].shape[-1]), ("action dim", lambda e: e["action"].shape[-1])):
+            if shape(ep) != shape(first):
+                raise ValueError(f"{episode_name(ep, i)}: {what} {shape(ep)}, but {episode_name(first, 0)} has "
+                                 f"{shape(first)} (all episodes must match)")
+        if len(ep["action"]) < 1 or len(ep["frames"]) < len(ep["action"]) or len(ep["state"]) < len(ep["action"]):
+            raise ValueError(f"{episode_name(ep, i)}: {len(ep['frames'])} frames, {len(ep['state'])} states and "
+                             f"{len(ep['action'])} actions; need at least one frame and state per action")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,19 +205,12 @@ class EpisodeDataset:
         F, K = num_future_frames, action_horizon
         if F < 1 or K < 1 or K % F != 0:
             raise ValueError(f"action_horizon K={K} must be a positive multiple of num_future_frames F={F}")
-        if not episodes:
-            raise ValueError("EpisodeDataset: no episodes")
+        check_episodes(episodes)
         self.num_future_frames, self.action_horizon, self.stride = F, K, K // F
         self.state_normalizer, self.action_normalizer = state_normalizer, action_normalizer
-        frame_shape = episodes[0]["frames"].shape[1:]
         frames, states, actions, frame_starts, step_starts, n_frames, n_steps = [], [], [], [], [], [], []
         f0 = s0 = 0
-        for i, ep in enumerate(episodes):
-            if ep["frames"].shape[1:] != frame_shape:
-                raise ValueError(f"episode {i}: frames of shape {ep['frames'].shape[1:]}, expected {frame_shape}")
-            if len(ep["action"]) < 1 or len(ep["frames"]) < len(ep["action"]) or len(ep["state"]) < len(ep["action"]):
-                raise ValueError(f"episode {i}: {len(ep['frames'])} frames, {len(ep['state'])} states and "
-                                 f"{len(ep['action'])} actions; need at least one frame and state per action")
+        for ep in episodes:
             frames.append(torch.from_numpy(np.ascontiguousarray(ep["frames"], dtype=np.uint8)))
             states.append(torch.as_tensor(np.asarray(ep["state"][: len(ep["action"])], dtype=np.float32)))
             actions.append(torch.as_tensor(np.asarray(ep["action"], dtype=np.float32)))
@@ -407,10 +426,182 @@ def write_log(path, rows):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints (layout: dit4dit.save_checkpoint; this script adds the training state)
 
-def save_training_checkpoint(path, model, optimizer, scheduler, step, state_normalizer, action_normalizer, args):
+def save_training_checkpoint(path, model, optimizer, scheduler, step, state_normalizer, action_normalizer, args,
+                             experiment=None, changes=()):
     dit4dit.save_checkpoint(path, model, state_normalizer, action_normalizer, step=step,
                             optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()})
+                            args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+                            experiment=experiment, changes=list(changes))
+
+
+TRAINING_KEYS = ("step", "optimizer", "scheduler", "args")  # what this script adds to dit4dit's layout
+
+
+# ----------------------------------------------------------------------------------------------
+# What defines an experiment. A checkpoint records it; resuming with any of it changed is refused
+# (--allow-changes continues with the new values and writes them into train_log.jsonl).
+
+EXPERIMENT_FLAGS = ("preset", "steps", "batch_size", "grad_accum", "lr_video", "lr_action", "warmup", "seed",
+                    "demos_per_task")
+
+
+def experiment_record(args, config, world=None, data=None, known=None):
+    """name -> value of everything that defines the run: the flags above ("--steps"), the tasks,
+    the number of processes, every config field ("config.image_size") and a fingerprint of the
+    training data. args: a Namespace or a checkpoint's args dict; config: a DiT4DiTConfig or its
+    dict; world and data None when unknown; known: the config fields to include (default all)."""
+    a = args if isinstance(args, dict) else vars(args)
+    record = {f"--{name.replace('_', '-')}": a.get(name) for name in EXPERIMENT_FLAGS}
+    if a.get("data"):
+        record["--demos-per-task"] = None  # unused with --data
+    record["--tasks"] = sorted(a.get("tasks") or eval_sim.TASKS)
+    config = config if isinstance(config, dict) else dataclasses.asdict(config)
+    record.update({f"config.{k}": v for k, v in config.items() if known is None or k in known})
+    if world is not None:
+        record["processes"] = world
+    if data is not None:
+        record["data"] = data
+    return record
+
+
+def data_fingerprint(episodes):
+    """'N episodes, sha256 XXXX': their count and a hash of their instructions, states, actions and
+    frame shapes in order (cheap: no pixels), so training on other data shows as a change."""
+    digest = hashlib.sha256()
+    for ep in episodes:
+        digest.update(f"{ep['instruction']}|{ep['frames'].shape}".encode())
+        digest.update(np.ascontiguousarray(ep["state"], dtype=np.float32))
+        digest.update(np.ascontiguousarray(ep["action"], dtype=np.float32))
+    return f"{len(episodes)} episodes, sha256 {digest.hexdigest()[:16]}"
+
+
+def checkpoint_experiment(ckpt):
+    """The record a checkpoint was trained with (rebuilt from its args and config when it was
+    written before checkpoints stored one: without processes and data)."""
+    return ckpt.get("experiment") or experiment_record(ckpt["args"], ckpt["config"])
+
+
+def experiment_changes(old, new):
+    """'NAME OLD -> NEW' for every entry both records hold and that differs, in new's order."""
+    return [f"{k} {old[k]!r} -> {new[k]!r}" for k in new if k in old and old[k] != new[k]]
+
+
+def refuse_or_allow(args, changes):
+    if changes and not args.allow_changes:
+        raise ValueError(f"--resume {args.resume}: this run would change the experiment the checkpoint was trained "
+                         f"with: {', '.join(changes)}. Give the checkpoint's values, or pass --allow-changes to "
+                         f"continue with the new ones (recorded in train_log.jsonl)")
+    return changes
+
+
+def load_resume(args):
+    """The verified checkpoint of --resume (dit4dit.load_checkpoint, plus this script's training
+    state), checked against the flags before any data or folder is touched: a changed experiment
+    (as far as the flags tell; the data follows in main) or a finished run is refused."""
+    ckpt = dit4dit.load_checkpoint(args.resume)  # errors name the file
+    missing = [k for k in TRAINING_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"--resume: checkpoint {args.resume} holds no training state ({missing} missing): it "
+                         f"was not written by train_toy.py; evaluate it with eval_sim.py --ckpt, or train anew")
+    image_size = args.image_size or (None if args.data else dit4dit.make_config(args.preset).image_size)
+    known = {f.name for f in dataclasses.fields(dit4dit.DiT4DiTConfig)} - {"state_dim", "action_dim"}
+    if image_size is None:  # from the episodes on disk: compared once they are read
+        known.discard("image_size")
+    config = build_config(args, **({} if image_size is None else {"image_size": image_size}))
+    refuse_or_allow(args, experiment_changes(checkpoint_experiment(ckpt), experiment_record(args, config, known=known)))
+    if int(ckpt["step"]) >= args.steps:
+        raise ValueError(f"--resume: checkpoint {args.resume} has already trained {int(ckpt['step'])} of --steps "
+                         f"{args.steps}: nothing left to train. Evaluate it with `python eval_sim.py --ckpt "
+                         f"{args.resume}`, or continue to more steps with --steps N --allow-changes")
+    return ckpt
+
+
+def apply_schedule(optimizer, scheduler, args):
+    """After loading a checkpoint's optimizer and scheduler under --allow-changes: the peak learning
+    rates of the flags, and this step's rate from the schedule of the flags (load_state_dict
+    brought back the old ones)."""
+    peak = {"video": args.lr_video, "action": args.lr_action}
+    scheduler.base_lrs = [peak[group["name"]] for group in optimizer.param_groups]
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"] = base
+        group["lr"] = base * factor(scheduler.last_epoch)
+
+
+# ----------------------------------------------------------------------------------------------
+# The run folder: one run at a time (a lock file holding "pid host"), and a folder that holds a
+# run is continued with --resume or replaced with --overwrite, never overwritten silently.
+
+RUN_LOCK = ".train.lock"
+RUN_FILES = ("checkpoint.pt", "train_log.jsonl", "report.json", "loss.png")  # what --overwrite deletes
+
+
+def lock_holder(out):
+    """'pid N on HOST' of a live run holding out's lock, or None (no lock, or its process is gone)."""
+    try:
+        with open(os.path.join(out, RUN_LOCK)) as f:
+            pid, host = f.read().split()
+        pid = int(pid)
+    except (OSError, ValueError):
+        return None  # no lock, or one cut short by a kill before it was written
+    if host != socket.gethostname():
+        return f"pid {pid} on {host}; if that run is gone, delete {os.path.join(out, RUN_LOCK)}"
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return f"pid {pid}"
+
+
+def check_out_folder(args):
+    """Refuse, before any work, a folder another live run is writing into, and a new run into a
+    folder that holds a run (unless it is the checkpoint resumed, or --overwrite)."""
+    holder = lock_holder(args.out)
+    if holder:
+        raise FileExistsError(f"--out {args.out}: another run ({holder}) is writing into it")
+    ckpt = os.path.join(args.out, "checkpoint.pt")
+    resuming_it = args.resume is not None and os.path.exists(ckpt) and os.path.samefile(ckpt, args.resume)
+    if os.path.exists(ckpt) and not resuming_it and not args.overwrite:
+        raise FileExistsError(f"--out {args.out} already holds a run ({ckpt}): continue it with --resume {ckpt}, "
+                              f"or pass --overwrite to replace it")
+
+
+def claim_out_folder(args):
+    """Create --out and take its lock (a stale lock of a dead process is taken over); remove the
+    temporary files a killed run left, and with --overwrite the previous run's files. Returns the
+    lock's path."""
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, RUN_LOCK)
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            holder = lock_holder(args.out)
+            if holder:
+                raise FileExistsError(f"--out {args.out}: another run ({holder}) is writing into it") from None
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+        break
+    else:
+        raise FileExistsError(f"--out {args.out}: another run took the lock {path} first")
+    dit4dit.remove_stale_temp_files(args.out)
+    if args.overwrite:
+        for name in RUN_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(args.out, name))
+    return path
+
+
+def release_out_folder(lock_path):
+    with contextlib.suppress(OSError, ValueError):
+        with open(lock_path) as f:
+            mine = int(f.read().split()[0]) == os.getpid()
+        if mine:
+            os.remove(lock_path)
 
 
 def default_out_dir():
@@ -447,22 +638,35 @@ def load_data(args, tasks, proc):
             print(f"demos ready in {time.time() - t0:.1f} s ({cache})")
         barrier()
         episodes = collect_demos(tasks, args.demos_per_task, image_size, cache, progress=False)
+    check_episodes(episodes)
     image_size = episodes[0]["frames"].shape[1]
     if args.image_size is not None and args.image_size != image_size:
         raise ValueError(f"--image-size {args.image_size} does not match the episodes' {image_size}px frames")
     return episodes, time.time() - t0
 
 
-def model_and_normalizers(args, episodes, resume):
-    """(model, state_normalizer, action_normalizer): when resuming, the checkpoint's config, weights
-    and statistics (not a refit); else statistics fitted to the episodes and the preset with the
-    data's shapes and the flags, initialized from --seed."""
+def data_config(args, episodes):
+    """The config of this run: the preset, the flags and the episodes' shapes."""
+    return build_config(args, image_size=episodes[0]["frames"].shape[1], state_dim=episodes[0]["state"].shape[-1],
+                        action_dim=episodes[0]["action"].shape[-1])
+
+
+def model_and_normalizers(config, args, episodes, resume):
+    """(model, state_normalizer, action_normalizer): when resuming, the checkpoint's weights and
+    statistics (not a refit) in a model of `config` (the checkpoint's own unless --allow-changes
+    changed it); else statistics fitted to the episodes and a model initialized from --seed."""
     if resume is not None:
-        return dit4dit.model_from_checkpoint(resume)
+        model, state_normalizer, action_normalizer = dit4dit.model_from_checkpoint(resume)
+        if model.config != config:  # only under --allow-changes (checked in main)
+            weights, model = model.state_dict(), dit4dit.DiT4DiT(config)
+            try:
+                model.load_state_dict(weights)
+            except RuntimeError as err:
+                raise ValueError(f"--allow-changes: the weights of {args.resume} do not fit the changed config: "
+                                 f"{str(err).splitlines()[-1].strip()}") from None
+        return model, state_normalizer, action_normalizer
     state_normalizer = dit4dit.Normalizer.fit(np.concatenate([e["state"] for e in episodes]))
     action_normalizer = dit4dit.Normalizer.fit(np.concatenate([e["action"] for e in episodes]))
-    config = build_config(args, image_size=episodes[0]["frames"].shape[1], state_dim=episodes[0]["state"].shape[-1],
-                          action_dim=episodes[0]["action"].shape[-1])
     seed_everything(args.seed)
     return dit4dit.DiT4DiT(config), state_normalizer, action_normalizer
 
@@ -501,10 +705,11 @@ def train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step):
     return totals, grad_norm, lrs
 
 
-def train(proc, args, model, optimizer, scheduler, dataset, start_step):
+def train(proc, args, model, optimizer, scheduler, dataset, start_step, record=None):
     """The training loop from start_step to --steps (or --stop-after steps of this invocation), with
     a train_log.jsonl row every --log-every steps (losses averaged since the previous row) and a
-    checkpoint every --ckpt-every steps and at the end. Returns (log rows, end step, seconds)."""
+    checkpoint every --ckpt-every steps and at the end (with `record`: its experiment and changes).
+    Returns (log rows, end step, seconds)."""
     wrapped = LossModule(model)
     if proc.world > 1:
         # action_only leaves the blocks after extract_layer without gradient: tell DDP.
@@ -542,7 +747,7 @@ def train(proc, args, model, optimizer, scheduler, dataset, start_step):
             write_log(log_path, log_rows)
         if done % args.ckpt_every == 0 or done == end_step:
             save_training_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, optimizer, scheduler, done,
-                                     dataset.state_normalizer, dataset.action_normalizer, args)
+                                     dataset.state_normalizer, dataset.action_normalizer, args, **(record or {}))
     bar.close()
     return log_rows, end_step, time.time() - train_start
 
@@ -566,7 +771,8 @@ def finish(args, proc, tasks, log_rows, training):
             "steps": args.steps, "train_seconds": round(training["train_seconds"], 1),
             "seconds_per_step": round(training["train_seconds"] / max(1, training["end_step"] - training["start_step"]),
                                       4),
-            "eval_seconds": round(time.time() - t0, 1), "final_losses": log_rows[-1] if log_rows else None,
+            "eval_seconds": round(time.time() - t0, 1),
+            "final_losses": next((r for r in reversed(log_rows) if "loss" in r), None),
             "world_size": proc.world, "args": vars(args), "demo_seconds": round(training["demo_seconds"], 1),
             "total_seconds": round(time.time() - training["run_start"], 1),
         }
@@ -580,70 +786,102 @@ def finish(args, proc, tasks, log_rows, training):
 
 
 def main(args):
-    """Data (episodes, normalizers, dataset), the training loop, the finish (loss curve,
-    evaluation, report). Returns the evaluation report on rank 0 (None elsewhere, or without one)."""
+    """Checks (flags, the resumed checkpoint, the run folder), data (episodes, normalizers,
+    dataset), the training loop, the finish (loss curve, evaluation, report). Returns the
+    evaluation report on rank 0 (None elsewhere, or without one)."""
     run_start = time.time()
     validate_args(args)
     device, amp_dtype = pick_device()
     proc = Process(device, amp_dtype, *setup_distributed(device))
     threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", proc.world)))
     torch.set_num_threads(threads)
-    resume = dit4dit.load_checkpoint(args.resume) if args.resume else None
+    resume = load_resume(args) if args.resume else None  # verified, and compared with the flags
     if args.out is None:
         args.out = os.path.dirname(os.path.abspath(args.resume)) if args.resume else default_out_dir()
     if proc.world > 1:  # every rank must write into the folder rank 0 named (timestamps may differ)
         shared = [args.out]
         dist.broadcast_object_list(shared, src=0)
         args.out = shared[0]
-    os.makedirs(args.out, exist_ok=True)
-    if proc.is_main:
-        print(f"run folder: {os.path.abspath(args.out)}  ({device}, {'bf16 autocast' if amp_dtype else 'fp32'}, "
-              f"{proc.world} process(es) x {threads} thread(s))")
+    check_out_folder(args)
 
-    # --- data
+    # --- data, and the experiment it makes (nothing is written into --out before this is checked)
     tasks = args.tasks or list(eval_sim.TASKS)
     episodes, demo_seconds = load_data(args, tasks, proc)
-    model, state_normalizer, action_normalizer = model_and_normalizers(args, episodes, resume)
-    config = model.config
+    config = data_config(args, episodes)
+    record = experiment_record(args, config, proc.world, data_fingerprint(episodes))
+    changes = []
+    if resume is not None:
+        changes = refuse_or_allow(args, experiment_changes(checkpoint_experiment(resume), record))
+        history = list(resume.get("changes") or []) + ([{"step": int(resume["step"]), "changes": changes}]
+                                                       if changes else [])
+    model, state_normalizer, action_normalizer = model_and_normalizers(config, args, episodes, resume)
     dataset = EpisodeDataset(episodes, config.num_future_frames, config.action_horizon,
                              state_normalizer, action_normalizer)
-    if proc.is_main:
-        print(f"{len(episodes)} episodes, {len(dataset)} samples, frames {episodes[0]['frames'].shape[1]}px, "
-              f"K={config.action_horizon} F={config.num_future_frames} stride={dataset.stride}")
-
-    # --- the training loop
     model.to(device)
     optimizer, scheduler = make_optimizer(model, args)
     start_step = 0
     if resume is not None:  # the training state this script added to the checkpoint
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
+        try:
+            optimizer.load_state_dict(resume["optimizer"])
+            scheduler.load_state_dict(resume["scheduler"])
+        except (ValueError, KeyError) as err:
+            raise ValueError(f"--resume: the optimizer state in {args.resume} does not fit this model: {err}") from None
+        if changes:
+            apply_schedule(optimizer, scheduler, args)
         start_step = int(resume["step"])
-    if proc.is_main:
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"preset {args.preset}: {n_params / 1e6:.2f} M parameters"
-              + (f"; resuming at step {start_step} (model config from the checkpoint)" if resume else ""))
-    log_rows, end_step, train_seconds = train(proc, args, model, optimizer, scheduler, dataset, start_step)
-    barrier()
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
-    # --- finish
-    if not proc.is_main:
-        return None
-    return finish(args, proc, tasks, log_rows, dict(run_start=run_start, demo_seconds=demo_seconds,
-                                                    start_step=start_step, end_step=end_step,
-                                                    train_seconds=train_seconds))
+    lock = claim_out_folder(args) if proc.is_main else None
+    try:
+        if proc.is_main:
+            print(f"run folder: {os.path.abspath(args.out)}  ({device}, {'bf16 autocast' if amp_dtype else 'fp32'}, "
+                  f"{proc.world} process(es) x {threads} thread(s))")
+            print(f"{len(episodes)} episodes, {len(dataset)} samples, frames {episodes[0]['frames'].shape[1]}px, "
+                  f"K={config.action_horizon} F={config.num_future_frames} stride={dataset.stride}")
+            n_params = sum(p.numel() for p in model.parameters())
+            print(f"preset {args.preset}: {n_params / 1e6:.2f} M parameters"
+                  + (f"; resuming at step {start_step} (model config from the checkpoint)" if resume else ""))
+            if changes:
+                print(f"--allow-changes: continuing with {', '.join(changes)}")
+                log_path = os.path.join(args.out, "train_log.jsonl")
+                write_log(log_path, read_log(log_path, upto_step=start_step) + [
+                    {"step": start_step, "event": "resume --allow-changes", "checkpoint": args.resume,
+                     "changes": changes}])
+
+        # --- the training loop
+        log_rows, end_step, train_seconds = train(
+            proc, args, model, optimizer, scheduler, dataset, start_step,
+            record={"experiment": record, "changes": history if resume is not None else []})
+        barrier()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+        # --- finish
+        if not proc.is_main:
+            return None
+        return finish(args, proc, tasks, log_rows, dict(run_start=run_start, demo_seconds=demo_seconds,
+                                                        start_step=start_step, end_step=end_step,
+                                                        train_seconds=train_seconds))
+    finally:
+        if lock is not None:
+            release_out_folder(lock)
 
 
 # ----------------------------------------------------------------------------------------------
 # Command line
 
 def validate_args(args):
+    """Every flag on its own and the config they make, before any work (no demo, no folder)."""
     positive = ["steps", "batch_size", "grad_accum", "demos_per_task", "ckpt_every", "log_every"]
     for name in positive:
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("threads", "image_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.overwrite and args.resume is not None:
+        raise ValueError("--overwrite starts a new run in --out; it cannot be combined with --resume")
     for name in ("lr_video", "lr_action"):
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
@@ -658,7 +896,11 @@ def validate_args(args):
             raise ValueError(f"--tasks: unknown task {task!r}; choose from {sorted(eval_sim.TASKS)}")
     if args.data is not None and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data: {args.data!r} is not a directory")
-    build_config(args)  # the config's own checks of the flags, before any demo is collected
+    # the config's own checks of the flags (and of --image-size against the patch), before any demo
+    build_config(args, **({} if args.image_size is None else {"image_size": args.image_size}))
+    if args.resume is not None and os.path.isdir(args.resume):
+        raise IsADirectoryError(f"--resume: {args.resume} is a directory; give the checkpoint file "
+                                f"(such as {os.path.join(args.resume, 'checkpoint.pt')})")
     if args.resume is not None and not os.path.isfile(args.resume):
         raise FileNotFoundError(f"--resume: no checkpoint at {args.resume!r}")
 
@@ -687,7 +929,14 @@ def build_parser():
                    help="ablation baseline: no video loss; the action loss trains the video DiT through the features")
     p.add_argument("--seed", type=int, default=0, help="seed of the model init, data order and noise (default 0)")
     p.add_argument("--out", default=None, help="run folder (default runs/<timestamp>, or the resumed checkpoint's)")
-    p.add_argument("--resume", default=None, metavar="PATH", help="continue exactly from this checkpoint")
+    p.add_argument("--resume", default=None, metavar="PATH",
+                   help="continue exactly from this checkpoint (give the flags it was trained with)")
+    p.add_argument("--allow-changes", action="store_true",
+                   help="with --resume: continue even though flags or data differ from the checkpoint's "
+                        "(the differences are written into train_log.jsonl and the checkpoint)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run in an --out that holds one (its checkpoint, log, report and loss "
+                        "curve are deleted first)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="stop after N steps of this invocation (time-sliced jobs); the schedule follows --steps")
     p.add_argument("--ckpt-every", type=int, default=CKPT_EVERY,
@@ -712,7 +961,7 @@ def cli(argv=None):
     """The command line: bad flags and missing or corrupt files exit with one clear line."""
     try:
         return main(build_parser().parse_args(argv))
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, IsADirectoryError, FileExistsError) as error:
         sys.exit(f"train_toy.py: error: {error}")
 
 

@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -152,16 +153,27 @@ def test_smoke_train_then_evaluate(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
 
 
-def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
-    common = ["--data", str(data_dir), "--steps", "4", "--eval-episodes", "0", "--warmup", "1"]
-    train_toy.main(run_args(tmp_path / "full", *common))
+def common_args(data_dir, steps=4):
+    return ["--data", str(data_dir), "--steps", str(steps), "--eval-episodes", "0", "--warmup", "1"]
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, data_dir):
+    """An uninterrupted 4-step run on data_dir: what every resumed run must end with."""
+    out = tmp_path_factory.mktemp("full")
+    train_toy.main(run_args(out / "run", *common_args(data_dir)))
+    return out / "run"
+
+
+def test_resume_equals_uninterrupted_run(tmp_path, data_dir, full_run):
+    common = common_args(data_dir)
     train_toy.main(run_args(tmp_path / "cut", *common, "--stop-after", "2"))
     assert dit4dit.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["step"] == 2
     at_step_2 = dit4dit.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["model"]
     train_toy.main(train_toy.build_parser().parse_args(
         [*common, "--resume", str(tmp_path / "cut" / "checkpoint.pt"), "--batch-size", "4", "--threads", "1",
          "--log-every", "1", "--preset", "tiny"]))
-    full = dit4dit.load_checkpoint(str(tmp_path / "full" / "checkpoint.pt"))
+    full = dit4dit.load_checkpoint(str(full_run / "checkpoint.pt"))
     resumed = dit4dit.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
     assert resumed["step"] == full["step"] == 4
     for name, value in full["model"].items():
@@ -170,6 +182,137 @@ def test_resume_equals_uninterrupted_run(tmp_path, data_dir):
     assert any(not torch.equal(v, at_step_2[k]) for k, v in full["model"].items())
     log = [json.loads(line)["step"] for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4]
+
+
+def resume_args(ckpt, *extra):
+    return train_toy.build_parser().parse_args(
+        ["--preset", "tiny", "--batch-size", "4", "--threads", "1", "--log-every", "1", "--resume", str(ckpt), *extra])
+
+
+def test_resume_refuses_a_changed_experiment_in_one_line(tmp_path, data_dir):
+    common = common_args(data_dir)
+    train_toy.main(run_args(tmp_path / "cut", *common, "--stop-after", "2"))
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
+    before = ckpt.read_bytes()
+    changes = [(["--steps", "6"], "--steps 4 -> 6"), (["--seed", "1"], "--seed 0 -> 1"),
+               (["--batch-size", "2"], "--batch-size 4 -> 2"), (["--grad-accum", "2"], "--grad-accum 1 -> 2"),
+               (["--lr-video", "1e-3"], "--lr-video 0.0003 -> 0.001"), (["--warmup", "2"], "--warmup 1 -> 2"),
+               (["--repeat", "3"], "config.repeat 2 -> 3"), (["--action-only"], "config.action_only False -> True")]
+    for flags, message in changes:
+        argv = [*common, *flags] if flags[0] not in common else \
+            [*common[:common.index(flags[0])], *flags, *common[common.index(flags[0]) + 2:]]
+        with pytest.raises(ValueError, match=f"--resume .*would change the experiment.*{message}.*--allow-changes") as e:
+            train_toy.main(resume_args(ckpt, *argv))
+        assert "\n" not in str(e.value)
+    other = tmp_path / "other"
+    other.mkdir()
+    for name in os.listdir(data_dir)[:2]:  # fewer episodes: other data
+        (other / name).write_bytes((data_dir / name).read_bytes())
+    with pytest.raises(ValueError, match="would change the experiment.*data '3 episodes.* -> '2 episodes"):
+        train_toy.main(resume_args(ckpt, *[a if a != str(data_dir) else str(other) for a in common]))
+    assert ckpt.read_bytes() == before  # refused runs wrote nothing
+
+
+def test_allow_changes_continues_with_the_new_values_and_logs_them(tmp_path, data_dir):
+    train_toy.main(run_args(tmp_path / "cut", *common_args(data_dir), "--stop-after", "2"))
+    ckpt = tmp_path / "cut" / "checkpoint.pt"
+    train_toy.main(resume_args(ckpt, *common_args(data_dir, steps=6), "--allow-changes"))
+    after = dit4dit.load_checkpoint(str(ckpt))
+    assert after["step"] == 6 and after["experiment"]["--steps"] == 6
+    assert after["changes"] == [{"step": 2, "changes": ["--steps 4 -> 6"]}]
+    rows = [json.loads(line) for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    events = [r for r in rows if "event" in r]
+    assert events == [{"step": 2, "event": "resume --allow-changes", "checkpoint": str(ckpt),
+                       "changes": ["--steps 4 -> 6"]}]
+    by_step = {r["step"]: r for r in rows if "loss" in r}
+    assert sorted(by_step) == [1, 2, 3, 4, 5, 6]
+    # step 3 ran on the new schedule (warm-up 1, cosine over 6 steps), not the old one (over 4)
+    assert by_step[3]["lr_action"] == pytest.approx(train_toy.LR_ACTION * train_toy.lr_factor(2, 1, 6))
+
+
+def test_resume_with_another_image_size_is_refused_or_applied(tmp_path):
+    demo = ["--tasks", "reach", "--demos-per-task", "2", "--demo-cache", str(tmp_path / "demos"), "--steps", "2"]
+    train_toy.main(run_args(tmp_path / "base", *demo, "--stop-after", "1", "--eval-episodes", "0"))
+    ckpt = tmp_path / "base" / "checkpoint.pt"
+    with pytest.raises(ValueError, match="config.image_size 16 -> 32"):
+        train_toy.main(resume_args(ckpt, *demo, "--image-size", "32", "--eval-episodes", "1",
+                                   "--out", str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists() and not (tmp_path / "demos" / "reach_32px").exists()
+    # allowed: the model is trained, saved and evaluated at the new size, and the log says so
+    report = train_toy.main(resume_args(ckpt, *demo, "--image-size", "32", "--eval-episodes", "1",
+                                        "--out", str(tmp_path / "run"), "--allow-changes"))
+    saved = dit4dit.load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
+    assert saved["config"]["image_size"] == 32 and saved["step"] == 2
+    assert report["manifest"]["config"]["image_size"] == 32
+    log = (tmp_path / "run" / "train_log.jsonl").read_text()
+    assert "config.image_size 16 -> 32" in log
+
+
+def test_resume_of_a_finished_run_says_so(tmp_path, data_dir, full_run):
+    with pytest.raises(ValueError, match="already trained 4 of --steps 4.*eval_sim.py --ckpt"):
+        train_toy.main(resume_args(full_run / "checkpoint.pt", *common_args(data_dir),
+                                   "--out", str(tmp_path / "new")))
+    assert not (tmp_path / "new").exists()
+
+
+def test_resume_needs_a_training_checkpoint(tmp_path, data_dir):
+    model = dit4dit.DiT4DiT(TINY)
+    ckpt = tmp_path / "model_only.pt"
+    norm = dit4dit.Normalizer(-torch.ones(3), torch.ones(3))
+    dit4dit.save_checkpoint(ckpt, model, norm, dit4dit.Normalizer(-torch.ones(2), torch.ones(2)))
+    with pytest.raises(ValueError, match="model_only.pt.*optimizer"):
+        train_toy.main(resume_args(ckpt, *common_args(data_dir), "--out", str(tmp_path / "run")))
+    assert not (tmp_path / "run").exists()
+
+
+def test_one_run_per_folder(tmp_path, data_dir):
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / train_toy.RUN_LOCK
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{sleeper.pid} {train_toy.socket.gethostname()}\n")
+        with pytest.raises(FileExistsError, match=f"another run \\(pid {sleeper.pid}.*is writing into"):
+            train_toy.main(run_args(out, *common_args(data_dir)))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # the holder is gone (kill -9): its lock and its half-written temporary files are cleaned up
+    (out / f".checkpoint.pt.tmp{sleeper.pid}").write_bytes(b"half a checkpoint")
+    train_toy.main(run_args(out, *common_args(data_dir, steps=2)))
+    assert sorted(os.listdir(out)) == ["checkpoint.pt", "loss.png", "train_log.jsonl"]
+    # a new run into a folder that holds a run: refused, unless --overwrite
+    with pytest.raises(FileExistsError, match="already holds a run.*--resume .*--overwrite"):
+        train_toy.main(run_args(out, *common_args(data_dir, steps=3)))
+    train_toy.main(run_args(out, *common_args(data_dir, steps=3), "--overwrite"))
+    assert dit4dit.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 3
+    rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+def test_kill_9_leaves_a_loadable_checkpoint_and_an_exact_resume(tmp_path, data_dir, full_run):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, os.path.join(ROOT, "train_toy.py"), "--preset", "tiny", "--batch-size", "4", "--threads",
+           "1", "--log-every", "1", "--ckpt-every", "1", *common_args(data_dir), "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # kill while the second checkpoint is being written (its temporary file exists)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        names = os.listdir(out) if out.exists() else []
+        if "checkpoint.pt" in names and any(n.startswith(".checkpoint.pt.tmp") for n in names):
+            break
+    proc.kill()
+    proc.wait()
+    ckpt = dit4dit.load_checkpoint(str(out / "checkpoint.pt"))  # verified: complete and unchanged
+    if ckpt["step"] < 4:
+        train_toy.main(resume_args(out / "checkpoint.pt", *common_args(data_dir)))
+    full = dit4dit.load_checkpoint(str(full_run / "checkpoint.pt"))
+    resumed = dit4dit.load_checkpoint(str(out / "checkpoint.pt"))
+    assert resumed["step"] == 4
+    for name, value in full["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    assert not [n for n in os.listdir(out) if ".tmp" in n or n == train_toy.RUN_LOCK]
 
 
 def test_torchrun_two_processes_match_gradient_accumulation(tmp_path, data_dir):
@@ -208,11 +351,41 @@ def test_bad_flags_and_data_give_clear_errors(tmp_path):
         train_toy.main(run_args(tmp_path, "--action-only", "--detach-features"))
     with pytest.raises(FileNotFoundError, match="--resume"):
         train_toy.main(run_args(tmp_path, "--resume", str(tmp_path / "none.pt")))
+    with pytest.raises(IsADirectoryError, match="is a directory"):
+        train_toy.main(run_args(tmp_path, "--resume", str(tmp_path)))
+    for flags, message in [(["--threads", "0"], "--threads"), (["--warmup", "-1"], "--warmup"),
+                           (["--resume", "x.pt", "--overwrite"], "--overwrite")]:
+        with pytest.raises(ValueError, match=message):
+            train_toy.main(run_args(tmp_path, *flags))
+
+
+def test_flags_are_checked_before_any_work(tmp_path):
+    cache, out = tmp_path / "demos", tmp_path / "run"
+    for flags, message in [(["--image-size", "17"], "image_size=17 is not a multiple of patch_size=4"),
+                           (["--extract-layer", "5"], "extract_layer=5 is out of range"),
+                           (["--image-size", "0"], "--image-size")]:
+        with pytest.raises(ValueError, match=message):
+            train_toy.main(run_args(out, "--demo-cache", str(cache), "--demos-per-task", "2", *flags))
+        assert not cache.exists() and not out.exists()
 
 
 def test_image_size_must_match_the_data(tmp_path, data_dir):
     with pytest.raises(ValueError, match="--image-size 32.*16px"):
         train_toy.main(run_args(tmp_path / "run", "--data", str(data_dir), "--image-size", "32"))
+
+
+def test_episodes_that_do_not_match_name_the_file(tmp_path, data_dir):
+    for name, change in [("wide.npz", lambda ep: {**ep, "action": np.zeros((12, 3), np.float32)}),
+                         ("state.npz", lambda ep: {**ep, "state": np.zeros((13, 5), np.float32)}),
+                         ("x_big.npz", lambda ep: {**ep, "frames": np.zeros((13, 32, 32, 3), np.uint8)})]:
+        mixed = tmp_path / name.split(".")[0]
+        mixed.mkdir()
+        for good in os.listdir(data_dir):
+            (mixed / good).write_bytes((data_dir / good).read_bytes())
+        eval_sim.save_episode(str(mixed / name), change(eval_sim.load_episode(str(data_dir / "ep_0.npz"))))
+        with pytest.raises(ValueError, match=f"episode file {mixed / name}: .*but .*ep_0.npz"):
+            train_toy.main(run_args(tmp_path / "run", "--data", str(mixed)))
+        assert not (tmp_path / "run").exists()
 
 
 def test_corrupt_episode_names_the_file(tmp_path, data_dir):
