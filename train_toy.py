@@ -802,7 +802,8 @@ def main(args):
         shared = [args.out]
         dist.broadcast_object_list(shared, src=0)
         args.out = shared[0]
-    check_out_folder(args)
+    if proc.is_main:  # the other ranks would see rank 0's own lock
+        check_out_folder(args)
 
     # --- data, and the experiment it makes (nothing is written into --out before this is checked)
     tasks = args.tasks or list(eval_sim.TASKS)
