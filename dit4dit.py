@@ -577,7 +577,7 @@ class DiT4DiT(nn.Module):
 
     def action_flow_loss(self, h, state, actions, mask, tau_a, noise):
         """Flow-matching loss of the action DiT. h (B, N, D_video), state (B, P), actions
-        (B, K, A), mask (B, A); tau_a (B*R,) and noise (B*R, K, A): R draws per sample that
+        (B, K, A), mask (B, K, A) (0 on padded steps and dims); tau_a (B*R,) and noise (B*R, K, A): R draws per sample that
         share h and state (released: R = 4)."""
         R = tau_a.shape[0] // actions.shape[0]
         kv = [None if p is None else (p[0].repeat_interleave(R, 0), p[1].repeat_interleave(R, 0))
@@ -585,7 +585,7 @@ class DiT4DiT(nn.Module):
         a0 = actions.repeat_interleave(R, 0)  # (B*R, K, A)
         tau = tau_a[:, None, None]
         v_hat = self.action_dit((1 - tau) * a0 + tau * noise, tau_a, state.repeat_interleave(R, 0), kv=kv)
-        return masked_mse(v_hat, noise - a0, mask.repeat_interleave(R, 0)[:, None, :])
+        return masked_mse(v_hat, noise - a0, mask.repeat_interleave(R, 0))
 
     def _extract(self, cond, text, generator):
         """The extraction pass (DESIGN 3.5): clean conditioning latent cond (B, C, 1, h, w), all
@@ -892,7 +892,7 @@ def _check_text(text, B):
 
 
 def _check_batch(model, batch):
-    """The training batch of DiT4DiT.loss -> (video, state, actions, mask (B, A), text)."""
+    """The training batch of DiT4DiT.loss -> (video, state, actions, mask (B, K, A), text)."""
     cfg = model.config
     if not isinstance(batch, dict):
         raise ValueError(f"batch: expected a dict, got {type(batch).__name__}")
@@ -904,17 +904,21 @@ def _check_batch(model, batch):
     state = _check_tensor("state", batch["state"], (B, cfg.state_dim), dtype)
     actions = _check_tensor("actions", batch["actions"], (B, cfg.action_horizon, cfg.action_dim), dtype)
     mask = batch.get("action_mask")
+    K, A = cfg.action_horizon, cfg.action_dim
     if mask is None:
-        mask = torch.ones(B, cfg.action_dim, device=actions.device)
+        mask = torch.ones(B, K, A, device=actions.device)
     else:
-        if not isinstance(mask, torch.Tensor) or mask.shape not in ((cfg.action_dim,), (B, cfg.action_dim)):
-            raise ValueError(f"action_mask: expected shape ({cfg.action_dim},) or ({B}, {cfg.action_dim}), "
+        # (A,) or (B, A): which action dims are real; (B, K, A): also which steps of the chunk are
+        # real (steps past an episode's end are padding and must not be scored)
+        if not isinstance(mask, torch.Tensor) or mask.shape not in ((A,), (B, A), (B, K, A)):
+            raise ValueError(f"action_mask: expected shape ({A},), ({B}, {A}) or ({B}, {K}, {A}), "
                              f"got {tuple(getattr(mask, 'shape', ()))}")
-        mask = mask.to(actions.dtype).expand(B, cfg.action_dim)
+        mask = mask.to(actions.dtype)
+        mask = mask.expand(B, K, A) if mask.ndim == 3 else mask.expand(B, A)[:, None].expand(B, K, A)
         if not torch.isfinite(mask).all():
             raise ValueError("action_mask: contains NaN or inf")
         if ((mask < 0) | (mask > 1)).any():
-            raise ValueError("action_mask: values must lie in [0, 1] (1 = a real action dim, 0 = padding)")
+            raise ValueError("action_mask: values must lie in [0, 1] (1 = a real action, 0 = padding)")
     if ("instruction" in batch) == ("text" in batch):
         raise ValueError("batch: give exactly one of 'instruction' (list of str) or 'text' (B, S, D_text)")
     text = batch.get("instruction", batch.get("text"))

@@ -13,9 +13,10 @@ run; `--data DIR` trains on episodes saved in the same format instead. One train
     s_t                             proprioceptive state, min-max normalized to [-1, 1]
     a_t, ..., a_{t+K-1}             the action chunk, min-max normalized to [-1, 1]
     the instruction string.
-Past the episode end, frames repeat the last frame and actions are the "hold" action (zero
-end-effector motion): the demo ended because the task is done, and staying put is what the robot
-should do next. Repeating the last action instead would teach it to keep pushing past the goal.
+Past the episode end, frames repeat the last frame, and the chunk's steps there are padding: they
+hold the "hold" action (zero motion) but the action mask is 0 on them, so the loss never trains
+toward them. (Scoring them taught the robot to slow down: in short `reach` demos most chunk
+entries were padded holds.)
 
 Exact resume. Everything random in a training step (which samples, the model's noise draws,
 dropout) is a function of (seed, step, which slice of the global batch) only, never of the RNG
@@ -239,7 +240,8 @@ class EpisodeDataset:
 
     def gather(self, indices):
         """Raw sample fields for a 1-D index tensor: frames uint8 (B, 1+F, H, W, 3),
-        state (B, P), actions (B, K, A), instructions list[str]."""
+        state (B, P), actions (B, K, A), action_mask (B, K, A) (0 on steps past the episode's end),
+        instructions list[str]."""
         indices = torch.as_tensor(indices, dtype=torch.long)
         if indices.numel() and (indices.min() < 0 or indices.max() >= len(self)):
             raise IndexError(f"sample index out of range [0, {len(self)})")
@@ -253,8 +255,9 @@ class EpisodeDataset:
         action_t = torch.minimum(action_t, self.n_steps[ep][:, None] - 1)
         actions = self.actions[self.step_starts[ep][:, None] + action_t]            # (B, K, A)
         actions = torch.where(inside[..., None], actions, self.pad_action)          # past the end: hold
+        mask = inside[..., None].expand_as(actions).float()                         # (B, K, A): 0 past the end
         state = self.states[self.step_starts[ep] + t]                               # (B, P)
-        return {"frames": frames, "state": state, "actions": actions,
+        return {"frames": frames, "state": state, "actions": actions, "action_mask": mask,
                 "instruction": [self.instructions[e] for e in ep.tolist()]}
 
     def __getitem__(self, i):
@@ -266,7 +269,7 @@ class EpisodeDataset:
         sample = self.gather(indices)
         batch = {"video": dit4dit.frames_to_video(sample["frames"]),                # (B, 3, 1+F, H, W)
                  "state": sample["state"], "actions": sample["actions"],
-                 "instruction": sample["instruction"]}
+                 "action_mask": sample["action_mask"], "instruction": sample["instruction"]}
         if device is not None:
             batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
         return batch

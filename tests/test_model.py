@@ -244,7 +244,7 @@ def test_action_loss_ignores_masked_dims():
     batch = tiny_batch(cfg)
     B, R = 3, cfg.repeat
     h = torch.randn(B, 10, cfg.video_width)
-    mask = torch.tensor([1.0, 1.0, 0.0]).expand(B, 3)
+    mask = torch.tensor([1.0, 1.0, 0.0]).expand(B, cfg.action_horizon, 3)
     # at tau = 1 the input x_tau = eps does not depend on the actions: only the target does
     tau_a = torch.ones(B * R)
     noise = torch.randn(B * R, cfg.action_horizon, 3, generator=gen(0))
@@ -257,6 +257,26 @@ def test_action_loss_ignores_masked_dims():
     # the batch path accepts a (A,) mask too
     batch["action_mask"] = torch.tensor([True, True, False])
     assert torch.isfinite(model.loss(batch)["action_loss"])
+
+
+def test_action_loss_does_not_score_padded_steps():
+    """A (B, K, A) mask leaves steps past an episode's end out of the loss: changing the actions
+    on masked steps changes nothing, changing one real step does (this failed while the mask was
+    per action dimension only and every padded 'hold' step was trained toward)."""
+    cfg = d.make_config("tiny", action_dim=2)
+    model = d.DiT4DiT(cfg)
+    B, K, R = 2, cfg.action_horizon, cfg.repeat
+    h = torch.randn(B, 10, cfg.video_width)
+    state, actions = torch.randn(B, cfg.state_dim), torch.rand(B, K, 2) * 2 - 1
+    mask = torch.ones(B, K, 2)
+    mask[0, 2:] = 0  # sample 0: its episode ended after 2 steps
+    tau_a, noise = torch.ones(B * R), torch.randn(B * R, K, 2, generator=gen(1))
+    base = model.action_flow_loss(h, state, actions, mask, tau_a, noise)
+    changed = actions.clone()
+    changed[0, 2:] = 0.0  # what the padded steps hold does not matter
+    torch.testing.assert_close(model.action_flow_loss(h, state, changed, mask, tau_a, noise), base)
+    changed[0, 1] = 0.9
+    assert not torch.allclose(model.action_flow_loss(h, state, changed, mask, tau_a, noise), base)
 
 
 def test_euler_sampler_recovers_x0_from_exact_straight_line_velocity():

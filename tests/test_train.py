@@ -53,11 +53,16 @@ def test_sample_shapes_and_alignment():
         expected_a = [t + k if t + k < length else 0.0 for k in range(4)]  # hold (zero motion) past the end
         np.testing.assert_allclose(raw[:, 0], expected_a, atol=1e-4)
         np.testing.assert_allclose(raw[:, 1], [-a for a in expected_a], atol=1e-4)
+        # the mask marks the real steps: padded ones past the end are not scored by the loss
+        expected_mask = [[1.0, 1.0] if t + k < length else [0.0, 0.0] for k in range(4)]
+        assert sample["action_mask"].tolist() == expected_mask
         assert sample["instruction"] == episodes[ep]["instruction"]
     batch = ds.batch(torch.tensor([0, 12, 16]))
     assert batch["video"].shape == (3, 3, 3, 8, 8) and batch["video"].dtype == torch.float32
     assert batch["video"].min() >= -1 and batch["video"].max() <= 1
     assert batch["actions"].shape == (3, 4, 2) and batch["state"].shape == (3, 3)
+    # sample 16 is the last step (t = 6) of a 7-step episode: one real step, three padded
+    assert batch["action_mask"].tolist()[2] == [[1.0, 1.0]] + [[0.0, 0.0]] * 3
     assert batch["actions"].abs().max() <= 1 + 1e-6 and batch["state"].abs().max() <= 1 + 1e-6
     assert batch["instruction"] == ["push the red block", "reach the blue pad", "reach the blue pad"]
 
