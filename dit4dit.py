@@ -322,6 +322,7 @@ class DiT4DiTConfig:
     video_mlp_dim: int = 256        # MLP hidden width
     adaln_lora_rank: int = 0        # 0: per-block adaLN projection; r > 0: adaLN-LoRA of rank r (paper: 256)
     rope_theta: float = 10000.0     # rotary base frequency
+    video_time_scale: float = 1000.0  # the video DiT embeds time_scale * tau (Cosmos-Predict2.5: 1, see VideoDiT)
     abs_pos_embed: bool = True      # add fixed 2D sin-cos positions to the patch tokens (toy departure,
                                     # see VideoDiT.forward); False = rotary positions only (Cosmos)
     # action DiT (GR00T-N1.5 style)
@@ -362,7 +363,7 @@ class VideoDiT(nn.Module):
         super().__init__()
         D, C, p, r = cfg.video_width, cfg.latent_channels, cfg.patch_size, cfg.adaln_lora_rank
         self.patch, self.channels, self.heads, self.theta = p, C, cfg.video_heads, cfg.rope_theta
-        self.abs_pos_embed = cfg.abs_pos_embed
+        self.abs_pos_embed, self.time_scale = cfg.abs_pos_embed, cfg.video_time_scale
         self.patch_embed = nn.Linear((C + 1) * p * p, D, bias=False)  # +1: condition-mask channel
         self.t_embed = TimestepMLP(D, bias=False)
         # adaLN-LoRA's term shared by all blocks. Cosmos takes it from the timestep MLP's last
@@ -428,9 +429,11 @@ class VideoDiT(nn.Module):
             # tokens themselves to say where they are. Same rows/columns in every frame.
             pos = self.pos_embed(h, w, x.device)  # (h*w, D)
             x = (x.view(B, T, h * w, -1) + pos).view(B, T * h * w, -1)  # (B, T, h*w, D) -> (B, N, D)
-        # Departure from Cosmos-Predict2.5: time enters as a sinusoid of 1000 * tau (rectified-flow
-        # time), not Cosmos' EDM noise level; one conditioning vector per frame.
-        c = F.silu(self.t_embed(tau))  # (B, T, D)
+        # One conditioning vector per frame from a sinusoid of time_scale * tau. Cosmos-Predict2.5
+        # feeds sigma in [0, 1] itself (time_scale 1, the `paper` preset); with a max period of
+        # 10 000 the embeddings of tau = 0.995 and 0.5 then have cosine 0.99, which a pretrained
+        # model can live with but a model trained from scratch cannot: the toy presets use 1000.
+        c = F.silu(self.t_embed(self.time_scale * tau))  # (B, T, D)
         shared = self.t_shared(c) if self.t_shared is not None else None  # (B, T, 3D)
         rope = self.rope(T, h, w, x.device)
         for i, block in enumerate(self.blocks):
@@ -804,6 +807,7 @@ CONFIG_FIELDS = {
     "video_heads": _POSITIVE_INT, "video_mlp_dim": _POSITIVE_INT, "adaln_lora_rank": _NON_NEGATIVE_INT,
     "rope_theta": (float, lambda v: v > 0, "a finite number > 0"),  # 0 makes every rotary angle NaN
     "abs_pos_embed": _BOOL,
+    "video_time_scale": (float, lambda v: v > 0, "a finite number > 0"),
     "action_width": _POSITIVE_INT, "action_depth": _POSITIVE_INT, "action_heads": _POSITIVE_INT,
     "action_mlp_dim": _POSITIVE_INT,
     "action_dropout": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
@@ -1168,7 +1172,7 @@ PRESETS = {
     "paper": dict(image_size=256, num_future_frames=8, action_horizon=16, action_dim=32, state_dim=64,
                   latent_channels=16, text_encoder="embeddings", text_dim=1024, patch_size=2,
                   video_width=2048, video_depth=28, video_heads=16, video_mlp_dim=8192,
-                  adaln_lora_rank=256, abs_pos_embed=False,
+                  adaln_lora_rank=256, abs_pos_embed=False, video_time_scale=1.0,
                   action_width=768, action_depth=16, action_heads=12, action_mlp_dim=3072,
                   action_dropout=0.2, extract_layer=17, tau_f=0.995, repeat=4, num_action_steps=4,
                   num_video_steps=35),

@@ -588,3 +588,24 @@ def test_checkpoint_contents_are_checked_with_one_error_naming_the_file(tmp_path
     del payload["sha256"]
     torch.save(payload, legacy)
     assert d.load_checkpoint(legacy)["step"] == 3
+
+
+def test_video_time_embedding_tells_noise_levels_apart():
+    """The toy presets embed 1000 * tau: the video DiT's time input at tau = 0.995 and 0.5 must
+    differ (it did not when tau itself was embedded with a max period of 10 000: cosine 0.99).
+    The paper preset keeps Cosmos-Predict2.5's sigma in [0, 1]."""
+    seen = []
+    for preset, scale in (("tiny", 1000.0), ("toy", 1000.0)):
+        cfg = d.make_config(preset)
+        assert cfg.video_time_scale == scale
+        model = d.DiT4DiT(cfg)
+        hook = model.video_dit.t_embed.register_forward_hook(lambda m, inp, out: seen.append(inp[0]))
+        cond = torch.zeros(1, 3, 1, cfg.image_size, cfg.image_size)
+        text = model.encode_text(["move to the red pad"])
+        for tau in (0.995, 0.5):
+            model.video_forward(cond, model.future_noise(cond), torch.tensor([tau]), text)
+        hook.remove()
+        torch.testing.assert_close(seen[-2][0, 1:], torch.full((cfg.num_future_frames,), 995.0))
+        a, b = (d.timestep_embedding(t[0, 1], 256) for t in seen[-2:])
+        assert torch.nn.functional.cosine_similarity(a, b, dim=0) < 0.5
+    assert d.make_config("paper").video_time_scale == 1.0
