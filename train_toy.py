@@ -231,6 +231,18 @@ class EpisodeDataset:
         self.n_frames = torch.tensor(n_frames)
         self.n_steps = torch.tensor(n_steps)
         self.instructions = [ep["instruction"] for ep in episodes]
+        # Task balance: every task's samples are repeated (cyclically) up to the largest task's
+        # count, and training draws from this table, so each task gives an equal share of every
+        # batch whatever its episode lengths (short `reach` demos would otherwise be a minority).
+        tasks = [str(ep.get("task", "")) for ep in episodes]
+        first = 0
+        per_task = {}
+        for task, n in zip(tasks, n_steps):
+            per_task.setdefault(task, []).append(torch.arange(first, first + n))
+            first += n
+        per_task = [torch.cat(chunks) for chunks in per_task.values()]
+        largest = max(len(idx) for idx in per_task)
+        self.balanced = torch.cat([idx[torch.arange(largest) % len(idx)] for idx in per_task])
         # sample index -> (episode, t)
         self.sample_episode = torch.repeat_interleave(torch.arange(len(episodes)), self.n_steps)
         self.sample_t = torch.cat([torch.arange(n) for n in n_steps])
@@ -680,8 +692,9 @@ def train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step):
     averaged over micro-steps and processes, the clipped gradient norm, the learning rates used)."""
     totals = torch.zeros(3, device=proc.device)  # loss, video_loss, action_loss summed over micro-steps
     for micro in range(args.grad_accum):
-        indices = batch_indices(len(dataset), args.seed, step, micro, proc.rank, proc.world, args.batch_size,
-                                args.grad_accum)
+        positions = batch_indices(len(dataset.balanced), args.seed, step, micro, proc.rank, proc.world,
+                                  args.batch_size, args.grad_accum)
+        indices = dataset.balanced[positions]  # task-balanced (see EpisodeDataset)
         batch = dataset.batch(indices, proc.device)
         # The model's noise draws (generator) and anything on the global RNGs (dropout), seeded
         # by this micro-batch's slice of the global batch: N processes x 1 micro-step draw

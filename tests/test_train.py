@@ -74,6 +74,19 @@ def test_dataset_rejects_bad_horizon_and_shapes():
         make_dataset([fake_episode(5, 8), fake_episode(5, 6)])
 
 
+def test_batches_are_task_balanced():
+    """Two tasks with 3x more samples in one: each still gives half of what training draws (this
+    failed while batches were drawn uniformly over samples)."""
+    short = [dict(fake_episode(4, 8), task="reach") for _ in range(5)]   # 20 samples
+    long = [dict(fake_episode(12, 8), task="push") for _ in range(5)]    # 60 samples
+    ds = make_dataset(short + long)
+    assert len(ds) == 80 and len(ds.balanced) == 120
+    drawn = torch.cat([ds.balanced[train_toy.batch_indices(len(ds.balanced), 0, s, 0, 0, 1, 40, 1)] for s in range(30)])
+    from_short = (drawn < 20).float().mean().item()
+    assert 0.45 < from_short < 0.55
+    assert set(ds.balanced.tolist()) == set(range(80))  # every sample is still drawn
+
+
 def test_batch_indices_shard_and_repeat():
     n, b = 37, 4
     a = train_toy.batch_indices(n, 0, 5, 0, 0, 2, b, 1)
