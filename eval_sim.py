@@ -284,7 +284,11 @@ class ToyTableEnv(gym.Env):
                    for i in range(len(pads)) for j in range(len(pads)) if i != j):
                 break
         target = int(rng.integers(t.num_pads))  # drawn after the layout: the layout has no cue
-        obs = self.set_layout(ee, pads, colors, target, puck)
+        if options and options.get("target") is not None:  # a demo of this layout toward another pad
+            target = options["target"]
+            if not isinstance(target, (int, np.integer)) or not 0 <= target < t.num_pads:
+                raise ValueError(f"options['target']: expected a pad index in [0, {t.num_pads}), got {target!r}")
+        obs = self.set_layout(ee, pads, colors, int(target), puck)
         self.episode_seed = seed
         return obs, {"success": False, "instruction": self.instruction}
 
@@ -384,11 +388,12 @@ def scripted_expert(env):
     return push
 
 
-def collect_episode(task, seed, image_size=64):
-    """One scripted-expert episode in the on-disk format (see save_episode)."""
+def collect_episode(task, seed, image_size=64, target=None):
+    """One scripted-expert episode in the on-disk format (see save_episode). `target` (a pad index)
+    names another pad than the seed draws, so one layout can be demonstrated toward every pad."""
     env = make_env(task, image_size=image_size)
     try:
-        obs, info = env.reset(seed=seed)
+        obs, info = env.reset(seed=seed, options={"target": target})
         expert = scripted_expert(env)
         frames, states, actions = [obs["image"]], [obs["state"]], []
         while True:

@@ -60,7 +60,8 @@ MIN_LR_FRACTION = 0.05
 WEIGHT_DECAY = 0.01        # AdamW, on matrices only (not on norms, biases, embeddings' 1-D params)
 BETAS = (0.9, 0.95)
 GRAD_CLIP = 1.0
-DEMOS_PER_TASK = 100
+DEMOS_PER_TASK = 100       # demo layouts per task
+EVERY_PAD = True           # each layout demonstrated toward every pad (see collect_demos)
 EVAL_EPISODES = 25         # per task: 2 tasks x 25 = the 50 evaluation episodes
 GIF_EPISODES = 2           # rollout GIFs written per task
 CKPT_EVERY = 500
@@ -122,20 +123,26 @@ def demo_cache_dir(cache_root, task, image_size):
     return os.path.join(cache_root, f"{task}_{image_size}px")
 
 
-def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True):
+def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, every_pad=EVERY_PAD):
     """Scripted-expert demos for each task, one .npz per episode; files already present are reused.
 
+    demos_per_task layouts (demo seeds) per task. every_pad: each layout is demonstrated toward
+    every pad, one episode per pad ("move to the red pad", "... the blue pad", ...), so the same
+    first frame comes with as many different action chunks as there are pads and only the
+    instruction tells them apart; otherwise one episode per layout, toward the pad its seed names.
     Demos the expert failed are kept on disk (so the cache is complete) but not returned.
     Returns the list of successful episodes (dicts in eval_sim's episode format).
     """
-    jobs = [(task, seed) for task in tasks for seed in eval_sim.demo_seeds(task, demos_per_task)]
+    jobs = [(task, seed, target) for task in tasks for seed in eval_sim.demo_seeds(task, demos_per_task)
+            for target in (range(eval_sim.TASKS[task].num_pads) if every_pad else [None])]
     episodes, failed = [], 0
-    for task, seed in tqdm(jobs, desc="demos", unit="ep", disable=not progress):
-        path = os.path.join(demo_cache_dir(cache_root, task, image_size), f"seed_{seed:06d}.npz")
+    for task, seed, target in tqdm(jobs, desc="demos", unit="ep", disable=not progress):
+        name = f"seed_{seed:06d}.npz" if target is None else f"seed_{seed:06d}_pad{target}.npz"
+        path = os.path.join(demo_cache_dir(cache_root, task, image_size), name)
         if os.path.exists(path):
             episode = eval_sim.load_episode(path)
         else:
-            episode = eval_sim.collect_episode(task, seed, image_size)
+            episode = eval_sim.collect_episode(task, seed, image_size, target=target)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             dit4dit.remove_stale_temp_files(os.path.dirname(path))
             eval_sim.save_episode(path, episode)
@@ -457,7 +464,7 @@ TRAINING_KEYS = ("step", "optimizer", "scheduler", "args")  # what this script a
 # (--allow-changes continues with the new values and writes them into train_log.jsonl).
 
 EXPERIMENT_FLAGS = ("preset", "steps", "batch_size", "grad_accum", "lr_video", "lr_action", "warmup", "seed",
-                    "demos_per_task")
+                    "demos_per_task", "every_pad")
 
 
 def experiment_record(args, config, world=None, data=None, known=None):
@@ -468,7 +475,7 @@ def experiment_record(args, config, world=None, data=None, known=None):
     a = args if isinstance(args, dict) else vars(args)
     record = {f"--{name.replace('_', '-')}": a.get(name) for name in EXPERIMENT_FLAGS}
     if a.get("data"):
-        record["--demos-per-task"] = None  # unused with --data
+        record["--demos-per-task"] = record["--every-pad"] = None  # unused with --data
     record["--tasks"] = sorted(a.get("tasks") or eval_sim.TASKS)
     config = config if isinstance(config, dict) else dataclasses.asdict(config)
     record.update({f"config.{k}": v for k, v in config.items() if known is None or k in known})
@@ -649,10 +656,11 @@ def load_data(args, tasks, proc):
         image_size = args.image_size or dit4dit.make_config(args.preset).image_size
         cache = args.demo_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "demos")
         if proc.is_main:
-            collect_demos(tasks, args.demos_per_task, image_size, cache)
+            collect_demos(tasks, args.demos_per_task, image_size, cache, every_pad=args.every_pad)
             print(f"demos ready in {time.time() - t0:.1f} s ({cache})")
         barrier()
-        episodes = collect_demos(tasks, args.demos_per_task, image_size, cache, progress=False)
+        episodes = collect_demos(tasks, args.demos_per_task, image_size, cache, progress=False,
+                                 every_pad=args.every_pad)
     check_episodes(episodes)
     image_size = episodes[0]["frames"].shape[1]
     if args.image_size is not None and args.image_size != image_size:
@@ -964,7 +972,10 @@ def build_parser():
                    help="train on episode .npz files under DIR instead of collecting demos")
     p.add_argument("--demo-cache", default=None, metavar="DIR", help="demo cache folder (default <out>/../demos)")
     p.add_argument("--demos-per-task", type=int, default=DEMOS_PER_TASK,
-                   help=f"scripted-expert demos per task (default {DEMOS_PER_TASK})")
+                   help=f"scripted-expert demo layouts per task (default {DEMOS_PER_TASK})")
+    p.add_argument("--every-pad", action=argparse.BooleanOptionalAction, default=EVERY_PAD,
+                   help="demonstrate each layout toward every pad, one episode per pad (default on); "
+                        "--no-every-pad: one episode per layout")
     p.add_argument("--image-size", type=int, default=None, help="rendered frame size (default: the preset's)")
     p.add_argument("--tasks", nargs="+", default=None, help="toy tasks (default: all of eval_sim.TASKS)")
     p.add_argument("--eval-episodes", type=int, default=EVAL_EPISODES,

@@ -52,6 +52,21 @@ def test_expert_succeeds_on_eval_seeds(task):
         assert np.all(np.abs(ep["action"]) <= 1.0)
 
 
+@pytest.mark.parametrize("task", sorted(es.TASKS))
+def test_one_layout_demonstrated_toward_every_pad(task):
+    """collect_episode(target=i): the same layout (same first frame) toward each pad in turn, with
+    the instruction naming that pad, and the expert succeeds on every one."""
+    seed = es.demo_seeds(task, 3)[2]
+    eps = [es.collect_episode(task, seed, image_size=32, target=i) for i in range(es.TASKS[task].num_pads)]
+    for ep in eps[1:]:
+        np.testing.assert_array_equal(ep["frames"][0], eps[0]["frames"][0])
+    assert len({ep["instruction"] for ep in eps}) == len(eps)
+    assert all(ep["success"] for ep in eps)
+    assert len({tuple(np.round(ep["action"][0], 3)) for ep in eps}) == len(eps)  # different first moves
+    with pytest.raises(ValueError, match="options\\['target'\\]"):
+        es.make_env(task, image_size=32).reset(seed=seed, options={"target": 7})
+
+
 def test_observation_holds_no_object_or_goal_position():
     env = es.make_env("push", image_size=32)
     obs, _ = env.reset(seed=5)

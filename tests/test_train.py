@@ -423,3 +423,12 @@ def test_cli_reports_bad_flag_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_toy.cli(["--no-such-flag"])
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def test_collect_demos_every_pad(tmp_path):
+    """every_pad: each demo layout toward each pad (reach: 3 pads), cached under its own name;
+    without it, one episode per layout."""
+    eps = train_toy.collect_demos(["reach"], 2, 16, str(tmp_path), progress=False, every_pad=True)
+    assert len(eps) == 6 and len({(e["seed"], e["instruction"]) for e in eps}) == 6
+    assert sorted(os.listdir(tmp_path / "reach_16px")) == [f"seed_00000{s}_pad{p}.npz" for s in (0, 1) for p in range(3)]
+    assert len(train_toy.collect_demos(["reach"], 2, 16, str(tmp_path), progress=False, every_pad=False)) == 2
