@@ -51,8 +51,9 @@ def naive_predict_action(model, obs, state, instruction, generator):
         model.video_forward(cond, model.future_noise(cond, generator), tau_f, text)
     finally:
         hook.remove()
+    context, c = model.action_context(model.select_features(captured["h"], cond), text)
     a = torch.randn(cond.shape[0], cfg.action_horizon, cfg.action_dim, generator=generator, device=obs.device)
-    a = d.euler_sample(lambda a_t, t: model.action_dit(a_t, t, state, h=captured["h"]), a, cfg.num_action_steps)
+    a = d.euler_sample(lambda a_t, t: model.action_dit(a_t, t, state, h=context, cond=c), a, cfg.num_action_steps)
     return a.clamp(-1, 1)
 
 

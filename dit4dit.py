@@ -53,6 +53,7 @@ import kernels  # the fused ops when built; always the pure-PyTorch references (
 log = logging.getLogger("dit4dit")
 
 COND_TAU = 1e-4  # timestep given to the (clean) conditioning frame, as in Cosmos-Predict2.5
+X0_MIN_TAU = 0.05  # with x0-prediction, v = (x_tau - x0_hat) / max(tau, X0_MIN_TAU)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -323,6 +324,11 @@ class DiT4DiTConfig:
     adaln_lora_rank: int = 0        # 0: per-block adaLN projection; r > 0: adaLN-LoRA of rank r (paper: 256)
     rope_theta: float = 10000.0     # rotary base frequency
     video_time_scale: float = 1000.0  # the video DiT embeds time_scale * tau (Cosmos-Predict2.5: 1, see VideoDiT)
+    video_prediction: str = "velocity"  # what the video DiT outputs: "velocity" (Cosmos), "x0" (clean
+                                    # latents, JiT) or "x0_residual" (clean latents minus the conditioning
+                                    # frame); the loss and the sampler stay in velocity space (toy departure)
+    video_text_adaln: bool = False  # the pooled instruction joins the video DiT's adaLN conditioning,
+                                    # as a class label does in DiT (toy departure; Cosmos: cross-attn only)
     abs_pos_embed: bool = True      # add fixed 2D sin-cos positions to the patch tokens (toy departure,
                                     # see VideoDiT.forward); False = rotary positions only (Cosmos)
     # action DiT (GR00T-N1.5 style)
@@ -331,9 +337,15 @@ class DiT4DiTConfig:
     action_heads: int = 4
     action_mlp_dim: int = 256
     action_dropout: float = 0.0     # dropout in the action DiT blocks
+    action_text: bool = False       # the instruction also reaches the action DiT directly: its tokens join h
+                                    # as cross-attention context and its mean joins the timestep conditioning
+                                    # (toy departure; the paper: only through the video DiT's features)
     # the method (DESIGN 3.4-3.8)
     extract_layer: int = 1          # 0-based block whose output is the feature h (paper: 17 of 28)
     tau_f: float = 0.995            # timestep of the extraction pass (released code: first sampler step)
+    feature_frames: str = "all"     # tokens of h the action DiT reads: "all" frames (paper) or the
+                                    # "conditioning" frame's only (toy departure: at tau_f the future
+                                    # frames' tokens are mostly the noise of one draw)
     detach_features: bool | None = None  # True: extraction under no_grad (release); False: L_action
                                     # also trains the video DiT through h (paper); None: True unless action_only
     action_only: bool = False       # ablation: no video loss; implies detach_features=False
@@ -366,6 +378,9 @@ class VideoDiT(nn.Module):
         self.abs_pos_embed, self.time_scale = cfg.abs_pos_embed, cfg.video_time_scale
         self.patch_embed = nn.Linear((C + 1) * p * p, D, bias=False)  # +1: condition-mask channel
         self.t_embed = TimestepMLP(D, bias=False)
+        # video_text_adaln (toy departure): the mean instruction token joins every frame's
+        # conditioning vector, as DiT adds its class embedding to the timestep embedding.
+        self.text_adaln = nn.Linear(cfg.text_dim, D, bias=False) if cfg.video_text_adaln else None
         # adaLN-LoRA's term shared by all blocks. Cosmos takes it from the timestep MLP's last
         # layer; here it is a separate Linear on the same SiLU(embedding) (same role and size).
         self.t_shared = nn.Linear(D, 3 * D, bias=False) if r > 0 else None
@@ -433,7 +448,10 @@ class VideoDiT(nn.Module):
         # feeds sigma in [0, 1] itself (time_scale 1, the `paper` preset); with a max period of
         # 10 000 the embeddings of tau = 0.995 and 0.5 then have cosine 0.99, which a pretrained
         # model can live with but a model trained from scratch cannot: the toy presets use 1000.
-        c = F.silu(self.t_embed(self.time_scale * tau))  # (B, T, D)
+        c = self.t_embed(self.time_scale * tau)  # (B, T, D)
+        if self.text_adaln is not None:
+            c = c + self.text_adaln(text.mean(1))[:, None]  # (B, 1, D): the same for every frame
+        c = F.silu(c)
         shared = self.t_shared(c) if self.t_shared is not None else None  # (B, T, 3D)
         rope = self.rope(T, h, w, x.device)
         for i, block in enumerate(self.blocks):
@@ -491,9 +509,10 @@ class ActionDiT(nn.Module):
         once: a list with (k, v) (B, nh, N, hd) for even blocks and None for self-attention."""
         return [block.attn.project_kv(h) if block.is_cross else None for block in self.blocks]
 
-    def forward(self, actions, tau, state, h=None, kv=None):
+    def forward(self, actions, tau, state, h=None, kv=None, cond=None):
         """actions (B, K, A) at time tau (B,), state (B, P), and either the features h or their
-        precomputed `context_kv(h)`. Returns the velocity (B, K, A)."""
+        precomputed `context_kv(h)`; cond (B, D_action) is added to the timestep embedding (the
+        pooled instruction with action_text). Returns the velocity (B, K, A)."""
         if kv is None:
             kv = self.context_kv(h)
         K, D = actions.shape[1], self.width
@@ -502,7 +521,8 @@ class ActionDiT(nn.Module):
                           timestep_embedding(step, D)[:, None].expand(-1, K, -1)], dim=-1)  # (B, K, 2D)
         a = self.action_out(F.silu(self.action_mix(temb))) + self.pos_embed  # (B, K, D)
         x = torch.cat([self.state_encoder(state)[:, None], a], dim=1)  # (B, 1+K, D)
-        c = F.silu(self.t_embed(step))  # (B, D)
+        c = self.t_embed(step)  # (B, D)
+        c = F.silu(c if cond is None else c + cond)
         for block, block_kv in zip(self.blocks, kv):
             x = block(x, c, block_kv)
         shift, scale = self.final_mod(c)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
@@ -552,6 +572,9 @@ class DiT4DiT(nn.Module):
                              if config.text_encoder == "bytes" else None)
         self.video_dit = VideoDiT(config)
         self.action_dit = ActionDiT(config)
+        if config.action_text:  # toy departure: the instruction reaches the action DiT directly too
+            self.text_to_context = nn.Linear(config.text_dim, config.video_width)
+            self.text_to_cond = nn.Linear(config.text_dim, config.action_width)
 
     # -- every use of the video DiT: a clean conditioning frame + future frames at one tau -------
     def video_forward(self, cond, future, tau, text, stop_after=None):
@@ -561,7 +584,16 @@ class DiT4DiT(nn.Module):
         x = torch.cat([cond, future], dim=2)  # (B, C, T, h, w)
         taus = tau[:, None].repeat(1, x.shape[2])  # (B, T): one timestep per frame
         taus[:, 0] = COND_TAU
-        return self.video_dit(x, taus, text, stop_after=stop_after)
+        out = self.video_dit(x, taus, text, stop_after=stop_after)
+        if stop_after is not None or self.config.video_prediction == "velocity":
+            return out
+        # x0-prediction (toy departure, after Li & He 2025, "JiT"): a pixel patch holds more numbers
+        # than a token is wide, so the network predicts the clean latents, which it can, instead of
+        # eps - x0, which it cannot; "x0_residual" predicts them as a change from the conditioning
+        # frame (a fresh model then imagines a still scene). The loss and the sampler stay in
+        # velocity space: v = (x_tau - x0_hat) / tau, tau floored at X0_MIN_TAU.
+        x0_hat = out + cond if self.config.video_prediction == "x0_residual" else out
+        return (x - x0_hat) / taus.clamp_min(X0_MIN_TAU)[:, None, :, None, None]
 
     def future_noise(self, cond, generator=None):
         """Pure noise for every future latent frame, like cond (B, C, 1, h, w) -> (B, C, T-1, h, w)."""
@@ -578,16 +610,17 @@ class DiT4DiT(nn.Module):
         v_hat = self.video_forward(latents[:, :, :1], future, tau_v, text)
         return F.mse_loss(v_hat[:, :, 1:], (noise - latents)[:, :, 1:])
 
-    def action_flow_loss(self, h, state, actions, mask, tau_a, noise):
+    def action_flow_loss(self, h, state, actions, mask, tau_a, noise, cond=None):
         """Flow-matching loss of the action DiT. h (B, N, D_video), state (B, P), actions
         (B, K, A), mask (B, K, A) (0 on padded steps and dims); tau_a (B*R,) and noise (B*R, K, A): R draws per sample that
-        share h and state (released: R = 4)."""
+        share h and state (released: R = 4); cond (B, D_action) or None, see action_context."""
         R = tau_a.shape[0] // actions.shape[0]
         kv = [None if p is None else (p[0].repeat_interleave(R, 0), p[1].repeat_interleave(R, 0))
               for p in self.action_dit.context_kv(h)]  # each (B*R, nh, N, hd)
         a0 = actions.repeat_interleave(R, 0)  # (B*R, K, A)
         tau = tau_a[:, None, None]
-        v_hat = self.action_dit((1 - tau) * a0 + tau * noise, tau_a, state.repeat_interleave(R, 0), kv=kv)
+        cond = None if cond is None else cond.repeat_interleave(R, 0)
+        v_hat = self.action_dit((1 - tau) * a0 + tau * noise, tau_a, state.repeat_interleave(R, 0), kv=kv, cond=cond)
         return masked_mse(v_hat, noise - a0, mask.repeat_interleave(R, 0))
 
     def _extract(self, cond, text, generator):
@@ -595,8 +628,24 @@ class DiT4DiT(nn.Module):
         future frames fresh noise (no ground truth) at tau_f, and an early exit after block
         extract_layer (the release runs every block and discards the rest) -> h (B, N, D_video)."""
         tau_f = torch.full((cond.shape[0],), self.config.tau_f, device=cond.device)
-        return self.video_forward(cond, self.future_noise(cond, generator), tau_f, text,
-                                  stop_after=self.config.extract_layer)
+        h = self.video_forward(cond, self.future_noise(cond, generator), tau_f, text,
+                               stop_after=self.config.extract_layer)
+        return self.select_features(h, cond)
+
+    def select_features(self, h, cond):
+        """The tokens of block extract_layer's output h (B, T*h*w, D_video) that are the features:
+        all of them, or with feature_frames="conditioning" (toy departure) the first frame's."""
+        if self.config.feature_frames == "all":
+            return h
+        return h[:, : cond.shape[-2] * cond.shape[-1] // self.config.patch_size ** 2]  # (B, h*w, D_video)
+
+    def action_context(self, h, text):
+        """What the action DiT reads: the features h as cross-attention context, and with
+        action_text (toy departure) the instruction's tokens beside them and its mean token as a
+        conditioning vector. -> (context (B, N', D_video), cond (B, D_action) or None)."""
+        if not self.config.action_text:
+            return h, None
+        return torch.cat([h, self.text_to_context(text)], dim=1), self.text_to_cond(text.mean(1))
 
     def loss(self, batch, generator=None):
         """Total training loss L = L_action + lambda * L_video (tri-timestep scheme, DESIGN 3.7).
@@ -625,7 +674,8 @@ class DiT4DiT(nn.Module):
         R = cfg.repeat
         tau_a = sample_action_time(B * R, generator, dev)
         noise_a = torch.randn(B * R, *actions.shape[1:], generator=generator, device=dev, dtype=actions.dtype)
-        action_loss = self.action_flow_loss(h, state, actions, mask, tau_a, noise_a)
+        context, cond = self.action_context(h, text)
+        action_loss = self.action_flow_loss(context, state, actions, mask, tau_a, noise_a, cond)
         loss = action_loss + cfg.video_loss_weight * video_loss
         return dict(loss=loss, video_loss=video_loss, action_loss=action_loss)
 
@@ -646,10 +696,14 @@ class DiT4DiT(nn.Module):
         cfg = self.config
         B = _check_frames(self, "obs", obs, time_axis=False).shape[0]
         _check_tensor("state", state, (B, cfg.state_dim), obs.dtype)
-        h = self.extract_features(obs, instruction, generator)  # one video pass, early exit
-        kv = self.action_dit.context_kv(h)  # cross-attention K/V of h, computed once for all steps
+        _check_text(instruction, B)
+        text = self.encode_text(instruction)  # (B, S, D_text)
+        cond_latent = self.tokenizer.encode(obs[:, :, None])  # (B, C, 1, h, w)
+        h = self._extract(cond_latent, text, generator)  # one video pass, early exit
+        context, cond = self.action_context(h, text)
+        kv = self.action_dit.context_kv(context)  # cross-attention K/V, computed once for all steps
         a = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=generator, device=obs.device)
-        a = euler_sample(lambda x, tau: self.action_dit(x, tau, state, kv=kv), a, cfg.num_action_steps)
+        a = euler_sample(lambda x, tau: self.action_dit(x, tau, state, kv=kv, cond=cond), a, cfg.num_action_steps)
         return a.clamp(-1, 1)
 
     @torch.no_grad()
@@ -807,6 +861,9 @@ CONFIG_FIELDS = {
     "video_heads": _POSITIVE_INT, "video_mlp_dim": _POSITIVE_INT, "adaln_lora_rank": _NON_NEGATIVE_INT,
     "rope_theta": (float, lambda v: v > 0, "a finite number > 0"),  # 0 makes every rotary angle NaN
     "abs_pos_embed": _BOOL,
+    "video_prediction": (str, lambda v: v in ("velocity", "x0", "x0_residual"), "'velocity', 'x0' or 'x0_residual'"),
+    "video_text_adaln": _BOOL, "action_text": _BOOL,
+    "feature_frames": (str, lambda v: v in ("all", "conditioning"), "'all' or 'conditioning'"),
     "video_time_scale": (float, lambda v: v > 0, "a finite number > 0"),
     "action_width": _POSITIVE_INT, "action_depth": _POSITIVE_INT, "action_heads": _POSITIVE_INT,
     "action_mlp_dim": _POSITIVE_INT,

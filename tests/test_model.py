@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import dit4dit as d
-from bench_model import trained_like  # random values in the zero-initialized layers
+from bench_model import naive_predict_action, trained_like  # trained_like: random values in the zero-initialized layers
 
 
 def tiny_model(seed=0, **overrides):
@@ -609,3 +609,52 @@ def test_video_time_embedding_tells_noise_levels_apart():
         a, b = (d.timestep_embedding(t[0, 1], 256) for t in seen[-2:])
         assert torch.nn.functional.cosine_similarity(a, b, dim=0) < 0.5
     assert d.make_config("paper").video_time_scale == 1.0
+
+
+TOY_SWITCHES = dict(video_prediction="x0_residual", video_text_adaln=True, action_text=True,
+                    feature_frames="conditioning")
+
+
+@pytest.mark.parametrize("switches", [{"video_prediction": "x0"}, TOY_SWITCHES], ids=["x0", "all"])
+def test_toy_switches_train_and_match_the_release_path(switches):
+    """Every toy departure builds, trains (finite losses, gradients into both DiTs) and keeps
+    predict_action equal to the release's path (bench_model.naive_predict_action)."""
+    model = tiny_model(detach_features=False, **switches)
+    trained_like(model)
+    batch = tiny_batch(model.config)
+    losses = model.loss(batch, generator=gen(0))
+    assert all(torch.isfinite(v) for v in losses.values())
+    losses["loss"].backward()
+    for part in (model.video_dit, model.action_dit):
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    model.eval()
+    obs, state = batch["video"][:, :, 0], batch["state"]
+    fast = model.predict_action(obs, state, batch["instruction"], generator=gen(3))
+    with torch.inference_mode():
+        slow = naive_predict_action(model, obs, state, batch["instruction"], gen(3))
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+def test_conditioning_frame_features_and_direct_text_path():
+    cfg = d.make_config("tiny", feature_frames="conditioning", action_text=True)
+    model = trained_like(d.DiT4DiT(cfg)).eval()
+    batch = tiny_batch(cfg)
+    obs, state = batch["video"][:, :, 0], batch["state"]
+    h = model.extract_features(obs, batch["instruction"], generator=gen(1))
+    assert h.shape == (3, (cfg.image_size // cfg.patch_size) ** 2, cfg.video_width)  # one frame's tokens
+    # the instruction reaches the action DiT even when the video DiT's cross-attention is cut
+    for block in model.video_dit.blocks:
+        torch.nn.init.zeros_(block.cross_attn.out.weight)
+    a = model.predict_action(obs, state, ["move to the red pad"] * 3, generator=gen(2))
+    b = model.predict_action(obs, state, ["move to the blue pad"] * 3, generator=gen(2))
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_x0_residual_fresh_model_imagines_the_conditioning_frame():
+    """x0_residual: a fresh model (zero final layer) predicts x0 = the conditioning frame, so the
+    Euler sampler lands exactly on a still scene; the default velocity model lands on zeros."""
+    model = tiny_model(video_prediction="x0_residual")
+    obs = tiny_batch(model.config)["video"][:, :, 0]
+    video = model.imagine_video(obs, ["move to the red pad"] * 3, generator=gen(0))
+    for t in range(1, video.shape[2]):
+        torch.testing.assert_close(video[:, :, t], obs, rtol=1e-4, atol=1e-4)
