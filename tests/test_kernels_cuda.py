@@ -91,6 +91,22 @@ def _grads(fn, inputs, grad_out):
     return out.detach(), torch.autograd.grad(out, leaves, grad_out)
 
 
+def _check_op_and_grads(op, reference, torch_same_dtype, inputs, grad_out, names):
+    """The output of `op` (shaped like inputs[0]) and its input gradients, each judged by _check
+    against `reference` in float64 on the same inputs, with PyTorch's own kernel in the inputs'
+    dtype (`torch_same_dtype`) setting the low-precision bound. `names`: output, then gradients."""
+    dtype = inputs[0].dtype
+    truth_out, truth_g = _grads(reference, [t.double() for t in inputs], grad_out.double())
+    torch_out, torch_g = _grads(torch_same_dtype, inputs, grad_out)
+    _poison(inputs[0].numel(), dtype)
+    out, grads = _grads(op, inputs, grad_out)
+    assert out.dtype == dtype and out.shape == inputs[0].shape
+    results = zip(names, (out, *grads), (truth_out, *truth_g), (torch_out, *torch_g), strict=True)
+    for name, got, truth, same in results:
+        assert got.dtype == dtype and got.shape == truth.shape, name
+        _check(name, dtype, got, truth, same)
+
+
 # ------------------------------------------------------------------------------------- attention
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -100,15 +116,8 @@ def test_attention_cuda_matches_float64(shape, dtype):
     g = torch.Generator(device=DEV).manual_seed(hash(shape) % 2 ** 31)
     q, k, v = ((1.5 * torch.randn(B, nh, L, hd, device=DEV, generator=g)).to(dtype) for L in (Lq, Lk, Lk))
     do = torch.randn(B, nh, Lq, hd, device=DEV, generator=g).to(dtype)
-    truth_o, truth_g = _grads(kernels.reference_attention, [t.double() for t in (q, k, v)], do.double())
-    torch_o, torch_g = _grads(F.scaled_dot_product_attention, (q, k, v), do)
-    _poison(q.numel(), dtype)
-    o, grads = _grads(kernels.attention, (q, k, v), do)
-    assert o.dtype == dtype and o.shape == q.shape
-    _check("o", dtype, o, truth_o, torch_o)
-    for name, got, truth, same in zip(("dq", "dk", "dv"), grads, truth_g, torch_g):
-        assert got.dtype == dtype and got.shape == truth.shape, name
-        _check(name, dtype, got, truth, same)
+    _check_op_and_grads(kernels.attention, kernels.reference_attention, F.scaled_dot_product_attention,
+                        (q, k, v), do, ("o", "dq", "dk", "dv"))
     # the saved logsumexp (float32 at every dtype) against float64 scores
     _, lse = OPS.attention_fwd(q, k, v)
     scores = (q.double() @ k.double().transpose(-1, -2)) * hd ** -0.5
@@ -153,15 +162,8 @@ def test_adaln_cuda_matches_float64(shape, dtype):
     shift = torch.randn(B, G, D, device=DEV, generator=g).to(dtype)
     scale = (0.5 * torch.randn(B, G, D, device=DEV, generator=g)).to(dtype)
     dy = torch.randn(B, N, D, device=DEV, generator=g).to(dtype)
-    truth_y, truth_g = _grads(kernels.reference_adaln_modulate, [t.double() for t in (x, shift, scale)], dy.double())
-    torch_y, torch_g = _grads(_layer_norm_same_dtype, (x, shift, scale), dy)
-    _poison(x.numel(), dtype)
-    y, grads = _grads(kernels.adaln_modulate, (x, shift, scale), dy)
-    assert y.dtype == dtype and y.shape == x.shape
-    _check("y", dtype, y, truth_y, torch_y)
-    for name, got, truth, same in zip(("dx", "dshift", "dscale"), grads, truth_g, torch_g):
-        assert got.dtype == dtype and got.shape == truth.shape, name
-        _check(name, dtype, got, truth, same)
+    _check_op_and_grads(kernels.adaln_modulate, kernels.reference_adaln_modulate, _layer_norm_same_dtype,
+                        (x, shift, scale), dy, ("y", "dx", "dshift", "dscale"))
     _, mean, rstd = OPS.adaln_modulate_fwd(x, shift, scale, 1e-6)
     var, mu = torch.var_mean(x.double(), dim=-1, unbiased=False)
     assert mean.dtype == rstd.dtype == torch.float32
