@@ -33,13 +33,13 @@
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "cpu_common.h"
+#include "ops.h"
 
 namespace dit4dit {
 namespace cpu {
@@ -179,8 +179,11 @@ void adaln_fwd_impl(const at::Tensor& x, const at::Tensor& shift, const at::Tens
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd_cpu(const at::Tensor& x, const at::Tensor& shift,
-                                                                      const at::Tensor& scale, double eps) {
+}  // namespace
+
+// Entry points (declared in ops.h, registered in ops.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd(const at::Tensor& x, const at::Tensor& shift,
+                                                                  const at::Tensor& scale, double eps) {
   const char* op = "dit4dit::adaln_modulate_fwd";
   check_cpu_tensor(op, "x", x);
   check_cpu_tensor(op, "shift", shift);
@@ -213,6 +216,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd_cpu(const at::
   });
   return {y, mean, rstd};
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------
 // backward
@@ -328,9 +333,11 @@ void adaln_bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x,
-                                                                      const at::Tensor& scale, const at::Tensor& mean,
-                                                                      const at::Tensor& rstd, int64_t groups) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                  const at::Tensor& scale, const at::Tensor& mean,
+                                                                  const at::Tensor& rstd, int64_t groups) {
   const char* op = "dit4dit::adaln_modulate_bwd";
   check_cpu_tensor(op, "grad_y", grad_y);
   check_cpu_tensor(op, "x", x);
@@ -373,11 +380,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd_cpu(const at::
   return {dx, dshift, dscale};
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace dit4dit
-
-TORCH_LIBRARY_IMPL(dit4dit, CPU, m) {
-  m.impl("adaln_modulate_fwd", &dit4dit::cpu::adaln_modulate_fwd_cpu);
-  m.impl("adaln_modulate_bwd", &dit4dit::cpu::adaln_modulate_bwd_cpu);
-}

@@ -23,7 +23,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -32,6 +31,7 @@
 #include <vector>
 
 #include "cpu_common.h"
+#include "ops.h"
 
 namespace dit4dit {
 namespace cpu {
@@ -293,7 +293,10 @@ void attention_fwd_impl(const T* q, const T* k, const T* v, T* o, T* lse, int64_
   });
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+}  // namespace
+
+// Entry points (declared in ops.h, registered in ops.cpp).
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   const char* op = "dit4dit::attention_fwd";
   check_qkv(op, q, k, v);
   const int64_t B = q.size(0), nh = q.size(1), Lq = q.size(2), hd = q.size(3), Lk = k.size(2);
@@ -306,6 +309,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const 
   });
   return {o, lse};
 }
+
+namespace {
 
 // ---------------------------------------------------------------------------------
 // backward
@@ -398,9 +403,11 @@ void attention_bwd_impl(const T* dO, const T* q, const T* k, const T* v, const T
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tensor& grad_o, const at::Tensor& q,
-                                                                 const at::Tensor& k, const at::Tensor& v,
-                                                                 const at::Tensor& o, const at::Tensor& lse) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& grad_o, const at::Tensor& q,
+                                                             const at::Tensor& k, const at::Tensor& v,
+                                                             const at::Tensor& o, const at::Tensor& lse) {
   const char* op = "dit4dit::attention_bwd";
   check_qkv(op, q, k, v);
   check_cpu_tensor(op, "grad_o", grad_o);
@@ -434,11 +441,5 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   return {dq, dk, dv};
 }
 
-}  // namespace
 }  // namespace cpu
 }  // namespace dit4dit
-
-TORCH_LIBRARY_IMPL(dit4dit, CPU, m) {
-  m.impl("attention_fwd", &dit4dit::cpu::attention_fwd_cpu);
-  m.impl("attention_bwd", &dit4dit::cpu::attention_bwd_cpu);
-}

@@ -1,9 +1,10 @@
-// Operator schemas of the `dit4dit` namespace, defined once for every backend.
+// Operator schemas of the `dit4dit` namespace, defined once for every backend, and
+// the kernel each backend registers for them.
 //
-// The CPU implementations live in adaln_cpu.cpp and attention_cpu.cpp
-// (TORCH_LIBRARY_IMPL(dit4dit, CPU, m)); the CUDA ones in cuda/*.cu
-// (TORCH_LIBRARY_IMPL(dit4dit, CUDA, m)). Fake (meta) kernels and autograd are
-// registered from Python in kernels/__init__.py.
+// The CPU kernels live in adaln_cpu.cpp and attention_cpu.cpp, the CUDA launchers in
+// cuda/*.cu (built, and registered here, when DIT4DIT_WITH_CUDA is defined); ops.h
+// declares both. Fake (meta) kernels and autograd are registered from Python in
+// kernels/__init__.py.
 //
 //   adaln_modulate_fwd(x (B,N,D), shift (B,G,D), scale (B,G,D), eps)
 //       -> y (B,N,D), mean (B,N), rstd (B,N)
@@ -19,12 +20,30 @@
 //   attention_bwd(grad_o, q, k, v, o, lse) -> grad_q, grad_k, grad_v
 #include <torch/extension.h>
 
+#include "ops.h"
+
 TORCH_LIBRARY(dit4dit, m) {
   m.def("adaln_modulate_fwd(Tensor x, Tensor shift, Tensor scale, float eps) -> (Tensor y, Tensor mean, Tensor rstd)");
   m.def("adaln_modulate_bwd(Tensor grad_y, Tensor x, Tensor scale, Tensor mean, Tensor rstd, int groups) -> (Tensor grad_x, Tensor grad_shift, Tensor grad_scale)");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v) -> (Tensor o, Tensor lse)");
   m.def("attention_bwd(Tensor grad_o, Tensor q, Tensor k, Tensor v, Tensor o, Tensor lse) -> (Tensor grad_q, Tensor grad_k, Tensor grad_v)");
 }
+
+TORCH_LIBRARY_IMPL(dit4dit, CPU, m) {
+  m.impl("adaln_modulate_fwd", &dit4dit::cpu::adaln_modulate_fwd);
+  m.impl("adaln_modulate_bwd", &dit4dit::cpu::adaln_modulate_bwd);
+  m.impl("attention_fwd", &dit4dit::cpu::attention_fwd);
+  m.impl("attention_bwd", &dit4dit::cpu::attention_bwd);
+}
+
+#ifdef DIT4DIT_WITH_CUDA
+TORCH_LIBRARY_IMPL(dit4dit, CUDA, m) {
+  m.impl("adaln_modulate_fwd", &dit4dit::cuda::adaln_modulate_fwd);
+  m.impl("adaln_modulate_bwd", &dit4dit::cuda::adaln_modulate_bwd);
+  m.impl("attention_fwd", &dit4dit::cuda::attention_fwd);
+  m.impl("attention_bwd", &dit4dit::cuda::attention_bwd);
+}
+#endif
 
 // `import kernels._C` loads this shared object, which runs the registrations
 // above; the module itself exposes nothing.

@@ -16,7 +16,7 @@ extern "C" int emu_attention_fwd_broken(const float* q, const float* k, const fl
                                         int Lq, int Lk, int hd, char* err, int errlen) {
   try {
     if (hd > 64) throw std::runtime_error("the broken variant is instantiated for hd <= 64 only");
-    constexpr int HD = 64, BR = FwdTiles<HD>::BR, BC = FwdTiles<HD>::BC;
+    constexpr int HD = AttnBucket64::HD, BR = AttnBucket64::FWD_BR, BC = AttnBucket64::FWD_BC;
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
     emu::launch(attention_fwd_kernel<float, HD, BR, BC, kAttnThreads>, dim3(ceil_div(Lq, BR), BH),
                 dim3(kAttnThreads), q, k, v, o, lse, Lq, Lk, hd, scale);

@@ -100,8 +100,7 @@ extern "C" {
 int emu_adaln_fwd(int dtype, const void* x, const void* shift, const void* scale, void* y, float* mean, float* rstd,
                   int B, int N, int D, int G, float eps, char* err, int errlen) {
   return guarded(err, errlen, [&] {
-    dispatch_dtype(dtype, [&](auto tag) {
-      using T = decltype(tag);
+    dispatch_dtype(dtype, [&]<typename T>(T) {
       constexpr int W = kAdalnWarpsPerBlock;
       const int rows = B * N;
       emu::launch(adaln_fwd_kernel<T, W>, dim3(ceil_div(rows, W)), dim3(W * kWarpSize), static_cast<const T*>(x),
@@ -115,8 +114,7 @@ int emu_adaln_bwd(int dtype, const void* grad_y, const void* x, const void* scal
                   const float* rstd, void* grad_x, void* grad_shift, void* grad_scale, int B, int N, int D, int G,
                   char* err, int errlen) {
   return guarded(err, errlen, [&] {
-    dispatch_dtype(dtype, [&](auto tag) {
-      using T = decltype(tag);
+    dispatch_dtype(dtype, [&]<typename T>(T) {
       constexpr int W = kAdalnWarpsPerBlock;
       const int rows = B * N;
       emu::launch(adaln_bwd_dx_kernel<T, W>, dim3(ceil_div(rows, W)), dim3(W * kWarpSize),
@@ -134,12 +132,10 @@ int emu_attention_fwd(int dtype, const void* q, const void* k, const void* v, vo
                       int Lk, int hd, char* err, int errlen) {
   return guarded(err, errlen, [&] {
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-    dispatch_dtype(dtype, [&](auto tag) {
-      using T = decltype(tag);
-      dispatch_head_dim(hd, [&](auto hd_bucket) {
-        constexpr int HD = decltype(hd_bucket)::value;
-        constexpr int BR = FwdTiles<HD>::BR, BC = FwdTiles<HD>::BC;
-        emu::launch(attention_fwd_kernel<T, HD, BR, BC, kAttnThreads>, dim3(ceil_div(Lq, BR), BH),
+    dispatch_dtype(dtype, [&]<typename T>(T) {
+      dispatch_head_dim(hd, [&]<typename Bucket>(Bucket) {
+        constexpr int BR = Bucket::FWD_BR, BC = Bucket::FWD_BC;
+        emu::launch(attention_fwd_kernel<T, Bucket::HD, BR, BC, kAttnThreads>, dim3(ceil_div(Lq, BR), BH),
                     dim3(kAttnThreads), static_cast<const T*>(q), static_cast<const T*>(k),
                     static_cast<const T*>(v), static_cast<T*>(o), lse, Lq, Lk, hd, scale);
       });
@@ -153,16 +149,14 @@ int emu_attention_bwd(int dtype, const void* grad_o, const void* q, const void* 
                       int Lk, int hd, char* err, int errlen) {
   return guarded(err, errlen, [&] {
     const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-    dispatch_dtype(dtype, [&](auto tag) {
-      using T = decltype(tag);
+    dispatch_dtype(dtype, [&]<typename T>(T) {
       constexpr int W = kAttnRowWarps;
       const int rows = BH * Lq;
       emu::launch(attention_bwd_preprocess_kernel<T, W>, dim3(ceil_div(rows, W)), dim3(W * kWarpSize),
                   static_cast<const T*>(grad_o), static_cast<const T*>(o), delta, rows, hd);
-      dispatch_head_dim(hd, [&](auto hd_bucket) {
-        constexpr int HD = decltype(hd_bucket)::value;
-        constexpr int BR = BwdTiles<HD>::BR, BC = BwdTiles<HD>::BC;
-        emu::launch(attention_bwd_kernel<T, HD, BR, BC, kAttnThreads>, dim3(ceil_div(Lk, BC), BH),
+      dispatch_head_dim(hd, [&]<typename Bucket>(Bucket) {
+        constexpr int BR = Bucket::BWD_BR, BC = Bucket::BWD_BC;
+        emu::launch(attention_bwd_kernel<T, Bucket::HD, BR, BC, kAttnThreads>, dim3(ceil_div(Lk, BC), BH),
                     dim3(kAttnThreads), static_cast<const T*>(q), static_cast<const T*>(k),
                     static_cast<const T*>(v), static_cast<const T*>(grad_o), lse,
                     static_cast<const float*>(delta), dq_accum, static_cast<T*>(dk), static_cast<T*>(dv), Lq, Lk,

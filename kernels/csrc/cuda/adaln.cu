@@ -8,21 +8,22 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <tuple>
 
+#include "../ops.h"
 #include "adaln.cuh"
 #include "dispatch.h"
 
-namespace {
+namespace dit4dit::cuda {
 
 using namespace dit4dit_cuda;
 using namespace dit4dit_cuda_launch;
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd_cuda(const at::Tensor& x_in,
-                                                                       const at::Tensor& shift_in,
-                                                                       const at::Tensor& scale_in, double eps) {
+// Entry points (declared in ../ops.h, registered in ../ops.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd(const at::Tensor& x_in,
+                                                                  const at::Tensor& shift_in,
+                                                                  const at::Tensor& scale_in, double eps) {
   const char* op = "adaln_modulate_fwd";
   TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor, got device ", x_in.device());
   const at::Device device = x_in.device();
@@ -48,8 +49,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd_cuda(const at:
   if (rows == 0 || D == 0) return {y, mean.fill_(0), rstd.fill_(0)};
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index());
-  dispatch_element_type(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch_element_type(x.scalar_type(), op, [&]<typename T>(T) {
     constexpr int W = kAdalnWarpsPerBlock;
     adaln_fwd_kernel<T, W><<<ceil_div(rows, W), W * kWarpSize, 0, stream>>>(
         ptr<T>(x), ptr<T>(shift), ptr<T>(scale), ptr<T>(y), ptr<float>(mean), ptr<float>(rstd), rows,
@@ -59,11 +59,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd_cuda(const at:
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd_cuda(const at::Tensor& grad_y_in,
-                                                                       const at::Tensor& x_in,
-                                                                       const at::Tensor& scale_in,
-                                                                       const at::Tensor& mean_in,
-                                                                       const at::Tensor& rstd_in, int64_t groups) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd(const at::Tensor& grad_y_in,
+                                                                  const at::Tensor& x_in,
+                                                                  const at::Tensor& scale_in,
+                                                                  const at::Tensor& mean_in,
+                                                                  const at::Tensor& rstd_in, int64_t groups) {
   const char* op = "adaln_modulate_bwd";
   TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor, got device ", x_in.device());
   const at::Device device = x_in.device();
@@ -95,8 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd_cuda(const at:
   if (rows == 0 || D == 0) return {grad_x, grad_shift.zero_(), grad_scale.zero_()};
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(device.index());
-  dispatch_element_type(x.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch_element_type(x.scalar_type(), op, [&]<typename T>(T) {
     constexpr int W = kAdalnWarpsPerBlock;
     adaln_bwd_dx_kernel<T, W><<<ceil_div(rows, W), W * kWarpSize, 0, stream>>>(
         ptr<T>(grad_y), ptr<T>(x), ptr<T>(scale), ptr<float>(mean), ptr<float>(rstd), ptr<T>(grad_x), rows,
@@ -112,9 +111,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd_cuda(const at:
   return {grad_x, grad_shift, grad_scale};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(dit4dit, CUDA, m) {
-  m.impl("adaln_modulate_fwd", &adaln_modulate_fwd_cuda);
-  m.impl("adaln_modulate_bwd", &adaln_modulate_bwd_cuda);
-}
+}  // namespace dit4dit::cuda

@@ -8,21 +8,23 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
 
 #include <cmath>
 #include <tuple>
 #include <type_traits>
 
+#include "../ops.h"
 #include "attention.cuh"
 #include "dispatch.h"
 
-namespace {
+namespace dit4dit::cuda {
 
 using namespace dit4dit_cuda;
 using namespace dit4dit_cuda_launch;
 
-// Calls f(std::integral_constant<int, HD>{}) for the smallest head-dim bucket >= hd.
+namespace {
+
+// Calls f(bucket) for the smallest head-dim bucket (AttnBucket) with HD >= hd.
 template <typename F>
 void dispatch_head_dim(int64_t hd, const char* op, F&& f) {
   TORCH_CHECK(hd >= 1 && hd <= kAttnMaxHeadDim, op, ": head dim hd=", hd,
@@ -46,8 +48,11 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
               ": sequence lengths Lq=", q.size(2), ", Lk=", k.size(2), " exceed the CUDA kernel's range");
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                      const at::Tensor& v_in) {
+}  // namespace
+
+// Entry points (declared in ../ops.h, registered in ../ops.cpp).
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                 const at::Tensor& v_in) {
   const char* op = "attention_fwd";
   check_qkv(op, q_in, k_in, v_in);
   const int64_t B = q_in.size(0), nh = q_in.size(1), Lq = q_in.size(2), Lk = k_in.size(2), hd = q_in.size(3);
@@ -59,13 +64,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index());
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-  dispatch_element_type(q.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
-    dispatch_head_dim(hd, op, [&](auto hd_bucket) {
-      constexpr int HD = decltype(hd_bucket)::value;
-      constexpr int BR = FwdTiles<HD>::BR, BC = FwdTiles<HD>::BC;
+  dispatch_element_type(q.scalar_type(), op, [&]<typename T>(T) {
+    dispatch_head_dim(hd, op, [&]<typename Bucket>(Bucket) {
+      constexpr int BR = Bucket::FWD_BR, BC = Bucket::FWD_BC;
       const dim3 grid(ceil_div(static_cast<int>(Lq), BR), static_cast<unsigned>(B * nh));
-      attention_fwd_kernel<T, HD, BR, BC, kAttnThreads><<<grid, kAttnThreads, 0, stream>>>(
+      attention_fwd_kernel<T, Bucket::HD, BR, BC, kAttnThreads><<<grid, kAttnThreads, 0, stream>>>(
           ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<T>(o), ptr<float>(lse), static_cast<int>(Lq),
           static_cast<int>(Lk), static_cast<int>(hd), scale);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -74,10 +77,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   return {o, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tensor& grad_o_in,
-                                                                  const at::Tensor& q_in, const at::Tensor& k_in,
-                                                                  const at::Tensor& v_in, const at::Tensor& o_in,
-                                                                  const at::Tensor& lse_in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& grad_o_in,
+                                                             const at::Tensor& q_in, const at::Tensor& k_in,
+                                                             const at::Tensor& v_in, const at::Tensor& o_in,
+                                                             const at::Tensor& lse_in) {
   const char* op = "attention_bwd";
   check_qkv(op, q_in, k_in, v_in);
   check_input(grad_o_in, op, "grad_o", q_in.device(), q_in.scalar_type(), 4);
@@ -105,17 +108,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tens
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index());
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   const int rows = static_cast<int>(B * nh * Lq);
-  dispatch_element_type(q.scalar_type(), op, [&](auto tag) {
-    using T = decltype(tag);
+  dispatch_element_type(q.scalar_type(), op, [&]<typename T>(T) {
     constexpr int W = kAttnRowWarps;
     attention_bwd_preprocess_kernel<T, W><<<ceil_div(rows, W), W * kWarpSize, 0, stream>>>(
         ptr<T>(grad_o), ptr<T>(o), ptr<float>(delta), rows, static_cast<int>(hd));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dispatch_head_dim(hd, op, [&](auto hd_bucket) {
-      constexpr int HD = decltype(hd_bucket)::value;
-      constexpr int BR = BwdTiles<HD>::BR, BC = BwdTiles<HD>::BC;
+    dispatch_head_dim(hd, op, [&]<typename Bucket>(Bucket) {
+      constexpr int BR = Bucket::BWD_BR, BC = Bucket::BWD_BC;
       const dim3 grid(ceil_div(static_cast<int>(Lk), BC), static_cast<unsigned>(B * nh));
-      attention_bwd_kernel<T, HD, BR, BC, kAttnThreads><<<grid, kAttnThreads, 0, stream>>>(
+      attention_bwd_kernel<T, Bucket::HD, BR, BC, kAttnThreads><<<grid, kAttnThreads, 0, stream>>>(
           ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<T>(grad_o), ptr<float>(lse), ptr<float>(delta),
           ptr<float>(dq_accum), ptr<T>(grad_k), ptr<T>(grad_v), static_cast<int>(Lq), static_cast<int>(Lk),
           static_cast<int>(hd), scale);
@@ -132,9 +133,4 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(const at::Tens
   return {grad_q, grad_k, grad_v};
 }
 
-}  // namespace
-
-TORCH_LIBRARY_IMPL(dit4dit, CUDA, m) {
-  m.impl("attention_fwd", &attention_fwd_cuda);
-  m.impl("attention_bwd", &attention_bwd_cuda);
-}
+}  // namespace dit4dit::cuda

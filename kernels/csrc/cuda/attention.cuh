@@ -32,7 +32,6 @@
 
 #include "common.cuh"
 
-#include <type_traits>
 #include <utility>
 
 namespace DIT4DIT_KERNEL_NS {
@@ -41,39 +40,34 @@ constexpr int kAttnThreads = 128;       // threads per block of the tile kernels
 constexpr int kAttnRowWarps = 4;        // rows per block of the preprocess kernel
 constexpr int kAttnMaxHeadDim = 128;
 
-// Calls f(std::integral_constant<int, HD>{}) for the smallest head-dim bucket HD >= hd (32, 64
-// or 128): the instantiation both the CUDA launchers and the CPU emulation tests run. The
-// caller checks 1 <= hd <= kAttnMaxHeadDim first.
+// A head-dim bucket: the head dim HD the kernels are instantiated for (hd <= HD is
+// zero-padded to HD) and the tile sizes of the two tile kernels, BR query rows by BC keys,
+// chosen so that the static shared memory stays below 48 KiB and each thread keeps at most
+// 32 float accumulators.
+template <int kHD, int kFwdBR, int kFwdBC, int kBwdBR, int kBwdBC>
+struct AttnBucket {
+  static constexpr int HD = kHD;
+  static constexpr int FWD_BR = kFwdBR, FWD_BC = kFwdBC;  // attention_fwd_kernel
+  static constexpr int BWD_BR = kBwdBR, BWD_BC = kBwdBC;  // attention_bwd_kernel
+};
+//                              HD  fwd BR, BC  bwd BR, BC
+using AttnBucket32 = AttnBucket<32, 64, 64, 32, 32>;
+using AttnBucket64 = AttnBucket<64, 64, 32, 32, 32>;
+using AttnBucket128 = AttnBucket<128, 32, 32, 16, 16>;
+
+// Calls f(bucket) for the smallest head-dim bucket with HD >= hd: the instantiation both
+// the CUDA launchers and the CPU emulation tests run. The caller checks
+// 1 <= hd <= kAttnMaxHeadDim first.
 template <typename F>
 inline void with_head_dim_bucket(long long hd, F&& f) {
   if (hd <= 32) {
-    f(std::integral_constant<int, 32>{});
+    f(AttnBucket32{});
   } else if (hd <= 64) {
-    f(std::integral_constant<int, 64>{});
+    f(AttnBucket64{});
   } else {
-    f(std::integral_constant<int, 128>{});
+    f(AttnBucket128{});
   }
 }
-
-// Tile sizes per head-dim bucket, chosen so that the static shared memory stays below
-// 48 KiB and each thread keeps at most 32 float accumulators.
-template <int HD>
-struct FwdTiles;
-template <>
-struct FwdTiles<32> { static constexpr int BR = 64, BC = 64; };
-template <>
-struct FwdTiles<64> { static constexpr int BR = 64, BC = 32; };
-template <>
-struct FwdTiles<128> { static constexpr int BR = 32, BC = 32; };
-
-template <int HD>
-struct BwdTiles;
-template <>
-struct BwdTiles<32> { static constexpr int BR = 32, BC = 32; };
-template <>
-struct BwdTiles<64> { static constexpr int BR = 32, BC = 32; };
-template <>
-struct BwdTiles<128> { static constexpr int BR = 16, BC = 16; };
 
 // Copy rows [row0, row0 + ROWS) of a (len, hd) matrix into a (ROWS, HD + 1) float tile,
 // zero-filling rows beyond len and columns beyond hd. The +1 pad keeps the column reads

@@ -1,0 +1,44 @@
+// C++ entry points of the dit4dit ops, one per op and backend; ops.cpp registers them.
+//
+// Each op's signature is written once, as a function type that follows its schema in
+// ops.cpp; `AttentionFwd attention_fwd;` declares a function of that type. The CPU kernels
+// (adaln_cpu.cpp, attention_cpu.cpp) define dit4dit::cpu, the CUDA launchers (cuda/*.cu,
+// built when DIT4DIT_WITH_CUDA is defined) define dit4dit::cuda.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+#include <tuple>
+
+namespace dit4dit {
+
+// (x, shift, scale, eps) -> (y, mean, rstd)
+using AdalnModulateFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor& x, const at::Tensor& shift,
+                                                                        const at::Tensor& scale, double eps);
+// (grad_y, x, scale, mean, rstd, groups) -> (grad_x, grad_shift, grad_scale)
+using AdalnModulateBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                        const at::Tensor& scale, const at::Tensor& mean,
+                                                                        const at::Tensor& rstd, int64_t groups);
+// (q, k, v) -> (o, lse)
+using AttentionFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+// (grad_o, q, k, v, o, lse) -> (grad_q, grad_k, grad_v)
+using AttentionBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor& grad_o, const at::Tensor& q,
+                                                                    const at::Tensor& k, const at::Tensor& v,
+                                                                    const at::Tensor& o, const at::Tensor& lse);
+
+namespace cpu {
+AdalnModulateFwd adaln_modulate_fwd;
+AdalnModulateBwd adaln_modulate_bwd;
+AttentionFwd attention_fwd;
+AttentionBwd attention_bwd;
+}  // namespace cpu
+
+namespace cuda {
+AdalnModulateFwd adaln_modulate_fwd;
+AdalnModulateBwd adaln_modulate_bwd;
+AttentionFwd attention_fwd;
+AttentionBwd attention_bwd;
+}  // namespace cuda
+
+}  // namespace dit4dit
