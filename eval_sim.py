@@ -19,7 +19,7 @@ rate is 10 Hz (10 physics steps of 10 ms per control step, one rendered frame pe
 The episode ends when the moved object's centre comes onto a pad: the named pad is a success,
 another pad a failure (visiting every pad is no way to succeed); or after max_steps (failure).
 Pads, puck and start position are drawn per episode from the seed and are visible only in the
-image: the state vector is the end-effector's own (x, y, vx, vy), never an object or a goal.
+image: the state vector is the end-effector's own position (x, y), never an object or a goal.
 The layout is drawn before the named pad is chosen (uniformly), so a policy that ignores the
 text succeeds at chance rate (1/3 on reach, 1/2 on push).
 
@@ -73,7 +73,9 @@ PHYSICS_DT = 0.01        # s
 SUBSTEPS = 10            # physics steps per control step: 10 Hz control
 CONTROL_DT = PHYSICS_DT * SUBSTEPS
 COLORS = {"red": (0.90, 0.10, 0.10), "green": (0.10, 0.75, 0.15), "blue": (0.10, 0.25, 0.95)}
-STATE_DIM = 4            # P: end-effector x, y, vx, vy
+STATE_DIM = 2            # P: end-effector x, y. No velocity: after the first step a policy could
+                         # keep going the way it already moves (a ~= 2v in the demos) and never
+                         # learn to read the instruction and the image, which only the first step needed
 ACTION_DIM = 2           # A: end-effector velocity command, in units of V_MAX
 CAMERA = "top"
 
@@ -195,14 +197,13 @@ class ToyTableEnv(gym.Env):
         self.renderer = mujoco.Renderer(self.model, self.image_size, self.image_size)
         self.observation_space = spaces.Dict({
             "image": spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8),
-            # x, y within the joint limits (+ the soft limits' give), velocities well above V_MAX
-            "state": spaces.Box(np.array([-EE_RANGE - 0.02] * 2 + [-5.0] * 2, np.float32),
-                                np.array([EE_RANGE + 0.02] * 2 + [5.0] * 2, np.float32)),
+            # x, y within the joint limits (+ the soft limits' give)
+            "state": spaces.Box(np.full(STATE_DIM, -EE_RANGE - 0.02, np.float32),
+                                np.full(STATE_DIM, EE_RANGE + 0.02, np.float32)),
         })
         self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
         joint = lambda name: self.model.jnt_qposadr[self.model.joint(name).id]
         self._ee_q = [joint("ee_x"), joint("ee_y")]
-        self._ee_v = [self.model.jnt_dofadr[self.model.joint(n).id] for n in ("ee_x", "ee_y")]
         self._puck_q = [joint("puck_x"), joint("puck_y")] if self.task.has_puck else None
         self._pad_geoms = [self.model.geom(f"pad{i}").id for i in range(self.task.num_pads)]
         self._first_seed = seed
@@ -318,7 +319,7 @@ class ToyTableEnv(gym.Env):
     def _observation(self):
         self.renderer.update_scene(self.data, camera=CAMERA)
         self._frame = self.renderer.render().copy()
-        state = np.concatenate([self.data.qpos[self._ee_q], self.data.qvel[self._ee_v]]).astype(np.float32)
+        state = self.data.qpos[self._ee_q].astype(np.float32)  # (x, y): no velocity, see STATE_DIM
         return {"image": self._frame, "state": state}
 
 

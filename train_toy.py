@@ -51,7 +51,7 @@ import eval_sim
 # ----------------------------------------------------------------------------------------------
 # Defaults: the budget of `python train_toy.py` (≤ 15 min on a 2-core laptop CPU). Tune here.
 PRESET = "toy"
-STEPS = 750                # optimizer steps (about 0.9 s each on a 2-core CPU)
+STEPS = 2000               # optimizer steps
 BATCH_SIZE = 32            # samples per step per process (before gradient accumulation)
 LR_VIDEO = 3e-4            # peak learning rate of the video DiT (and the text encoder)
 LR_ACTION = 1e-3           # peak learning rate of the action DiT
@@ -61,6 +61,7 @@ WEIGHT_DECAY = 0.01        # AdamW, on matrices only (not on norms, biases, embe
 BETAS = (0.9, 0.95)
 GRAD_CLIP = 1.0
 DEMOS_PER_TASK = 100       # demo layouts per task
+EARLY_WEIGHT = 4           # the samples of each demo's first K/2 steps are drawn this many times as often
 EVERY_PAD = True           # each layout demonstrated toward every pad (see collect_demos)
 EVAL_EPISODES = 25         # per task: 2 tasks x 25 = the 50 evaluation episodes
 GIF_EPISODES = 2           # rollout GIFs written per task
@@ -119,8 +120,11 @@ def seed_everything(seed):
 # ----------------------------------------------------------------------------------------------
 # Demonstrations on disk
 
+DEMO_FORMAT = 2  # bumped when the suite's episodes change (2: state (x, y) without velocity)
+
+
 def demo_cache_dir(cache_root, task, image_size):
-    return os.path.join(cache_root, f"{task}_{image_size}px")
+    return os.path.join(cache_root, f"{task}_{image_size}px_v{DEMO_FORMAT}")
 
 
 def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, every_pad=EVERY_PAD):
@@ -209,8 +213,11 @@ class EpisodeDataset:
     work and no DataLoader workers.
     """
 
-    def __init__(self, episodes, num_future_frames, action_horizon, state_normalizer, action_normalizer):
+    def __init__(self, episodes, num_future_frames, action_horizon, state_normalizer, action_normalizer,
+                 early_weight=1):
         F, K = num_future_frames, action_horizon
+        if not isinstance(early_weight, int) or early_weight < 1:
+            raise ValueError(f"early_weight must be an int >= 1, got {early_weight!r}")
         if F < 1 or K < 1 or K % F != 0:
             raise ValueError(f"action_horizon K={K} must be a positive multiple of num_future_frames F={F}")
         check_episodes(episodes)
@@ -238,14 +245,17 @@ class EpisodeDataset:
         self.n_frames = torch.tensor(n_frames)
         self.n_steps = torch.tensor(n_steps)
         self.instructions = [ep["instruction"] for ep in episodes]
-        # Task balance: every task's samples are repeated (cyclically) up to the largest task's
-        # count, and training draws from this table, so each task gives an equal share of every
-        # batch whatever its episode lengths (short `reach` demos would otherwise be a minority).
+        # The table training draws from. Within an episode, the samples of its first K/2 steps (the
+        # first chunk a policy executes: where the instruction decides where to go, while later
+        # the scene itself shows the way) appear early_weight times. Across tasks, each task's
+        # entries are repeated (cyclically) up to the largest task's count, so every task gives
+        # an equal share of every batch whatever its episode lengths.
         tasks = [str(ep.get("task", "")) for ep in episodes]
         first = 0
         per_task = {}
         for task, n in zip(tasks, n_steps):
-            per_task.setdefault(task, []).append(torch.arange(first, first + n))
+            steps = torch.arange(first, first + n)
+            per_task.setdefault(task, []).extend([steps] + [steps[: K // 2]] * (early_weight - 1))
             first += n
         per_task = [torch.cat(chunks) for chunks in per_task.values()]
         largest = max(len(idx) for idx in per_task)
@@ -464,7 +474,7 @@ TRAINING_KEYS = ("step", "optimizer", "scheduler", "args")  # what this script a
 # (--allow-changes continues with the new values and writes them into train_log.jsonl).
 
 EXPERIMENT_FLAGS = ("preset", "steps", "batch_size", "grad_accum", "lr_video", "lr_action", "warmup", "seed",
-                    "demos_per_task", "every_pad")
+                    "demos_per_task", "every_pad", "early_weight")
 
 
 def experiment_record(args, config, world=None, data=None, known=None):
@@ -841,7 +851,7 @@ def main(args):
                                                        if changes else [])
     model, state_normalizer, action_normalizer = model_and_normalizers(config, args, episodes, resume)
     dataset = EpisodeDataset(episodes, config.num_future_frames, config.action_horizon,
-                             state_normalizer, action_normalizer)
+                             state_normalizer, action_normalizer, early_weight=args.early_weight)
     model.to(device)
     optimizer, scheduler = make_optimizer(model, args)
     start_step = 0
@@ -973,6 +983,9 @@ def build_parser():
     p.add_argument("--demo-cache", default=None, metavar="DIR", help="demo cache folder (default <out>/../demos)")
     p.add_argument("--demos-per-task", type=int, default=DEMOS_PER_TASK,
                    help=f"scripted-expert demo layouts per task (default {DEMOS_PER_TASK})")
+    p.add_argument("--early-weight", type=int, default=EARLY_WEIGHT,
+                   help="draw the samples of each demo's first K/2 steps this many times as often "
+                        f"(default {EARLY_WEIGHT}; 1 = uniform)")
     p.add_argument("--every-pad", action=argparse.BooleanOptionalAction, default=EVERY_PAD,
                    help="demonstrate each layout toward every pad, one episode per pad (default on); "
                         "--no-every-pad: one episode per layout")

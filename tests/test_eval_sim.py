@@ -76,7 +76,7 @@ def test_observation_holds_no_object_or_goal_position():
     a = u.set_layout(ee, [[-0.2, -0.2], [0.2, 0.2]], ["red", "blue"], 0, puck=[0.0, 0.1])
     b = u.set_layout(ee, [[0.1, -0.15], [-0.2, 0.15]], ["green", "red"], 1, puck=[-0.1, -0.05])
     np.testing.assert_array_equal(a["state"], b["state"])          # objects moved, state unchanged
-    np.testing.assert_allclose(a["state"], [*ee, 0.0, 0.0], atol=1e-6)  # the end-effector only
+    np.testing.assert_allclose(a["state"], ee, atol=1e-6)  # the end-effector position only
     assert not np.array_equal(a["image"], b["image"])              # the scene is in the image
     env.close()
 
@@ -248,7 +248,7 @@ class StubModel(torch.nn.Module):
 def test_model_policy_receding_horizon_and_conversions():
     dit4dit = pytest.importorskip("dit4dit")
     model = StubModel(image_size=16, K=4)
-    state_norm = dit4dit.Normalizer(low=[-1, -1, -2, -2], high=[1, 1, 2, 2])
+    state_norm = dit4dit.Normalizer(low=[-1, -2], high=[1, 2])
     action_norm = dit4dit.Normalizer(low=[-0.5, -0.5], high=[0.5, 0.5])
     policy = es.ModelPolicy(model, state_norm, action_norm, execute_steps=3)
     env = es.make_env("reach", image_size=16)
@@ -264,7 +264,7 @@ def test_model_policy_receding_horizon_and_conversions():
     m = first.model
     assert m.calls == 1 and m.last_obs.shape == (1, 3, 16, 16)
     np.testing.assert_allclose(m.last_obs[0].permute(1, 2, 0).numpy(), obs["image"] / 127.5 - 1, atol=1e-6)
-    np.testing.assert_allclose(m.last_state[0].numpy(), obs["state"] / np.array([1, 1, 2, 2]), atol=1e-6)
+    np.testing.assert_allclose(m.last_state[0].numpy(), obs["state"] / np.array([1, 2]), atol=1e-6)
     assert m.last_text == [env.unwrapped.instruction]
     # the executed prefix is the un-normalized chunk: linspace(-1, 1, 4) * 0.5
     np.testing.assert_allclose(np.stack(actions)[:, 0], np.linspace(-1, 1, 4)[:3] * 0.5, atol=1e-6)
@@ -279,7 +279,7 @@ def test_evaluate_tiny_dit4dit_and_load_policy(tmp_path):
     torch.manual_seed(0)
     config = dit4dit.make_config("tiny", state_dim=es.STATE_DIM, action_dim=es.ACTION_DIM)
     model = dit4dit.DiT4DiT(config)
-    state_norm = dit4dit.Normalizer(low=[-0.3, -0.3, -0.5, -0.5], high=[0.3, 0.3, 0.5, 0.5])
+    state_norm = dit4dit.Normalizer(low=[-0.3, -0.5], high=[0.3, 0.5])
     action_norm = dit4dit.Normalizer(low=[-1, -1], high=[1, 1])
     ckpt = tmp_path / "ckpt.pt"
     dit4dit.save_checkpoint(ckpt, model, state_norm, action_norm, step=7)
@@ -316,7 +316,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, flipped_copy):
     config = dit4dit.make_config("tiny", state_dim=es.STATE_DIM, action_dim=es.ACTION_DIM)
     model = dit4dit.DiT4DiT(config)
     ckpt = tmp_path / "ckpt.pt"
-    dit4dit.save_checkpoint(ckpt, model, dit4dit.Normalizer(-torch.ones(4), torch.ones(4)),
+    dit4dit.save_checkpoint(ckpt, model, dit4dit.Normalizer(-torch.ones(2), torch.ones(2)),
                             dit4dit.Normalizer(-torch.ones(2), torch.ones(2)), step=1)
     payload = torch.load(ckpt, weights_only=True)
     payload["state_normalizer"] = {"low": torch.zeros(7), "high": torch.ones(7)}
@@ -329,7 +329,7 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, flipped_copy):
         (["--expert", "--tasks", "juggle"], "unknown task 'juggle'"),
         (["--ckpt", str(ckpt), "--tasks", "juggle"], "unknown task 'juggle'"),  # before the model is loaded
         (["--ckpt", str(flipped_copy(ckpt))], "flipped.pt is corrupt.*sha256"),
-        (["--ckpt", str(tmp_path / "norm.pt")], "norm.pt: state_normalizer has 7 entries but config.state_dim=4"),
+        (["--ckpt", str(tmp_path / "norm.pt")], "norm.pt: state_normalizer has 7 entries but config.state_dim=2"),
         (["--expert", "--episodes", "0"], "episodes must be an int >= 1"),
     ]
     for argv, message in cases:

@@ -87,6 +87,18 @@ def test_batches_are_task_balanced():
     assert set(ds.balanced.tolist()) == set(range(80))  # every sample is still drawn
 
 
+def test_early_steps_are_drawn_more_often():
+    """early_weight=4: the first K/2 = 2 steps of each episode appear 4 times in the table, the
+    others once; tasks stay balanced."""
+    eps = [dict(fake_episode(6, 8), task="reach"), dict(fake_episode(6, 8), task="push")]
+    norms = [dit4dit.Normalizer.fit(np.concatenate([e[k] for e in eps])) for k in ("state", "action")]
+    ds = train_toy.EpisodeDataset(eps, 2, 4, *norms, early_weight=4)
+    counts = torch.bincount(ds.balanced, minlength=12).tolist()
+    assert counts == [4, 4, 1, 1, 1, 1] * 2
+    with pytest.raises(ValueError, match="early_weight"):
+        train_toy.EpisodeDataset(eps, 2, 4, ds.state_normalizer, ds.action_normalizer, early_weight=0)
+
+
 def test_batch_indices_shard_and_repeat():
     n, b = 37, 4
     a = train_toy.batch_indices(n, 0, 5, 0, 0, 2, b, 1)
@@ -255,7 +267,7 @@ def test_resume_with_another_image_size_is_refused_or_applied(tmp_path):
     with pytest.raises(ValueError, match="config.image_size 16 -> 32"):
         train_toy.main(resume_args(ckpt, *demo, "--image-size", "32", "--eval-episodes", "1",
                                    "--out", str(tmp_path / "run")))
-    assert not (tmp_path / "run").exists() and not (tmp_path / "demos" / "reach_32px").exists()
+    assert not (tmp_path / "run").exists() and not os.path.exists(train_toy.demo_cache_dir(tmp_path / "demos", "reach", 32))
     # allowed: the model is trained, saved and evaluated at the new size, and the log says so
     report = train_toy.main(resume_args(ckpt, *demo, "--image-size", "32", "--eval-episodes", "1",
                                         "--out", str(tmp_path / "run"), "--allow-changes"))
@@ -430,5 +442,5 @@ def test_collect_demos_every_pad(tmp_path):
     without it, one episode per layout."""
     eps = train_toy.collect_demos(["reach"], 2, 16, str(tmp_path), progress=False, every_pad=True)
     assert len(eps) == 6 and len({(e["seed"], e["instruction"]) for e in eps}) == 6
-    assert sorted(os.listdir(tmp_path / "reach_16px")) == [f"seed_00000{s}_pad{p}.npz" for s in (0, 1) for p in range(3)]
+    assert sorted(os.listdir(train_toy.demo_cache_dir(tmp_path, "reach", 16))) == [f"seed_00000{s}_pad{p}.npz" for s in (0, 1) for p in range(3)]
     assert len(train_toy.collect_demos(["reach"], 2, 16, str(tmp_path), progress=False, every_pad=False)) == 2
