@@ -316,16 +316,18 @@ def test_overfit_one_batch_halves_both_losses():
 
 # --- bad input ----------------------------------------------------------------------------------
 
-def test_bad_inputs_raise_value_error_naming_the_argument():
+def model_and_good_inputs():
+    """A tiny model, a valid batch, and its first frames, states and instructions."""
     model = tiny_model()
-    cfg = model.config
-    good = tiny_batch(cfg)
-    obs, state, text = good["video"][:, :, 0], good["state"], good["instruction"]
+    good = tiny_batch(model.config)
+    return model, model.config, good, good["video"][:, :, 0], good["state"], good["instruction"]
+
+
+def test_bad_inputs_raise_value_error_naming_the_argument():
+    model, cfg, good, obs, state, text = model_and_good_inputs()
 
     def bad(**changes):
-        b = dict(good)
-        b.update(changes)
-        return b
+        return {**good, **changes}
 
     nan_video = good["video"].clone()
     nan_video[0, 0, 0, 0, 0] = float("nan")
@@ -362,10 +364,7 @@ def test_bad_inputs_raise_value_error_naming_the_argument():
 
 
 def test_inputs_are_checked_for_dtype_range_mask_and_empty_batch():
-    model = tiny_model()
-    cfg = model.config
-    good = tiny_batch(cfg)
-    obs, state, text = good["video"][:, :, 0], good["state"], good["instruction"]
+    model, cfg, good, obs, state, text = model_and_good_inputs()
 
     def loss(**changes):
         return model.loss({**good, **changes})
