@@ -67,6 +67,9 @@ def model_shapes(cfg, spatial_factor, temporal_factor, text_tokens):
     hd_v = cfg.video_width // cfg.video_heads
     hd_a = cfg.action_width // cfg.action_heads
     La = 1 + cfg.action_horizon
+    # what the action DiT cross-attends to: h (all frames' tokens, or the conditioning frame's),
+    # plus the instruction's tokens with action_text
+    context = (N if cfg.feature_frames == "all" else side * side) + (text_tokens if cfg.action_text else 0)
     lines = [
         f"image {H} px / {spatial_factor}x spatial = {latent}x{latent} latent; / patch {cfg.patch_size} = "
         f"{side}x{side} = {side * side} tokens per latent frame",
@@ -75,11 +78,12 @@ def model_shapes(cfg, spatial_factor, temporal_factor, text_tokens):
         f"video tokens N = {T} x {side * side} = {N}; video DiT {cfg.video_heads} heads x {hd_v}, width "
         f"{cfg.video_width}, text tokens S = {text_tokens}",
         f"action DiT tokens = 1 state + {cfg.action_horizon} actions = {La}; {cfg.action_heads} heads x {hd_a}, "
-        f"width {cfg.action_width}; cross-attention to the N = {N} video tokens",
+        f"width {cfg.action_width}; cross-attention to {context} tokens (features: {cfg.feature_frames} "
+        f"frames{', + the text tokens' if cfg.action_text else ''})",
     ]
     return dict(lines=lines, latent=latent, tokens_per_frame=side * side, latent_frames=T, video_tokens=N,
                 video_heads=cfg.video_heads, video_head_dim=hd_v, video_width=cfg.video_width, text_tokens=text_tokens,
-                action_tokens=La, action_heads=cfg.action_heads, action_head_dim=hd_a,
+                action_tokens=La, action_context=context, action_heads=cfg.action_heads, action_head_dim=hd_a,
                 action_width=cfg.action_width, repeat=cfg.repeat)
 
 
@@ -92,7 +96,8 @@ def op_cases(s, batch):
     return [
         ("video self-attn", "attention", (batch, s["video_heads"], N, N, s["video_head_dim"])),
         ("video cross-attn (text)", "attention", (batch, s["video_heads"], N, S, s["video_head_dim"])),
-        ("action cross-attn (h)", "attention", (Ba, s["action_heads"], s["action_tokens"], N, s["action_head_dim"])),
+        ("action cross-attn (h)", "attention", (Ba, s["action_heads"], s["action_tokens"], s["action_context"],
+                                                s["action_head_dim"])),
         ("action self-attn", "attention", (Ba, s["action_heads"], s["action_tokens"], s["action_tokens"],
                                            s["action_head_dim"])),
         ("video adaLN (per frame)", "adaln", (batch, N, s["video_width"], T)),
@@ -342,6 +347,7 @@ def cmd_ops(args):
         train_batch = args.train_batch.get(preset, 8)
         if args.cpu_smoke:  # same code, small sizes: shrink the token counts
             s = dict(s, video_tokens=min(s["video_tokens"], 48), text_tokens=min(s["text_tokens"], 9),
+                     action_context=min(s["action_context"], 48),
                      video_width=min(s["video_width"], 64), action_width=min(s["action_width"], 32))
             train_batch = 2
         print(f"== {preset}: " + "; ".join(s.get("lines", [])[2:3]))

@@ -54,8 +54,9 @@ def test_paper_shapes():
 
 def test_toy_shapes():
     s = gb.preset_shapes("toy")
-    assert (s["tokens_per_frame"], s["latent_frames"], s["video_tokens"], s["video_head_dim"]) == (64, 3, 192, 24)
-    assert (s["action_tokens"], s["action_head_dim"], s["text_tokens"]) == (9, 32, 48)
+    assert (s["tokens_per_frame"], s["latent_frames"], s["video_tokens"], s["video_head_dim"]) == (16, 3, 48, 24)
+    # the action DiT reads the conditioning frame's 16 tokens and the 48 instruction tokens
+    assert (s["action_tokens"], s["action_head_dim"], s["text_tokens"], s["action_context"]) == (9, 32, 48, 64)
 
 
 def test_work_counts():
