@@ -41,8 +41,7 @@ def hardware():
 def naive_predict_action(model, obs, state, instruction, generator):
     """predict_action as the release runs it: full video forward, K/V recomputed every step."""
     cfg = model.config
-    text = model.encode_text(instruction)
-    cond = model.tokenizer.encode(obs[:, :, None])  # (B, C, 1, h, w)
+    cond, text = model.encode_observation(obs, instruction)  # (B, C, 1, h, w), (B, S, D_text)
     tau_f = torch.full((cond.shape[0],), cfg.tau_f, device=cond.device)
     captured = {}
     hook = model.video_dit.blocks[cfg.extract_layer].register_forward_hook(

@@ -680,13 +680,17 @@ class DiT4DiT(nn.Module):
         return dict(loss=loss, video_loss=video_loss, action_loss=action_loss)
 
     # -- inference (DESIGN 3.8) -------------------------------------------------------------------
-    def extract_features(self, obs, text_tokens, generator=None):
-        """obs (B, 3, H, W) in [-1, 1]; text_tokens: list[str] or (B, S, D_text) ->
-        h (B, T*h*w, D_video), the output of block `extract_layer` (all frames' tokens)."""
+    def encode_observation(self, obs, instruction):
+        """The inputs of every inference entry point, checked: obs (B, 3, H, W) in [-1, 1] and
+        instruction (list[str] or (B, S, D_text)) -> (cond latent (B, C, 1, h, w), text (B, S, D_text))."""
         _check_frames(self, "obs", obs, time_axis=False)
-        _check_text(text_tokens, obs.shape[0])
-        cond = self.tokenizer.encode(obs[:, :, None])  # (B, C, 1, h, w)
-        return self._extract(cond, self.encode_text(text_tokens), generator)
+        _check_text(instruction, obs.shape[0])
+        return self.tokenizer.encode(obs[:, :, None]), self.encode_text(instruction)
+
+    def extract_features(self, obs, text_tokens, generator=None):
+        """obs (B, 3, H, W) in [-1, 1]; text_tokens: list[str] or (B, S, D_text) -> the features h
+        (B, N, D_video): block `extract_layer`'s tokens (see select_features)."""
+        return self._extract(*self.encode_observation(obs, text_tokens), generator)
 
     @torch.inference_mode()
     def predict_action(self, obs, state, instruction, generator=None):
@@ -694,11 +698,9 @@ class DiT4DiT(nn.Module):
         (B, S, D_text) -> normalized actions (B, K, A) clipped to [-1, 1]. Dropout follows the
         module's mode: call .eval() first for deterministic actions."""
         cfg = self.config
-        B = _check_frames(self, "obs", obs, time_axis=False).shape[0]
+        cond_latent, text = self.encode_observation(obs, instruction)
+        B = obs.shape[0]
         _check_tensor("state", state, (B, cfg.state_dim), obs.dtype)
-        _check_text(instruction, B)
-        text = self.encode_text(instruction)  # (B, S, D_text)
-        cond_latent = self.tokenizer.encode(obs[:, :, None])  # (B, C, 1, h, w)
         h = self._extract(cond_latent, text, generator)  # one video pass, early exit
         context, cond = self.action_context(h, text)
         kv = self.action_dit.context_kv(context)  # cross-attention K/V, computed once for all steps
@@ -710,10 +712,7 @@ class DiT4DiT(nn.Module):
     def imagine_video(self, obs, instruction, generator=None, num_steps=None):
         """Full video sampler for visualization: obs (B, 3, H, W) -> video (B, 3, 1+F, H, W) in [-1, 1]
         whose frame 0 is the observation."""
-        _check_frames(self, "obs", obs, time_axis=False)
-        _check_text(instruction, obs.shape[0])
-        text = self.encode_text(instruction)
-        cond = self.tokenizer.encode(obs[:, :, None])  # (B, C, 1, h, w)
+        cond, text = self.encode_observation(obs, instruction)
 
         def velocity(future, tau):  # only the future frames move; the conditioning frame stays clean
             return self.video_forward(cond, future, tau, text)[:, :, 1:]
