@@ -27,7 +27,8 @@ Reading order: the two ops and their backend switch; building blocks; the blocks
 the config; VideoDiT; ActionDiT; the joint DiT4DiT (one video call for every use, the dual
 flow-matching loss beside the feature extraction, then inference); then the boundaries, which a
 reader of the method can skip (tokenizer, text encoder, frame conversion, input checks,
-normalizer, atomic writes and checkpoints); presets last.
+normalizer, atomic writes and checkpoints, the converter of Cosmos-Predict2.5's released weights);
+presets last.
 
 Kernels: `modulate` and `attention` run the fused C++/CUDA ops of the `kernels` package when it
 is built, and otherwise the pure-PyTorch reference bodies of kernels/reference.py
@@ -111,48 +112,79 @@ select_backend(os.environ.get("DIT4DIT_KERNELS", "auto"))
 # ----------------------------------------------------------------------------------------------
 # Small building blocks: timestep embeddings, 3D rotary embeddings, RMSNorm, MLPs.
 
-def timestep_embedding(t, dim, max_period=10000.0):
-    """Sinusoidal embedding of (possibly fractional) timesteps t (...,) -> (..., dim)."""
+def _compute_dtype(dtype):
+    """float32 for float32 and narrower dtypes, float64 for float64 (the model's float64 checks)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def timestep_embedding(t, dim, max_period=10000.0, shift=0):
+    """Sinusoidal embedding [cos, sin] of (possibly fractional) timesteps t (...,) -> (..., dim) in
+    float32 (float64 for float64 t), at frequencies max_period^(-i / (dim/2 - shift)), i < dim/2
+    (shift 1 is diffusers' `downscale_freq_shift=1`, which the released action head uses)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[..., None] * freqs  # (..., dim/2)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - shift))
+    args = t.to(_compute_dtype(t.dtype))[..., None] * freqs  # (..., dim/2)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (..., dim)
 
 
 class TimestepMLP(nn.Module):
-    """sinusoid(t) -> Linear -> SiLU -> Linear: the conditioning vector of a DiT."""
+    """sinusoid(t) -> Linear -> SiLU -> Linear: the conditioning vector of a DiT (out_dim: its
+    width, default dim; shift: see timestep_embedding)."""
 
-    def __init__(self, dim, freq_dim=256, bias=True):
+    def __init__(self, dim, freq_dim=256, bias=True, out_dim=None, shift=0):
         super().__init__()
-        self.freq_dim = freq_dim
+        self.freq_dim, self.shift = freq_dim, shift
         self.fc1 = nn.Linear(freq_dim, dim, bias=bias)
-        self.fc2 = nn.Linear(dim, dim, bias=bias)
+        self.fc2 = nn.Linear(dim, out_dim or dim, bias=bias)
+
+    def mlp(self, emb):
+        return self.fc2(F.silu(self.fc1(emb.to(self.fc1.weight.dtype))))
 
     def forward(self, t):
-        return self.fc2(F.silu(self.fc1(timestep_embedding(t, self.freq_dim))))
+        return self.mlp(timestep_embedding(t, self.freq_dim, shift=self.shift))
 
 
-def rope_3d(T, h, w, head_dim, theta, device):
-    """Rotations of 3D rotary embeddings for a (T, h, w) token grid -> complex (N, hd/2), N = T*h*w.
+def rope_3d(T, h, w, head_dim, theta, device, scale=(1.0, 1.0, 1.0), pairs="interleaved"):
+    """Rotations of 3D rotary embeddings for a (T, h, w) token grid, N = T*h*w tokens.
 
     The head dim is split into a temporal part and two equal spatial parts (Cosmos-Predict2.5's
-    split: hd//6*2 channels each for rows and columns, the rest for time)."""
+    split: hd//6*2 channels each for rows and columns, the rest for time: 44/42/42 at hd 128).
+    scale (t, h, w) stretches each axis by NTK-aware scaling, theta_axis = theta * s^(d/(d-2)) for
+    an axis of d channels (Cosmos-Predict2.5: (1, 3, 3)). pairs="interleaved": channels (2i, 2i+1)
+    form a pair, returns complex (N, hd/2); pairs="half" (Cosmos): channel i pairs with i + hd/2,
+    returns (cos, sin), each (N, hd) in float32, computed as Cosmos computes them (frequencies
+    1 / theta_axis^(2i/d)) so that converted weights see the same table bit for bit."""
     d_hw = head_dim // 6 * 2
     d_t = head_dim - 2 * d_hw
 
-    def axis(n, d):  # positions 0..n-1 rotated at d/2 frequencies -> (n, d/2)
-        freqs = theta ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+    def axis(n, d, s):  # positions 0..n-1 rotated at d/2 frequencies -> (n, d/2)
+        theta_axis = theta * (s ** (d / (d - 2)) if s != 1 else 1.0)
+        if pairs == "interleaved":
+            freqs = theta_axis ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+        else:
+            freqs = 1.0 / theta_axis ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
         return torch.arange(n, device=device, dtype=torch.float32)[:, None] * freqs
 
-    ang = torch.cat([axis(T, d_t)[:, None, None].expand(T, h, w, d_t // 2),
-                     axis(h, d_hw)[None, :, None].expand(T, h, w, d_hw // 2),
-                     axis(w, d_hw)[None, None, :].expand(T, h, w, d_hw // 2)], dim=-1)  # (T, h, w, hd/2)
-    return torch.polar(torch.ones_like(ang), ang).reshape(T * h * w, head_dim // 2)  # (N, hd/2) e^{i*angle}
+    ang = torch.cat([axis(T, d_t, scale[0])[:, None, None].expand(T, h, w, d_t // 2),
+                     axis(h, d_hw, scale[1])[None, :, None].expand(T, h, w, d_hw // 2),
+                     axis(w, d_hw, scale[2])[None, None, :].expand(T, h, w, d_hw // 2)], dim=-1)  # (T, h, w, hd/2)
+    ang = ang.reshape(T * h * w, head_dim // 2)  # (N, hd/2)
+    if pairs == "interleaved":
+        return torch.polar(torch.ones_like(ang), ang)  # (N, hd/2) e^{i*angle}
+    ang = torch.cat([ang, ang], dim=-1)  # (N, hd): channel i and i + hd/2 share an angle
+    return ang.cos(), ang.sin()
 
 
 def apply_rope(x, rot):
-    """Rotate channel pairs (2i, 2i+1) of x (B, nh, N, hd), read as complex numbers, by the unit
-    complex numbers rot (N, hd/2)."""
+    """Rotate x (B, nh, N, hd) by the rotations of rope_3d: complex rot (N, hd/2) rotates the
+    channel pairs (2i, 2i+1) read as complex numbers; rot = (cos, sin) rotates the pairs
+    (i, i + hd/2) ("rotate half"). Computed in float32 (float64 for float64 x)."""
+    if isinstance(rot, tuple):
+        cos, sin = rot
+        x1, x2 = x.chunk(2, dim=-1)  # (B, nh, N, hd/2) each
+        acc = _compute_dtype(x.dtype)
+        rotated = torch.cat([-x2, x1], dim=-1)  # (B, nh, N, hd)
+        return (x.to(acc) * cos + rotated.to(acc) * sin).to(x.dtype)
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, nh, N, hd/2) complex
     return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)  # (B, nh, N, hd/2, 2) -> (B, nh, N, hd)
 
@@ -170,7 +202,8 @@ def sincos_2d(h, w, dim, device):
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm with a learned gain, statistics in fp32 (used per head on q and k)."""
+    """RMSNorm with a learned gain, statistics in fp32 (float64 for float64 x); per head on q and
+    k, and on Cosmos's timestep sinusoid."""
 
     def __init__(self, dim, eps=1e-6):
         super().__init__()
@@ -178,7 +211,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return F.rms_norm(x.float(), x.shape[-1:], self.weight.float(), self.eps).to(x.dtype)
+        acc = _compute_dtype(x.dtype)
+        return F.rms_norm(x.to(acc), x.shape[-1:], self.weight.to(acc), self.eps).to(x.dtype)
 
 
 class MLP(nn.Module):
@@ -199,15 +233,15 @@ class Attention(nn.Module):
     `project_kv(context)` is separate so a caller can compute the K/V of a fixed context once
     and pass them back as `kv=` on every call (the action DiT's Euler steps, DESIGN 3.8)."""
 
-    def __init__(self, dim, heads, context_dim=None, qk_norm=False, bias=False):
+    def __init__(self, dim, heads, context_dim=None, qk_norm=False, bias=False, norm_eps=1e-6):
         super().__init__()
         self.heads, self.head_dim = heads, dim // heads
         self.q = nn.Linear(dim, dim, bias=bias)
         self.k = nn.Linear(context_dim or dim, dim, bias=bias)
         self.v = nn.Linear(context_dim or dim, dim, bias=bias)
         self.out = nn.Linear(dim, dim, bias=bias)
-        self.q_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = RMSNorm(self.head_dim) if qk_norm else nn.Identity()
+        self.q_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else nn.Identity()
 
     def _split(self, x):
         return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, L, D) -> (B, nh, L, hd)
@@ -257,11 +291,11 @@ def per_frame(gate, x):
 
 
 class VideoBlock(nn.Module):
-    def __init__(self, dim, heads, mlp_dim, text_dim, lora_rank):
+    def __init__(self, dim, heads, mlp_dim, text_dim, lora_rank, qk_eps):
         super().__init__()
         self.mod_self, self.mod_cross, self.mod_mlp = (Modulation(dim, 3, lora_rank) for _ in range(3))
-        self.self_attn = Attention(dim, heads, qk_norm=True)
-        self.cross_attn = Attention(dim, heads, context_dim=text_dim, qk_norm=True)
+        self.self_attn = Attention(dim, heads, qk_norm=True, norm_eps=qk_eps)
+        self.cross_attn = Attention(dim, heads, context_dim=text_dim, qk_norm=True, norm_eps=qk_eps)
         self.mlp = MLP(dim, mlp_dim, bias=False)
 
     def forward(self, x, c, shared, text, rope):
@@ -294,7 +328,9 @@ class ActionBlock(nn.Module):
 
     def forward(self, x, c, kv):
         shift, scale = self.mod(c)[:, None].chunk(2, dim=-1)  # (B, 1, D) each: one group per sample
-        x = x + self.drop(self.attn(modulate(x, shift, scale), kv=kv))
+        # dropout twice on the attention output, as released (the attention module's output
+        # dropout, then the block's final dropout); with dropout 0 both are the identity
+        x = x + self.drop(self.drop(self.attn(modulate(x, shift, scale), kv=kv)))
         return x + self.mlp(F.layer_norm(x, x.shape[-1:], eps=1e-6))
 
 
@@ -312,7 +348,10 @@ class DiT4DiTConfig:
     # tokenizer and text
     latent_channels: int = 3        # C of the tokenizer's latents (3 = pixel tokenizer; 16 = Wan2.1 VAE)
     text_encoder: str = "bytes"     # "bytes": trainable byte-level encoder; "embeddings": caller gives (B, S, text_dim)
-    text_dim: int = 64              # D_text: width of text features (the video cross-attn K/V input)
+    text_dim: int = 64              # D_text: width of the text features the model is given
+    text_proj_dim: int = 0          # 0: the video cross-attention reads the text features; d > 0: through a
+                                    # trainable Linear(text_dim -> d) + GELU first (Cosmos-Predict2.5's
+                                    # crossattn_proj on the LM's stacked hidden states: 100 352 -> 1024)
     text_depth: int = 1             # transformer layers of the byte-level text encoder
     text_max_len: int = 48          # bytes per instruction (truncated / padded)
     # video DiT (Cosmos-Predict2.5 style)
@@ -322,7 +361,17 @@ class DiT4DiTConfig:
     video_heads: int = 4            # nh (hd = D_video / nh, at least 6 for the 3D rotary split)
     video_mlp_dim: int = 256        # MLP hidden width
     adaln_lora_rank: int = 0        # 0: per-block adaLN projection; r > 0: adaLN-LoRA of rank r (paper: 256)
+    video_time_embed: str = "mlp"   # "mlp": 256-d sinusoid -> MLP -> SiLU feeds the modulations; "cosmos"
+                                    # (Cosmos-Predict2.5, needs adaln_lora_rank > 0): D-wide sinusoid ->
+                                    # RMSNorm -> SiLU feeds them, and the LoRA's shared term is
+                                    # Linear -> SiLU -> Linear(D -> 3D) of the sinusoid (see VideoDiT)
     rope_theta: float = 10000.0     # rotary base frequency
+    rope_pairs: str = "interleaved" # rotary channel pairs: "interleaved" (2i, 2i+1) or "half" (i, i + hd/2, Cosmos)
+    rope_scale: tuple = (1.0, 1.0, 1.0)  # NTK-aware rotary scaling per axis (t, h, w) (Cosmos-Predict2.5: (1, 3, 3))
+    video_qk_norm_eps: float = 1e-6 # eps of the per-head q/k RMSNorms (diffusers' Cosmos, which the release runs: 1e-5)
+    video_padding_mask: bool = False  # a padding-mask input channel after the condition mask (Cosmos:
+                                    # 16 latent + 1 condition-mask + 1 padding-mask channels); zeros unless
+                                    # VideoDiT.forward is given a padding_mask
     video_time_scale: float = 1000.0  # the video DiT embeds time_scale * tau (Cosmos-Predict2.5: 1, see VideoDiT)
     video_prediction: str = "velocity"  # what the video DiT outputs: "velocity" (Cosmos), "x0" (clean
                                     # latents, JiT) or "x0_residual" (clean latents minus the conditioning
@@ -337,6 +386,12 @@ class DiT4DiTConfig:
     action_heads: int = 4
     action_mlp_dim: int = 256
     action_dropout: float = 0.0     # dropout in the action DiT blocks
+    action_hidden_dim: int = 0      # hidden width of the state encoder and the output decoder, and the width of
+                                    # the output projection (0: action_width; the release: 2560)
+    action_max_len: int = 0         # rows of the learned position table of the action tokens, the first K
+                                    # used (0: K rows; the release: 1024)
+    action_time_shift: int = 0      # the action DiT's timestep sinusoid divides by 128 - shift (the release: 1,
+                                    # diffusers' downscale_freq_shift)
     action_text: bool = False       # the instruction also reaches the action DiT directly: its tokens join h
                                     # as cross-attention context and its mean joins the timestep conditioning
                                     # (toy departure; the paper: only through the video DiT's features)
@@ -355,6 +410,8 @@ class DiT4DiTConfig:
     num_video_steps: int = 10       # Euler steps of imagine_video (visualization only)
 
     def __post_init__(self):
+        if isinstance(self.rope_scale, list):  # a config read back from JSON
+            self.rope_scale = tuple(self.rope_scale)
         # The action-only baseline keeps the architecture and lets the action loss train the video
         # DiT through h (DESIGN 6): it implies detach_features=False and contradicts True.
         if self.detach_features is None:
@@ -369,22 +426,36 @@ class DiT4DiTConfig:
 # The video DiT (DESIGN 3.3).
 
 class VideoDiT(nn.Module):
-    """Cosmos-Predict2.5-style video DiT: (latents + cond-mask channel) -> velocity per frame."""
+    """Cosmos-Predict2.5-style video DiT: (latents + cond-mask channel [+ padding-mask channel])
+    -> velocity per frame. With the `paper` preset's switches (video_time_embed="cosmos",
+    rope_pairs="half", rope_scale, video_qk_norm_eps, video_padding_mask, text_proj_dim) it is
+    diffusers' CosmosTransformer3DModel of Cosmos-Predict2.5, parameter for parameter:
+    video_dit_state_from_cosmos converts its weights (tests/test_released_weights.py)."""
 
     def __init__(self, cfg):
         super().__init__()
         D, C, p, r = cfg.video_width, cfg.latent_channels, cfg.patch_size, cfg.adaln_lora_rank
         self.patch, self.channels, self.heads, self.theta = p, C, cfg.video_heads, cfg.rope_theta
         self.abs_pos_embed, self.time_scale = cfg.abs_pos_embed, cfg.video_time_scale
-        self.patch_embed = nn.Linear((C + 1) * p * p, D, bias=False)  # +1: condition-mask channel
-        self.t_embed = TimestepMLP(D, bias=False)
+        self.rope_scale, self.rope_pairs, self.padding_mask = cfg.rope_scale, cfg.rope_pairs, cfg.video_padding_mask
+        cosmos_time = cfg.video_time_embed == "cosmos"
+        in_channels = C + 1 + cfg.video_padding_mask  # +1: condition-mask channel (+1: padding mask)
+        self.patch_embed = nn.Linear(in_channels * p * p, D, bias=False)
+        # "mlp": 256-d sinusoid -> MLP; "cosmos": the MLP maps the D-wide sinusoid to the LoRA's
+        # shared term (D -> 3D), and the modulations read RMSNorm(sinusoid) (t_norm).
+        self.t_embed = (TimestepMLP(D, freq_dim=D, out_dim=3 * D, bias=False) if cosmos_time
+                        else TimestepMLP(D, bias=False))
+        self.t_norm = RMSNorm(D) if cosmos_time else None
         # video_text_adaln (toy departure): the mean instruction token joins every frame's
         # conditioning vector, as DiT adds its class embedding to the timestep embedding.
         self.text_adaln = nn.Linear(cfg.text_dim, D, bias=False) if cfg.video_text_adaln else None
-        # adaLN-LoRA's term shared by all blocks. Cosmos takes it from the timestep MLP's last
-        # layer; here it is a separate Linear on the same SiLU(embedding) (same role and size).
-        self.t_shared = nn.Linear(D, 3 * D, bias=False) if r > 0 else None
-        self.blocks = nn.ModuleList(VideoBlock(D, cfg.video_heads, cfg.video_mlp_dim, cfg.text_dim, r)
+        # adaLN-LoRA's term shared by all blocks with "mlp" time: a Linear on SiLU(embedding)
+        # (with "cosmos" time the timestep MLP's last layer is that term, as in Cosmos).
+        self.t_shared = nn.Linear(D, 3 * D, bias=False) if r > 0 and not cosmos_time else None
+        # Cosmos-Predict2.5's crossattn_proj: the LM's stacked hidden states -> text_proj_dim
+        self.text_proj = nn.Linear(cfg.text_dim, cfg.text_proj_dim) if cfg.text_proj_dim else None
+        self.blocks = nn.ModuleList(VideoBlock(D, cfg.video_heads, cfg.video_mlp_dim, cfg.text_proj_dim or cfg.text_dim,
+                                               r, cfg.video_qk_norm_eps)
                                     for _ in range(cfg.video_depth))
         self.final_mod = Modulation(D, 2, r)
         self.final_linear = nn.Linear(D, p * p * C, bias=False)
@@ -397,6 +468,8 @@ class VideoDiT(nn.Module):
                 nn.init.xavier_uniform_(m.weight)
         nn.init.normal_(self.t_embed.fc1.weight, std=0.02)
         nn.init.normal_(self.t_embed.fc2.weight, std=0.02)
+        if self.text_proj is not None:
+            nn.init.zeros_(self.text_proj.bias)
         # adaLN-Zero: every shift/scale/gate starts at 0, so each block starts as the identity
         # (gate 0) and the zero final linear makes a fresh model predict exactly zero velocity.
         # With adaLN-LoRA the up-projection and the shared term are zeroed (the down-projection
@@ -409,6 +482,8 @@ class VideoDiT(nn.Module):
             nn.init.zeros_(out_layer.weight)
         if self.t_shared is not None:
             nn.init.zeros_(self.t_shared.weight)
+        if self.t_norm is not None:  # "cosmos" time: the timestep MLP's output is the shared term
+            nn.init.zeros_(self.t_embed.fc2.weight)
         nn.init.zeros_(self.final_linear.weight)
 
     def pos_embed(self, h, w, device):
@@ -422,22 +497,33 @@ class VideoDiT(nn.Module):
         key = (T, h, w, str(device))
         if key not in self._grids:
             with torch.inference_mode(False):  # a cached inference tensor would break later training
-                self._grids[key] = rope_3d(T, h, w, self.blocks[0].self_attn.head_dim, self.theta, device)
+                self._grids[key] = rope_3d(T, h, w, self.blocks[0].self_attn.head_dim, self.theta, device,
+                                           self.rope_scale, self.rope_pairs)
         return self._grids[key]
 
-    def forward(self, x, tau, text, stop_after=None):
+    def forward(self, x, tau, text, stop_after=None, padding_mask=None):
         """x (B, C, T, H, W) latents with frame 0 = conditioning frame; tau (B, T) per-frame
         timesteps; text (B, S, D_text). Returns the velocity (B, C, T, H, W), or, when
         `stop_after` is a block index, that block's output tokens (B, T*h*w, D) without running
-        the later blocks (the early exit of the extraction pass, DESIGN 3.5)."""
+        the later blocks (the early exit of the extraction pass, DESIGN 3.5). padding_mask
+        (B or 1, 1, H, W), 1 on padded latent pixels, with video_padding_mask (default: zeros,
+        nothing padded, as Cosmos-Predict2.5's pipeline passes)."""
         B, C, T, H, W = x.shape
         p = self.patch
         h, w = H // p, W // p
         mask = torch.zeros(B, 1, T, H, W, dtype=x.dtype, device=x.device)
         mask[:, :, 0] = 1  # condition-mask channel: 1 on the conditioning frame
         x = torch.cat([x, mask], dim=1)  # (B, C+1, T, H, W)
-        x = x.reshape(B, C + 1, T, h, p, w, p).permute(0, 2, 3, 5, 1, 4, 6)  # (B, T, h, w, C+1, p, p)
-        x = self.patch_embed(x.reshape(B, T * h * w, (C + 1) * p * p))  # (B, N, D)
+        if self.padding_mask:  # the same padding-mask channel on every frame
+            pad = torch.zeros(B, 1, H, W, dtype=x.dtype, device=x.device)
+            if padding_mask is not None:
+                pad = pad + _check_tensor("padding_mask", padding_mask, (None, 1, H, W)).to(x.dtype)
+            x = torch.cat([x, pad[:, :, None].expand(B, 1, T, H, W)], dim=1)  # (B, C+2, T, H, W)
+        elif padding_mask is not None:
+            raise ValueError("padding_mask: this config has no padding-mask channel (video_padding_mask=False)")
+        Cin = x.shape[1]
+        x = x.reshape(B, Cin, T, h, p, w, p).permute(0, 2, 3, 5, 1, 4, 6)  # (B, T, h, w, Cin, p, p)
+        x = self.patch_embed(x.reshape(B, T * h * w, Cin * p * p))  # (B, N, D)
         if self.abs_pos_embed:
             # Departure from Cosmos-Predict2.5 (rotary positions only): the action DiT reads h through
             # cross-attention without positions, so a model trained from scratch in minutes needs the
@@ -448,11 +534,18 @@ class VideoDiT(nn.Module):
         # feeds sigma in [0, 1] itself (time_scale 1, the `paper` preset); with a max period of
         # 10 000 the embeddings of tau = 0.995 and 0.5 then have cosine 0.99, which a pretrained
         # model can live with but a model trained from scratch cannot: the toy presets use 1000.
-        c = self.t_embed(self.time_scale * tau)  # (B, T, D)
+        if self.t_norm is None:
+            c = self.t_embed(self.time_scale * tau)  # (B, T, D)
+        else:  # Cosmos-Predict2.5: the sinusoid itself is as wide as the model
+            emb = timestep_embedding(self.time_scale * tau, self.t_embed.freq_dim).to(x.dtype)  # (B, T, D)
+            c, shared = self.t_norm(emb), self.t_embed.mlp(emb)  # (B, T, D), (B, T, 3D)
         if self.text_adaln is not None:
             c = c + self.text_adaln(text.mean(1))[:, None]  # (B, 1, D): the same for every frame
         c = F.silu(c)
-        shared = self.t_shared(c) if self.t_shared is not None else None  # (B, T, 3D)
+        if self.t_norm is None:
+            shared = self.t_shared(c) if self.t_shared is not None else None  # (B, T, 3D)
+        if self.text_proj is not None:
+            text = F.gelu(self.text_proj(text))  # (B, S, text_proj_dim)
         rope = self.rope(T, h, w, x.device)
         for i, block in enumerate(self.blocks):
             x = block(x, c, shared, text, rope)
@@ -470,28 +563,34 @@ class VideoDiT(nn.Module):
 class ActionDiT(nn.Module):
     """GR00T-N1.5-style flow-matching action head: [state, K noisy actions] -> velocity (B, K, A).
 
-    Departures from GR00T-N1.5's head: the state encoder and output decoder use hidden width
-    D_action (GR00T: 1024), the learned positions cover K tokens (GR00T: 1024), and LayerNorms
-    use eps 1e-6 so that one fused `modulate` kernel serves both DiTs."""
+    With action_hidden_dim=2560, action_max_len=1024 and action_time_shift=1 (the `paper` preset)
+    it has the released head's parameters, shape for shape (tests/test_released_weights.py). What
+    still differs from the release's computation: LayerNorms use eps 1e-6 (release: 1e-5) so that
+    one fused `modulate` kernel serves both DiTs; the blocks' adaLN reads (shift, scale) from its
+    Linear (release: (scale, shift), the halves swapped) and the action encoder's sinusoid is
+    [cos, sin] (release: [sin, cos], the halves of action_mix's second input block swapped): a
+    weight converter swaps those rows and columns."""
 
     def __init__(self, cfg):
         super().__init__()
         D, A, P, K = cfg.action_width, cfg.action_dim, cfg.state_dim, cfg.action_horizon
+        Hd = cfg.action_hidden_dim or D  # hidden width of the state encoder and the decoder
         self.width = D
-        self.state_encoder = nn.Sequential(nn.Linear(P, D), nn.ReLU(), nn.Linear(D, D))
+        self.state_encoder = nn.Sequential(nn.Linear(P, Hd), nn.ReLU(), nn.Linear(Hd, D))
         # action encoder: W1 a, concat sinusoid(floor(1000 tau)), W2 -> swish -> W3
         self.action_in = nn.Linear(A, D)
         self.action_mix = nn.Linear(2 * D, D)
         self.action_out = nn.Linear(D, D)
-        self.pos_embed = nn.Parameter(torch.zeros(K, D))  # learned positions of the action tokens
-        self.t_embed = TimestepMLP(D)
+        # learned positions of the action tokens: a table of action_max_len rows, the first K used
+        self.pos_embed = nn.Parameter(torch.zeros(cfg.action_max_len or K, D))
+        self.t_embed = TimestepMLP(D, shift=cfg.action_time_shift)
         self.blocks = nn.ModuleList(
             ActionBlock(D, cfg.action_heads, cfg.action_mlp_dim,
                         context_dim=cfg.video_width if i % 2 == 0 else None, dropout=cfg.action_dropout)
             for i in range(cfg.action_depth))
         self.final_mod = nn.Linear(D, 2 * D)
-        self.proj_out = nn.Linear(D, D)
-        self.decoder = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, A))
+        self.proj_out = nn.Linear(D, Hd)
+        self.decoder = nn.Sequential(nn.Linear(Hd, Hd), nn.ReLU(), nn.Linear(Hd, A))
         self.initialize_weights()
 
     def initialize_weights(self):
@@ -519,7 +618,7 @@ class ActionDiT(nn.Module):
         step = torch.floor(1000 * tau)  # discretized time, as in GR00T
         temb = torch.cat([self.action_in(actions),
                           timestep_embedding(step, D)[:, None].expand(-1, K, -1)], dim=-1)  # (B, K, 2D)
-        a = self.action_out(F.silu(self.action_mix(temb))) + self.pos_embed  # (B, K, D)
+        a = self.action_out(F.silu(self.action_mix(temb))) + self.pos_embed[:K]  # (B, K, D)
         x = torch.cat([self.state_encoder(state)[:, None], a], dim=1)  # (B, 1+K, D)
         c = self.t_embed(step)  # (B, D)
         c = F.silu(c if cond is None else c + cond)
@@ -856,9 +955,16 @@ CONFIG_FIELDS = {
     "action_dim": _POSITIVE_INT, "state_dim": _POSITIVE_INT, "latent_channels": _POSITIVE_INT,
     "text_encoder": (str, lambda v: v in ("bytes", "embeddings"), "'bytes' or 'embeddings'"),
     "text_dim": _POSITIVE_INT, "text_depth": _NON_NEGATIVE_INT, "text_max_len": _POSITIVE_INT,
+    "text_proj_dim": _NON_NEGATIVE_INT,
     "patch_size": _POSITIVE_INT, "video_width": _POSITIVE_INT, "video_depth": _POSITIVE_INT,
     "video_heads": _POSITIVE_INT, "video_mlp_dim": _POSITIVE_INT, "adaln_lora_rank": _NON_NEGATIVE_INT,
     "rope_theta": (float, lambda v: v > 0, "a finite number > 0"),  # 0 makes every rotary angle NaN
+    "video_time_embed": (str, lambda v: v in ("mlp", "cosmos"), "'mlp' or 'cosmos'"),
+    "rope_pairs": (str, lambda v: v in ("interleaved", "half"), "'interleaved' or 'half'"),
+    "rope_scale": (tuple, lambda v: len(v) == 3 and all(_has_type(s, float) and s > 0 for s in v),
+                   "three finite numbers > 0 (t, h, w)"),
+    "video_qk_norm_eps": (float, lambda v: 0 < v < 1, "a number in (0, 1)"),
+    "video_padding_mask": _BOOL,
     "abs_pos_embed": _BOOL,
     "video_prediction": (str, lambda v: v in ("velocity", "x0", "x0_residual"), "'velocity', 'x0' or 'x0_residual'"),
     "video_text_adaln": _BOOL, "action_text": _BOOL,
@@ -867,6 +973,9 @@ CONFIG_FIELDS = {
     "action_width": _POSITIVE_INT, "action_depth": _POSITIVE_INT, "action_heads": _POSITIVE_INT,
     "action_mlp_dim": _POSITIVE_INT,
     "action_dropout": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
+    "action_hidden_dim": _NON_NEGATIVE_INT,
+    "action_max_len": _NON_NEGATIVE_INT,  # and 0 or >= action_horizon (below)
+    "action_time_shift": (int, lambda v: v in (0, 1), "0 or 1"),
     "extract_layer": _NON_NEGATIVE_INT,  # and < video_depth (below)
     "tau_f": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
     "detach_features": _BOOL,  # None is resolved by DiT4DiTConfig.__post_init__ before the check
@@ -905,6 +1014,15 @@ def _check_config(cfg):
     hd = cfg.video_width // cfg.video_heads
     if hd < 6 or hd % 2:
         raise ValueError(f"video head dim {hd} must be even and >= 6 (3D rotary split)")
+    if cfg.rope_scale != (1, 1, 1) and hd < 12:
+        raise ValueError(f"config field rope_scale={cfg.rope_scale}: NTK scaling needs >= 4 rotary channels per "
+                         f"axis, a video head dim >= 12 (got {hd})")
+    if cfg.video_time_embed == "cosmos" and cfg.adaln_lora_rank == 0:
+        raise ValueError("config field video_time_embed='cosmos' needs adaln_lora_rank > 0 (Cosmos's shared "
+                         "modulation term is the LoRA's)")
+    if cfg.action_max_len and cfg.action_max_len < cfg.action_horizon:
+        raise ValueError(f"config field action_max_len={cfg.action_max_len} is below action_horizon="
+                         f"{cfg.action_horizon} (the position table needs a row per action token)")
     if cfg.image_size % cfg.patch_size:
         raise ValueError(f"image_size={cfg.image_size} is not a multiple of patch_size={cfg.patch_size}")
     if cfg.text_encoder == "bytes" and cfg.text_dim % max(1, cfg.text_dim // 32):
@@ -1207,6 +1325,124 @@ def model_from_checkpoint(payload):
 
 
 # ----------------------------------------------------------------------------------------------
+# Boundary: released weights. Cosmos-Predict2.5 as diffusers' CosmosTransformer3DModel holds it
+# -> VideoDiT (README, "Running with the released weights"). diffusers is not imported: the
+# converter reads a state dict and the model's config (a dict, e.g. `model.config`).
+
+# The fields of a VideoDiT that is Cosmos's computation, whatever the size.
+COSMOS_FIXED_FIELDS = dict(video_time_embed="cosmos", rope_pairs="half", rope_theta=10000.0,
+                           video_qk_norm_eps=1e-5, abs_pos_embed=False, video_time_scale=1.0,
+                           video_text_adaln=False, video_prediction="velocity")
+
+# One block's weights: our name -> diffusers' name (both under the block's prefix).
+COSMOS_BLOCK_NAMES = {
+    "mod_self.proj.0": "norm1.linear_1", "mod_self.proj.1": "norm1.linear_2",
+    "mod_cross.proj.0": "norm2.linear_1", "mod_cross.proj.1": "norm2.linear_2",
+    "mod_mlp.proj.0": "norm3.linear_1", "mod_mlp.proj.1": "norm3.linear_2",
+    **{f"{ours}.{a}": f"{theirs}.{b}" for ours, theirs in (("self_attn", "attn1"), ("cross_attn", "attn2"))
+       for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("out", "to_out.0"),
+                    ("q_norm", "norm_q"), ("k_norm", "norm_k"))},
+    "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
+}
+
+
+def cosmos_video_config(cosmos_config):
+    """The DiT4DiTConfig fields of the VideoDiT that is a diffusers CosmosTransformer3DModel of
+    this config (a dict with its constructor arguments, e.g. `model.config` or its config.json):
+    sizes from the config, the Cosmos switches fixed (COSMOS_FIXED_FIELDS). Use them as overrides:
+    make_config("paper", **cosmos_video_config(cfg)). ValueError names a key that is missing or a
+    Cosmos feature VideoDiT does not have (text-to-world input without a condition mask, learned
+    absolute positions, temporal patches, ControlNet, image context)."""
+    def get(key, default=KeyError):
+        if key in cosmos_config:
+            return cosmos_config[key]
+        if default is KeyError:
+            raise ValueError(f"cosmos config: missing key {key!r}")
+        return default
+
+    C, heads, hd = get("out_channels"), get("num_attention_heads"), get("attention_head_dim")
+    if get("in_channels") != C + 1:
+        raise ValueError(f"cosmos config: in_channels={get('in_channels')} must be out_channels + 1 = {C + 1} (the "
+                         f"condition-mask channel of Cosmos's video-to-world models, which VideoDiT always has)")
+    patch = tuple(get("patch_size"))
+    if len(patch) != 3 or patch[0] != 1 or patch[1] != patch[2]:
+        raise ValueError(f"cosmos config: patch_size={patch} must be (1, p, p)")
+    if get("extra_pos_embed_type") is not None:
+        raise ValueError(f"cosmos config: extra_pos_embed_type={get('extra_pos_embed_type')!r} (learned absolute "
+                         f"positions) is not supported; Cosmos-Predict2.5 uses None")
+    for key in ("controlnet_block_every_n", "img_context_dim_in"):
+        if get(key, None):
+            raise ValueError(f"cosmos config: {key}={get(key)!r} (Cosmos-Transfer) is not supported")
+    width = heads * hd
+    fields = dict(latent_channels=C, video_width=width, video_heads=heads, video_depth=get("num_layers"),
+                  video_mlp_dim=int(width * get("mlp_ratio")), patch_size=patch[1],
+                  adaln_lora_rank=get("adaln_lora_dim"), rope_scale=tuple(float(v) for v in get("rope_scale")),
+                  video_padding_mask=bool(get("concat_padding_mask")), **COSMOS_FIXED_FIELDS)
+    if get("use_crossattn_projection", False):
+        if get("encoder_hidden_states_channels") != get("text_embed_dim"):
+            raise ValueError(f"cosmos config: encoder_hidden_states_channels={get('encoder_hidden_states_channels')} "
+                             f"must equal text_embed_dim={get('text_embed_dim')} (the cross-attention reads the "
+                             f"projected text)")
+        fields.update(text_dim=get("crossattn_proj_in_channels"), text_proj_dim=get("text_embed_dim"))
+    else:
+        fields.update(text_dim=get("text_embed_dim"), text_proj_dim=0)
+    return fields
+
+
+def cosmos_names(config):
+    """Our VideoDiT's state-dict keys -> the diffusers CosmosTransformer3DModel keys they come from."""
+    names = {"patch_embed.weight": "patch_embed.proj.weight",
+             "t_embed.fc1.weight": "time_embed.t_embedder.linear_1.weight",
+             "t_embed.fc2.weight": "time_embed.t_embedder.linear_2.weight",
+             "t_norm.weight": "time_embed.norm.weight"}
+    if config.text_proj_dim:
+        names.update({"text_proj.weight": "crossattn_proj.0.weight", "text_proj.bias": "crossattn_proj.0.bias"})
+    for i in range(config.video_depth):
+        names.update({f"blocks.{i}.{ours}.weight": f"transformer_blocks.{i}.{theirs}.weight"
+                      for ours, theirs in COSMOS_BLOCK_NAMES.items()})
+    names.update({"final_mod.proj.0.weight": "norm_out.linear_1.weight",
+                  "final_mod.proj.1.weight": "norm_out.linear_2.weight", "final_linear.weight": "proj_out.weight"})
+    return names
+
+
+def video_dit_state_from_cosmos(state_dict, cosmos_config, config):
+    """The state dict of our VideoDiT(config) holding the weights of a diffusers
+    CosmosTransformer3DModel: state_dict its `state_dict()` (any dtype; the tensors are not
+    copied where no layout changes), cosmos_config its config (see cosmos_video_config), config
+    the DiT4DiTConfig the weights are for. Load the result with
+    `model.video_dit.load_state_dict(...)`.
+
+    Every tensor keeps its layout except the output projection: Cosmos orders its output rows
+    (patch row, patch column, patch frame, channel), VideoDiT (channel, patch row, patch column).
+    ValueError names the first config field that differs from the Cosmos model's, or the keys
+    that are missing, unexpected, or of the wrong shape."""
+    for name, value in cosmos_video_config(cosmos_config).items():
+        if getattr(config, name) != value:
+            raise ValueError(f"config field {name}={getattr(config, name)!r} does not match the Cosmos model "
+                             f"({value!r} from its config)")
+    names = cosmos_names(config)
+    with torch.device("meta"):  # names and shapes only
+        shapes = {k: v.shape for k, v in VideoDiT(config).state_dict().items()}
+    missing = [theirs for theirs in names.values() if theirs not in state_dict]
+    unexpected = sorted(set(state_dict) - set(names.values()))
+    if missing or unexpected:
+        parts = [f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
+                 for label, items in (("missing", missing), ("unexpected", unexpected)) if items]
+        raise ValueError(f"cosmos state dict: {'; '.join(parts)}")
+    out = {}
+    for ours, theirs in names.items():
+        tensor = state_dict[theirs]
+        if tuple(tensor.shape) != tuple(shapes[ours]):
+            raise ValueError(f"cosmos state dict: {theirs} has shape {tuple(tensor.shape)}, but {ours} of this "
+                             f"config needs {tuple(shapes[ours])}")
+        if ours == "final_linear.weight":
+            p, C = config.patch_size, config.latent_channels
+            tensor = tensor.unflatten(0, (p, p, C)).permute(2, 0, 1, 3).reshape(C * p * p, -1)  # rows (p, p, C) -> (C, p, p)
+        out[ours] = tensor
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Presets: the fields each named configuration sets; the others keep DiT4DiTConfig's defaults.
 
 PRESETS = {
@@ -1224,17 +1460,21 @@ PRESETS = {
     # suite from scratch in minutes; detach_features=False is the paper's gradient path.
     "toy": dict(patch_size=16, video_prediction="x0_residual", video_text_adaln=True, action_text=True,
                 feature_frames="conditioning", detach_features=False),
-    # The published scale (DESIGN 3.9) with RoboCasa-GR1 data: chunk 16 with 8
-    # future frames (LIBERO would be chunk 8 with 4 frames). A and P are GR00T's padded maxima.
-    # Latents come from a Wan2.1 VAE (16 channels, 8x spatial) and text from a frozen LM
-    # (1024-d features), both outside this module: pass tokenizer= and text embeddings.
+    # The published model (DESIGN 3.9) with RoboCasa-GR1 data: chunk 16 with 8 future frames
+    # (LIBERO would be chunk 8 with 4 frames). A and P are GR00T's padded maxima. The video DiT is
+    # Cosmos-Predict2.5-2B parameter for parameter (video_dit_state_from_cosmos loads its weights)
+    # and the action DiT is the released head's shapes. Latents come from a Wan2.1 VAE (16
+    # channels, 8x spatial) and text from a frozen LM (Qwen2.5-VL-7B's 28 layers x 3584,
+    # standardized and stacked: 100 352-d features), both outside this module: pass tokenizer=
+    # and text embeddings.
     "paper": dict(image_size=256, num_future_frames=8, action_horizon=16, action_dim=32, state_dim=64,
-                  latent_channels=16, text_encoder="embeddings", text_dim=1024, patch_size=2,
-                  video_width=2048, video_depth=28, video_heads=16, video_mlp_dim=8192,
-                  adaln_lora_rank=256, abs_pos_embed=False, video_time_scale=1.0,
+                  latent_channels=16, text_encoder="embeddings", text_dim=100352, text_proj_dim=1024,
+                  patch_size=2, video_width=2048, video_depth=28, video_heads=16, video_mlp_dim=8192,
+                  adaln_lora_rank=256, video_time_embed="cosmos", rope_pairs="half", rope_scale=(1.0, 3.0, 3.0),
+                  video_qk_norm_eps=1e-5, video_padding_mask=True, abs_pos_embed=False, video_time_scale=1.0,
                   action_width=768, action_depth=16, action_heads=12, action_mlp_dim=3072,
-                  action_dropout=0.2, extract_layer=17, tau_f=0.995, repeat=4, num_action_steps=4,
-                  num_video_steps=35),
+                  action_dropout=0.2, action_hidden_dim=2560, action_max_len=1024, action_time_shift=1,
+                  extract_layer=17, tau_f=0.995, repeat=4, num_action_steps=4, num_video_steps=35),
 }
 
 

@@ -435,8 +435,9 @@ def small_paper_config():
     import dit4dit
 
     return dit4dit.make_config("paper", image_size=64, video_width=96, video_depth=6, video_heads=4,
-                               video_mlp_dim=128, adaln_lora_rank=8, text_dim=32, action_width=48, action_depth=4,
-                               action_heads=4, action_mlp_dim=64, extract_layer=3)
+                               video_mlp_dim=128, adaln_lora_rank=8, text_dim=32, text_proj_dim=16, action_width=48,
+                               action_depth=4, action_heads=4, action_mlp_dim=64, action_hidden_dim=96,
+                               extract_layer=3)
 
 
 def build_model(preset, device, dtype, cpu_smoke, randomize=True):
