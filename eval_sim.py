@@ -79,6 +79,9 @@ STATE_DIM = 2            # P: end-effector x, y. No velocity: after the first st
                          # learn to read the instruction and the image, which only the first step needed
 ACTION_DIM = 2           # A: end-effector velocity command, in units of V_MAX
 CAMERA = "top"
+# MJCF spells an orthographic camera orthographic="true" in MuJoCo 3.3 (the version Meta-World
+# pins) and projection="orthographic" in 4.0; each rejects the other's
+ORTHOGRAPHIC = 'projection="orthographic"' if hasattr(mujoco.MjModel, "cam_projection") else 'orthographic="true"'
 
 
 @dataclass(frozen=True)
@@ -148,7 +151,7 @@ def build_mjcf(task, image_size):
     <geom contype="0" conaffinity="0" friction="0.5"/>
   </default>
   <worldbody>
-    <camera name="{CAMERA}" pos="0 0 1" xyaxes="1 0 0 0 1 0" projection="orthographic" fovy="{2 * TABLE_HALF}"/>
+    <camera name="{CAMERA}" pos="0 0 1" xyaxes="1 0 0 0 1 0" {ORTHOGRAPHIC} fovy="{2 * TABLE_HALF}"/>
     <geom name="table" type="box" pos="0 0 -0.01" size="{TABLE_HALF + 0.1} {TABLE_HALF + 0.1} 0.01" rgba="0.55 0.55 0.55 1"/>
 {pads}{puck}
     <body name="ee" pos="0 0 0.02">

@@ -149,7 +149,7 @@ def require_metaworld():
 
 def _reset_mocap_welds(self):
     """Meta-World's reset_mocap_welds, written for any mujoco: it assigns an 11-number weld row to
-    eq_data, which mujoco >= 3.4 widened to 12 (construction then fails with 'could not broadcast
+    eq_data, which mujoco 4.0 widened to 12 (construction then fails with 'could not broadcast
     input array from shape (11,) into shape (12,)'). The first 11 entries get Meta-World's values
     and any later ones keep the model's own; on mujoco 3.3 (the version Meta-World pins) this is
     what Meta-World's code does."""

@@ -185,7 +185,7 @@ def test_missing_metaworld_names_the_install_command(monkeypatch, tmp_path):
 
 
 def test_mocap_weld_reset_fits_any_eq_data_width():
-    """Meta-World writes an 11-number weld row; mujoco >= 3.4 has 12 per row. Ours writes the
+    """Meta-World writes an 11-number weld row; mujoco 4.0 has 12 per row. Ours writes the
     first 11, leaves the rest as the model has them, and leaves rows of other equality types alone."""
     import mujoco
 
