@@ -6,6 +6,7 @@ evaluation protocol (DESIGN.md §5).
     python eval_sim.py --ckpt runs/x/checkpoint.pt       # a trained policy, 50 episodes per task
     python eval_sim.py --ckpt C --tasks push --episodes 20 --gifs 3 --out runs/x/eval
     python eval_sim.py --bench                           # time one control step (physics + render)
+    python eval_sim.py --suite metaworld --expert --tasks reach-v3 push-v3   # Meta-World: metaworld_suite.py
 
 The toy suite. A square table seen from straight above by a fixed orthographic camera; a black
 end-effector disc moves in the table plane on two slide joints driven by velocity actuators.
@@ -78,6 +79,9 @@ STATE_DIM = 2            # P: end-effector x, y. No velocity: after the first st
                          # learn to read the instruction and the image, which only the first step needed
 ACTION_DIM = 2           # A: end-effector velocity command, in units of V_MAX
 CAMERA = "top"
+# MJCF spells an orthographic camera orthographic="true" in MuJoCo 3.3 (the version Meta-World
+# pins) and projection="orthographic" in 4.0; each rejects the other's
+ORTHOGRAPHIC = 'projection="orthographic"' if hasattr(mujoco.MjModel, "cam_projection") else 'orthographic="true"'
 
 
 @dataclass(frozen=True)
@@ -147,7 +151,7 @@ def build_mjcf(task, image_size):
     <geom contype="0" conaffinity="0" friction="0.5"/>
   </default>
   <worldbody>
-    <camera name="{CAMERA}" pos="0 0 1" xyaxes="1 0 0 0 1 0" projection="orthographic" fovy="{2 * TABLE_HALF}"/>
+    <camera name="{CAMERA}" pos="0 0 1" xyaxes="1 0 0 0 1 0" {ORTHOGRAPHIC} fovy="{2 * TABLE_HALF}"/>
     <geom name="table" type="box" pos="0 0 -0.01" size="{TABLE_HALF + 0.1} {TABLE_HALF + 0.1} 0.01" rgba="0.55 0.55 0.55 1"/>
 {pads}{puck}
     <body name="ee" pos="0 0 0.02">
@@ -344,6 +348,27 @@ def make_env(task, image_size=64, seed=None):
 
 
 # ----------------------------------------------------------------------------------------------
+# Suites: this module is the toy suite; metaworld_suite.py is Meta-World (an optional dependency).
+# A suite is a module with TASKS (name -> task with .instruction, .max_steps), get_task,
+# demo_seeds, eval_seeds, make_env, scripted_expert, CONTROL_DT, PHYSICS_DT, SUBSTEPS, ACTION_DIM.
+
+SUITES = ("toy", "metaworld")
+
+
+def get_suite(name):
+    """The module of suite `name`. For "metaworld", Meta-World must be installed: otherwise a
+    ModuleNotFoundError naming the install command."""
+    if name == "toy":
+        return sys.modules[__name__]
+    if name == "metaworld":
+        import metaworld_suite
+
+        metaworld_suite.require_metaworld()
+        return metaworld_suite
+    raise ValueError(f"unknown suite {name!r}; known suites: {list(SUITES)}")
+
+
+# ----------------------------------------------------------------------------------------------
 # Scripted experts: read the privileged physical state, act smoothly (proportional control,
 # saturated at V_MAX) so that action chunks are predictable.
 
@@ -389,13 +414,14 @@ def scripted_expert(env):
     return push
 
 
-def collect_episode(task, seed, image_size=64, target=None):
+def collect_episode(task, seed, image_size=64, target=None, suite="toy"):
     """One scripted-expert episode in the on-disk format (see save_episode). `target` (a pad index)
     names another pad than the seed draws, so one layout can be demonstrated toward every pad."""
-    env = make_env(task, image_size=image_size)
+    S = get_suite(suite)
+    env = S.make_env(task, image_size=image_size)
     try:
         obs, info = env.reset(seed=seed, options={"target": target})
-        expert = scripted_expert(env)
+        expert = S.scripted_expert(env)
         frames, states, actions = [obs["image"]], [obs["state"]], []
         while True:
             action = expert(obs)
@@ -484,10 +510,14 @@ def _check_episode(path, a):
 #   describe() -> dict for the report's manifest
 
 class ExpertPolicy:
-    """The scripted experts (privileged physical state): the ceiling of the suite."""
+    """The scripted experts (privileged physical state): the ceiling of the suite.
+    make_expert: env -> expert (default: the toy suite's scripted_expert)."""
+
+    def __init__(self, make_expert=None):
+        self._make_expert = make_expert or scripted_expert
 
     def reset(self, envs, gif_rows=(), seed=0):
-        self._experts = [scripted_expert(env) for env in envs]
+        self._experts = [self._make_expert(env) for env in envs]
         self.imagined = {}
 
     def act(self, rows, observations):
@@ -671,11 +701,16 @@ def git_commit():
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def package_versions():
+def package_versions(suite="toy"):
     import PIL
 
-    return {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
-            "mujoco": mujoco.__version__, "gymnasium": gym.__version__, "pillow": PIL.__version__}
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
+                "mujoco": mujoco.__version__, "gymnasium": gym.__version__, "pillow": PIL.__version__}
+    if suite == "metaworld":
+        from importlib.metadata import version
+
+        versions["metaworld"] = version("metaworld")
+    return versions
 
 
 def _summary(successes, n):
@@ -684,19 +719,25 @@ def _summary(successes, n):
 
 
 def evaluate(policy, tasks=None, episodes=50, out_dir="out", gif_episodes=2, image_size=None,
-             batch_size=10, progress=True):
+             batch_size=10, progress=True, suite="toy"):
     """Closed-loop evaluation of `policy` ("expert", an ExpertPolicy or a ModelPolicy) on
-    `episodes` fixed evaluation seeds per task. Writes out_dir/report.json and the GIFs of the
-    first `gif_episodes` episodes of each task under out_dir/gifs/; returns the report dict."""
+    `episodes` fixed evaluation seeds per task of `suite` ("toy" or "metaworld"). Writes
+    out_dir/report.json and the GIFs of the first `gif_episodes` episodes of each task under
+    out_dir/gifs/; returns the report dict."""
     started, wall0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
+    S = get_suite(suite)
     if policy == "expert":
-        policy = ExpertPolicy()
-    tasks = list(TASKS) if tasks is None else list(tasks)
+        policy = ExpertPolicy(S.scripted_expert)
+    tasks = list(S.TASKS) if tasks is None else list(tasks)
     for task in tasks:
-        get_task(task)
+        S.get_task(task)
     for name, value, low in (("episodes", episodes, 1), ("batch_size", batch_size, 1), ("gif_episodes", gif_episodes, 0)):
         if not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    model_state_dim = getattr(getattr(getattr(policy, "model", None), "config", None), "state_dim", None)
+    if model_state_dim is not None and model_state_dim != S.STATE_DIM:
+        raise ValueError(f"the model takes a state of {model_state_dim} numbers but the {suite} suite gives "
+                         f"{S.STATE_DIM}: evaluate it on the suite it was trained on (--suite)")
     model_size = getattr(policy, "image_size", None)
     if image_size is None:
         image_size = model_size or 64
@@ -707,9 +748,9 @@ def evaluate(policy, tasks=None, episodes=50, out_dir="out", gif_episodes=2, ima
     report_episodes, per_task, seeds_used = [], {}, {}
     env_seconds, env_steps, rollout_seconds = 0.0, 0, 0.0
     for task in tasks:
-        seeds = eval_seeds(task, episodes)
+        seeds = S.eval_seeds(task, episodes)
         seeds_used[task] = seeds
-        envs = [make_env(task, image_size=image_size) for _ in range(min(batch_size, episodes))]
+        envs = [S.make_env(task, image_size=image_size) for _ in range(min(batch_size, episodes))]
         bar = tqdm(total=episodes, desc=f"eval {task}", unit="ep", disable=not progress)
         successes = 0
         try:
@@ -745,12 +786,12 @@ def evaluate(policy, tasks=None, episodes=50, out_dir="out", gif_episodes=2, ima
             "git_commit": git_commit(),
             "started": started,
             "command": sys.argv,
-            "config": {"tasks": tasks, "episodes_per_task": episodes, "image_size": image_size,
-                       "batch_size": batch_size, "control_hz": 1 / CONTROL_DT, "physics_dt": PHYSICS_DT,
-                       "substeps": SUBSTEPS, "max_steps": {t: TASKS[t].max_steps for t in tasks},
+            "config": {"suite": suite, "tasks": tasks, "episodes_per_task": episodes, "image_size": image_size,
+                       "batch_size": batch_size, "control_hz": 1 / S.CONTROL_DT, "physics_dt": S.PHYSICS_DT,
+                       "substeps": S.SUBSTEPS, "max_steps": {t: S.TASKS[t].max_steps for t in tasks},
                        **policy.describe()},
             "seeds": seeds_used,
-            "packages": package_versions(),
+            "packages": package_versions(suite),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
                         "torch_threads": torch.get_num_threads(), "mujoco_gl": os.environ.get("MUJOCO_GL")},
             "wall_seconds": round(time.perf_counter() - wall0, 2),
@@ -763,15 +804,16 @@ def evaluate(policy, tasks=None, episodes=50, out_dir="out", gif_episodes=2, ima
     return report
 
 
-def benchmark_control_step(task, image_size=64, steps=300):
+def benchmark_control_step(task, image_size=64, steps=300, suite="toy"):
     """Wall time of one control step (SUBSTEPS physics steps + one rendered frame) under random
     actions: (median ms, mean ms). A measurement to print, never to assert."""
-    env = make_env(task, image_size=image_size)
+    S = get_suite(suite)
+    env = S.make_env(task, image_size=image_size)
     rng, times = np.random.default_rng(0), []
     try:
         env.reset(seed=EVAL_SEEDS[0])
         for i in range(steps):
-            action = rng.uniform(-1, 1, ACTION_DIM).astype(np.float32)
+            action = rng.uniform(-1, 1, S.ACTION_DIM).astype(np.float32)
             t0 = time.perf_counter()
             _, _, terminated, truncated, _ = env.step(action)
             times.append(time.perf_counter() - t0)
@@ -786,18 +828,22 @@ def benchmark_control_step(task, image_size=64, steps=300):
 # Command line
 
 def main(args):
+    S = get_suite(args.suite)
     if args.bench:
+        if args.suite != "toy" and not args.tasks:
+            raise ValueError(f"--bench --suite {args.suite}: name the tasks to time with --tasks")
         for task in args.tasks or TASKS:
-            median, mean = benchmark_control_step(task, args.image_size or 64)
-            print(f"{task:>8}: control step (physics x{SUBSTEPS} + one {args.image_size or 64}px frame) "
+            S.get_task(task)
+            median, mean = benchmark_control_step(task, args.image_size or 64, suite=args.suite)
+            print(f"{task:>8}: control step (physics x{S.SUBSTEPS} + one {args.image_size or 64}px frame) "
                   f"median {median:.2f} ms, mean {mean:.2f} ms  (MUJOCO_GL={os.environ.get('MUJOCO_GL')})")
         return None
     if args.expert == (args.ckpt is not None):
         raise ValueError("give exactly one of --ckpt PATH (a trained policy) or --expert (the scripted experts)")
     for task in args.tasks or []:  # before a checkpoint is loaded
-        get_task(task)
+        S.get_task(task)
     if args.expert:
-        policy = ExpertPolicy()
+        policy = ExpertPolicy(S.scripted_expert)
     else:
         if os.path.isdir(args.ckpt):
             raise IsADirectoryError(f"--ckpt: {args.ckpt} is a directory; give the checkpoint file "
@@ -807,7 +853,7 @@ def main(args):
         torch.set_num_threads(args.threads or torch.get_num_threads())
         policy = load_policy(args.ckpt, execute_steps=args.execute_steps)  # verified: errors name the file
     report = evaluate(policy, tasks=args.tasks, episodes=args.episodes, out_dir=args.out, gif_episodes=args.gifs,
-                      image_size=args.image_size, batch_size=args.batch_size)
+                      image_size=args.image_size, batch_size=args.batch_size, suite=args.suite)
     for name, t in report["tasks"].items():
         print(f"{name:>8}: {t['success_rate']:6.1%}  (95% CI {t['ci95'][0]:.1%}-{t['ci95'][1]:.1%}, n={t['n']})")
     o, m = report["overall"], report["manifest"]
@@ -821,7 +867,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Evaluate a DiT4DiT checkpoint (or the scripted experts) on the toy suite.")
     p.add_argument("--ckpt", default=None, help="checkpoint written by train_toy.py")
     p.add_argument("--expert", action="store_true", help="evaluate the scripted experts (the ceiling) instead")
-    p.add_argument("--tasks", nargs="+", default=None, help=f"tasks (default: all of {sorted(TASKS)})")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help=f"tasks (default: all of the suite's; toy: {sorted(TASKS)}; Meta-World: reach-v3, ...)")
     p.add_argument("--episodes", type=int, default=50, help="episodes per task (evaluation seeds 1000000...)")
     p.add_argument("--out", default="out", help="output directory for report.json and gifs/")
     p.add_argument("--gifs", type=int, default=2, help="rollout GIFs per task (the first episodes)")
@@ -830,6 +877,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=10, help="episodes simulated in lockstep per model call")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--bench", action="store_true", help="only time one control step of each task and exit")
+    p.add_argument("--suite", default="toy", choices=SUITES,
+                   help="the toy suite (default) or Meta-World (pip install metaworld; give --tasks)")
     return p.parse_args(argv)
 
 
@@ -838,7 +887,7 @@ def cli(argv=None):
     task exit with one line naming what is wrong (no traceback)."""
     try:
         return main(parse_args(argv))
-    except (ValueError, FileNotFoundError, IsADirectoryError) as error:
+    except (ValueError, FileNotFoundError, IsADirectoryError, ModuleNotFoundError) as error:
         sys.exit(f"eval_sim.py: error: {error}")
 
 

@@ -4,6 +4,7 @@
     python train_toy.py --steps 200 --out runs/quick
     python train_toy.py --action-only           # the ablation: same model, no video loss
     python train_toy.py --resume runs/x/checkpoint.pt
+    python train_toy.py --suite metaworld --tasks drawer-open-v3 button-press-topdown-v3 --demos-per-task 10
     torchrun --nproc_per_node=2 train_toy.py --steps 1000   # DistributedDataParallel
 
 Data (DESIGN.md §3.1, §6). Scripted experts from eval_sim.py collect demos, cached as one
@@ -127,18 +128,20 @@ def demo_cache_dir(cache_root, task, image_size):
     return os.path.join(cache_root, f"{task}_{image_size}px_v{DEMO_FORMAT}")
 
 
-def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, every_pad=EVERY_PAD):
+def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, every_pad=EVERY_PAD, suite="toy"):
     """Scripted-expert demos for each task, one .npz per episode; files already present are reused.
 
     demos_per_task layouts (demo seeds) per task. every_pad: each layout is demonstrated toward
     every pad, one episode per pad ("move to the red pad", "... the blue pad", ...), so the same
     first frame comes with as many different action chunks as there are pads and only the
     instruction tells them apart; otherwise one episode per layout, toward the pad its seed names.
+    suite: eval_sim's suite the tasks belong to; Meta-World has no pads (one episode per seed).
     Demos the expert failed are kept on disk (so the cache is complete) but not returned.
     Returns the list of successful episodes (dicts in eval_sim's episode format).
     """
-    jobs = [(task, seed, target) for task in tasks for seed in eval_sim.demo_seeds(task, demos_per_task)
-            for target in (range(eval_sim.TASKS[task].num_pads) if every_pad else [None])]
+    S = eval_sim.get_suite(suite)
+    jobs = [(task, seed, target) for task in tasks for seed in S.demo_seeds(task, demos_per_task)
+            for target in (range(S.TASKS[task].num_pads) if every_pad and suite == "toy" else [None])]
     episodes, failed = [], 0
     for task, seed, target in tqdm(jobs, desc="demos", unit="ep", disable=not progress):
         name = f"seed_{seed:06d}.npz" if target is None else f"seed_{seed:06d}_pad{target}.npz"
@@ -146,7 +149,7 @@ def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, 
         if os.path.exists(path):
             episode = eval_sim.load_episode(path)
         else:
-            episode = eval_sim.collect_episode(task, seed, image_size, target=target)
+            episode = eval_sim.collect_episode(task, seed, image_size, target=target, suite=suite)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             dit4dit.remove_stale_temp_files(os.path.dirname(path))
             eval_sim.save_episode(path, episode)
@@ -666,11 +669,11 @@ def load_data(args, tasks, proc):
         image_size = args.image_size or dit4dit.make_config(args.preset).image_size
         cache = args.demo_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "demos")
         if proc.is_main:
-            collect_demos(tasks, args.demos_per_task, image_size, cache, every_pad=args.every_pad)
+            collect_demos(tasks, args.demos_per_task, image_size, cache, every_pad=args.every_pad, suite=args.suite)
             print(f"demos ready in {time.time() - t0:.1f} s ({cache})")
         barrier()
         episodes = collect_demos(tasks, args.demos_per_task, image_size, cache, progress=False,
-                                 every_pad=args.every_pad)
+                                 every_pad=args.every_pad, suite=args.suite)
     check_episodes(episodes)
     image_size = episodes[0]["frames"].shape[1]
     if args.image_size is not None and args.image_size != image_size:
@@ -800,7 +803,8 @@ def finish(args, proc, tasks, log_rows, training):
     if args.eval_episodes > 0:
         t0 = time.time()
         report = eval_sim.evaluate(eval_sim.load_policy(ckpt_path, device=proc.device), tasks=tasks,
-                                   episodes=args.eval_episodes, out_dir=args.out, gif_episodes=GIF_EPISODES)
+                                   episodes=args.eval_episodes, out_dir=args.out, gif_episodes=GIF_EPISODES,
+                                   suite=args.suite)
         report["training"] = {
             "steps": args.steps, "train_seconds": round(training["train_seconds"], 1),
             "seconds_per_step": round(training["train_seconds"] / max(1, training["end_step"] - training["start_step"]),
@@ -926,9 +930,12 @@ def validate_args(args):
         raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
     if args.preset not in dit4dit.PRESETS:
         raise ValueError(f"--preset: unknown preset {args.preset!r}; choose from {sorted(dit4dit.PRESETS)}")
+    suite = eval_sim.get_suite(args.suite)  # Meta-World: a clear error when it is not installed
+    if args.suite != "toy" and not args.tasks:
+        raise ValueError(f"--suite {args.suite}: name the tasks to train on with --tasks (e.g. reach-v3 push-v3)")
     for task in args.tasks or []:
-        if task not in eval_sim.TASKS:
-            raise ValueError(f"--tasks: unknown task {task!r}; choose from {sorted(eval_sim.TASKS)}")
+        if task not in suite.TASKS:
+            raise ValueError(f"--tasks: unknown task {task!r}; choose from {sorted(suite.TASKS)}")
     if args.data is not None and not os.path.isdir(args.data):
         raise FileNotFoundError(f"--data: {args.data!r} is not a directory")
     # the config's own checks of the flags (and of --image-size against the patch), before any demo
@@ -990,7 +997,10 @@ def build_parser():
                    help="demonstrate each layout toward every pad, one episode per pad (default on); "
                         "--no-every-pad: one episode per layout")
     p.add_argument("--image-size", type=int, default=None, help="rendered frame size (default: the preset's)")
-    p.add_argument("--tasks", nargs="+", default=None, help="toy tasks (default: all of eval_sim.TASKS)")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="tasks of the suite (default: all of eval_sim.TASKS; required with --suite metaworld)")
+    p.add_argument("--suite", default="toy", choices=eval_sim.SUITES,
+                   help="the toy suite (default) or Meta-World (pip install metaworld; see metaworld_suite.py)")
     p.add_argument("--eval-episodes", type=int, default=EVAL_EPISODES,
                    help=f"evaluation episodes per task, 0 skips evaluation (default {EVAL_EPISODES})")
     p.add_argument("--threads", type=int, default=None,
@@ -1002,7 +1012,7 @@ def cli(argv=None):
     """The command line: bad flags and missing or corrupt files exit with one clear line."""
     try:
         return main(build_parser().parse_args(argv))
-    except (ValueError, FileNotFoundError, IsADirectoryError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, IsADirectoryError, FileExistsError, ModuleNotFoundError) as error:
         sys.exit(f"train_toy.py: error: {error}")
 
 
