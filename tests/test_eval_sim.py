@@ -67,6 +67,37 @@ def test_one_layout_demonstrated_toward_every_pad(task):
         es.make_env(task, image_size=32).reset(seed=seed, options={"target": 7})
 
 
+def test_push_starts_behind_the_puck_for_every_pad():
+    # whichever pad is named, the end-effector starts behind the puck on the line from the pad
+    env = es.make_env("push", image_size=16)
+    for seed in range(40):
+        env.reset(seed=seed)
+        u = env.unwrapped
+        puck, ee = u.puck_pos(), u.ee_pos()
+        for pad in u.pad_pos():
+            along = (ee - puck) @ (pad - puck) / np.linalg.norm(pad - puck)
+            assert along <= -es.PUSH_START_BEHIND + 1e-9, (seed, along)
+    env.close()
+
+
+def test_push_expert_changes_its_action_smoothly_behind_the_puck():
+    # No hard switch behind the puck: sliding the end-effector sideways across the push line in
+    # 1 mm steps changes the command by a little each step, so position errors matter little.
+    env = es.make_env("push", image_size=16)
+    env.reset(seed=0)
+    u = env.unwrapped
+    pads, puck = [[0.0, 0.2], [0.2, 0.15]], np.array([0.0, -0.05])
+    expert = es.scripted_expert(env)
+    actions = []
+    for side in np.arange(-0.06, 0.0605, 0.001):
+        u.set_layout([side, -0.05 - 0.1], pads, ["red", "blue"], 0, puck=puck)  # 0.1 m behind, pushing +y
+        actions.append(expert())
+    steps = np.linalg.norm(np.diff(np.array(actions), axis=0), axis=1)
+    assert steps.max() < 0.06, steps.max()
+    assert np.linalg.norm(actions[len(actions) // 2]) == pytest.approx(0.6, abs=1e-6)  # on the line: push
+    env.close()
+
+
 def test_observation_holds_no_object_or_goal_position():
     env = es.make_env("push", image_size=32)
     obs, _ = env.reset(seed=5)
