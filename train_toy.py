@@ -63,6 +63,7 @@ BETAS = (0.9, 0.95)
 GRAD_CLIP = 1.0
 DEMOS_PER_TASK = 100       # demo layouts per task
 EARLY_WEIGHT = 4           # the samples of each demo's first K/2 steps are drawn this many times as often
+DEMO_WORKERS = min(4, os.cpu_count() or 1)  # processes rendering demos (one per core, at most 4)
 EVERY_PAD = True           # each layout demonstrated toward every pad (see collect_demos)
 EVAL_EPISODES = 25         # per task: 2 tasks x 25 = the 50 evaluation episodes
 GIF_EPISODES = 2           # rollout GIFs written per task
@@ -121,7 +122,8 @@ def seed_everything(seed):
 # ----------------------------------------------------------------------------------------------
 # Demonstrations on disk
 
-DEMO_FORMAT = 2  # bumped when the suite's episodes change (2: state (x, y) without velocity)
+DEMO_FORMAT = 3  # bumped when the suite's episodes change (2: state (x, y) without velocity;
+                 # 3: push starts behind the puck, the push expert blends instead of switching)
 
 
 def demo_cache_dir(cache_root, task, image_size):
@@ -142,17 +144,31 @@ def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, 
     S = eval_sim.get_suite(suite)
     jobs = [(task, seed, target) for task in tasks for seed in S.demo_seeds(task, demos_per_task)
             for target in (range(S.TASKS[task].num_pads) if every_pad and suite == "toy" else [None])]
+    paths = [os.path.join(demo_cache_dir(cache_root, task, image_size),
+                          f"seed_{seed:06d}.npz" if target is None else f"seed_{seed:06d}_pad{target}.npz")
+             for task, seed, target in jobs]
+    missing = [(job, path) for job, path in zip(jobs, paths) if not os.path.exists(path)]
+    for folder in sorted({os.path.dirname(path) for _, path in missing}):
+        os.makedirs(folder, exist_ok=True)
+        dit4dit.remove_stale_temp_files(folder)
+    workers = max(1, min(DEMO_WORKERS, len(missing)))
+    bar = tqdm(total=len(missing), desc="demos", unit="ep", disable=not progress or not missing)
+    if workers == 1:
+        for job, path in missing:
+            _collect_demo(*job, image_size, suite, path)
+            bar.update()
+    else:  # one rendering process per core; "spawn": no GL context or torch thread pool is inherited
+        import concurrent.futures
+        import multiprocessing
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            for done in concurrent.futures.as_completed(
+                    [pool.submit(_collect_demo, *job, image_size, suite, path) for job, path in missing]):
+                done.result()  # an expert or renderer error surfaces here
+                bar.update()
+    bar.close()
     episodes, failed = [], 0
-    for task, seed, target in tqdm(jobs, desc="demos", unit="ep", disable=not progress):
-        name = f"seed_{seed:06d}.npz" if target is None else f"seed_{seed:06d}_pad{target}.npz"
-        path = os.path.join(demo_cache_dir(cache_root, task, image_size), name)
-        if os.path.exists(path):
-            episode = eval_sim.load_episode(path)
-        else:
-            episode = eval_sim.collect_episode(task, seed, image_size, target=target, suite=suite)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            dit4dit.remove_stale_temp_files(os.path.dirname(path))
-            eval_sim.save_episode(path, episode)
+    for path in paths:
+        episode = eval_sim.load_episode(path)
         if episode["success"]:
             episodes.append({**episode, "path": path})
         else:
@@ -162,6 +178,12 @@ def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, 
     if not episodes:
         raise RuntimeError(f"no successful demos for tasks {tasks} in {cache_root}")
     return episodes
+
+
+def _collect_demo(task, seed, target, image_size, suite, path):
+    """One scripted-expert episode written to `path` (atomically): collect_demos' unit of work."""
+    torch.set_num_threads(1)
+    eval_sim.save_episode(path, eval_sim.collect_episode(task, seed, image_size, target=target, suite=suite))
 
 
 def load_episodes(data_dir, progress=True):
