@@ -52,7 +52,7 @@ import eval_sim
 # ----------------------------------------------------------------------------------------------
 # Defaults: the budget of `python train_toy.py` (≤ 15 min on a 2-core laptop CPU). Tune here.
 PRESET = "toy"
-STEPS = 2000               # optimizer steps
+STEPS = 3000               # optimizer steps
 BATCH_SIZE = 32            # samples per step per process (before gradient accumulation)
 LR_VIDEO = 3e-4            # peak learning rate of the video DiT (and the text encoder)
 LR_ACTION = 1e-3           # peak learning rate of the action DiT
@@ -61,7 +61,7 @@ MIN_LR_FRACTION = 0.05
 WEIGHT_DECAY = 0.01        # AdamW, on matrices only (not on norms, biases, embeddings' 1-D params)
 BETAS = (0.9, 0.95)
 GRAD_CLIP = 1.0
-DEMOS_PER_TASK = 100       # demo layouts per task
+DEMOS_PER_TASK = 500       # demo layouts per task
 EARLY_WEIGHT = 4           # the samples of each demo's first K/2 steps are drawn this many times as often
 DEMO_WORKERS = min(4, os.cpu_count() or 1)  # processes rendering demos (one per core, at most 4)
 EVERY_PAD = True           # each layout demonstrated toward every pad (see collect_demos)
