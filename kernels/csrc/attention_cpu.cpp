@@ -61,26 +61,9 @@ inline int64_t bwd_block_cols(int64_t Lk, int64_t hd) {
 inline int64_t bwd_block_rows(int64_t Lq) { return std::min<int64_t>(128, std::max<int64_t>(Lq, 1)); }
 
 // ---------------------------------------------------------------------------------
-// Elementwise row helpers. The float32 versions work on 8-lane GCC/Clang vector
-// types (lowered to one AVX register in the x86-64-v3 clone, two SSE registers in
-// the baseline clone) inside DIT4DIT_MULTIVERSION functions, so the softmax loops
-// are vectorised explicitly instead of relying on the auto-vectoriser.
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-static inline v8f splat(float a) { return v8f{a, a, a, a, a, a, a, a}; }
-static inline v8f load8(const float* p) {
-  v8f r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-static inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
-static inline float hsum8(v8f v) {
-  float s = 0;
-  for (int l = 0; l < 8; ++l) s += v[l];
-  return s;
-}
-
+// Elementwise row helpers. The float32 versions work on the 8-lane vector type v8f
+// of cpu_common.h inside DIT4DIT_MULTIVERSION functions, so the softmax loops are
+// vectorised explicitly instead of relying on the auto-vectoriser.
 // exp(x) in float32, Cephes-style: x = n ln2 + r with |r| <= ln2/2, exp(r) by a
 // degree-6 polynomial, 2^n built in the exponent bits. Relative error ~2 ulp.
 // Inputs are clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stays a normal float).

@@ -9,13 +9,19 @@
 //    the BLAS runs single-threaded (the parallelism is over heads and tiles).
 //  - DIT4DIT_MULTIVERSION: compiles a hot elementwise function twice (x86-64-v3 =
 //    AVX2+FMA, and the baseline ISA) and picks one at load time, so the extension
-//    stays portable while the exp/max/sum loops of the softmax run 8 floats wide.
+//    stays portable while the row loops (softmax, LayerNorm) run 8 floats wide.
+//  - v8f: the 8-lane float32 vector type those functions compute on (GCC/Clang
+//    vector extension: one AVX register in the x86-64-v3 clone, two SSE registers in
+//    the baseline clone), with splat/load8/store8/hsum8. This, not at::vec, is the
+//    vectorisation of the float32 kernels: the extension is compiled for the
+//    baseline ISA, where at::vec::Vectorized falls back to its scalar loops.
 //  - check helpers that build the error messages of every op.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11
@@ -39,6 +45,22 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace dit4dit {
 namespace cpu {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f splat(float a) { return v8f{a, a, a, a, a, a, a, a}; }
+static inline v8f load8(const float* p) {
+  v8f r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+static inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+static inline float hsum8(v8f v) {
+  float s = 0;
+  for (int l = 0; l < 8; ++l) s += v[l];
+  return s;
+}
 
 // Fallback: the same product through ATen on strided views of the raw buffers.
 template <typename T>
