@@ -259,6 +259,24 @@ def test_attention_gradcheck_float64():
     assert torch.autograd.gradcheck(kernels.attention, (q, k, v))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_low_precision_against_float64_truth(dtype):
+    """bfloat16 / float16 on the CPU: widened to float32, outputs rounded once. Output and every
+    gradient within a few roundings of the dtype of the float64 reference on the same values."""
+    q, k, v = _attn_inputs(2, 3, 70, 45, 33, dtype=dtype, requires_grad=True)
+    grad_o = torch.randn(2, 3, 70, 33, generator=torch.Generator().manual_seed(1)).to(dtype)
+    o = kernels.attention(q, k, v)
+    got = (o, *torch.autograd.grad(o, (q, k, v), grad_o))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o64 = kernels.reference_attention(q64, k64, v64)
+    want = (o64, *torch.autograd.grad(o64, (q64, k64, v64), grad_o.double()))
+    ulp = torch.finfo(dtype).eps
+    for name, a, b in zip(("o", "grad q", "grad k", "grad v"), got, want):
+        assert a.dtype == dtype
+        err = (a.double() - b).abs()
+        assert (err <= 2 * ulp * b.abs() + 2 * ulp * b.abs().max()).all(), f"{name}: max error {err.max():.3g}"
+
+
 def test_attention_non_contiguous_inputs():
     q, k, v = _attn_inputs(2, 3, 40, 50, 16)
     # (B, L, nh, hd) layouts viewed as (B, nh, L, hd), as a model's head split produces
@@ -420,8 +438,8 @@ def test_attention_bad_inputs_raise_clear_errors():
         kernels.attention(q, k.double(), v)
     with pytest.raises(ValueError, match="one device"):
         kernels.attention(q, k.to("meta"), v)
-    with pytest.raises(RuntimeError, match="float32 and float64"):
-        kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    with pytest.raises(RuntimeError, match="float32, float64, bfloat16 and float16"):
+        OPS.attention_fwd(q.int(), k.int(), v.int())
     with pytest.raises(RuntimeError, match="contiguous"):
         OPS.attention_fwd(q.transpose(2, 3).contiguous().transpose(2, 3), k, v)
     o, lse = OPS.attention_fwd(q, k, v)
