@@ -165,15 +165,21 @@ def test_adaln_grad_x_is_exactly_zero_at_D1():
     assert torch.equal(gx, torch.zeros_like(gx))
 
 
+@pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_adaln_low_precision_grads_against_float64_truth(dtype):
+def test_adaln_low_precision_grads_against_float64_truth(dtype, threads):
     """bfloat16 / float16: every gradient within a few roundings of the dtype (the kernel
     widens to float32 and rounds each output once) of the float64 truth on the same values."""
-    B, N, D, G = 2, 48, 100, 6
+    B, N, D, G = 2, 480, 100, 6  # 960 rows: with 2 threads each thread widens its own rows
     x, shift, scale = _adaln_inputs(B, N, D, G, dtype=dtype, requires_grad=True)
     grad_y = torch.randn(B, N, D, generator=torch.Generator().manual_seed(1)).to(dtype)
-    y = kernels.adaln_modulate(x, shift, scale, 1e-6)
-    got = (y, *torch.autograd.grad(y, (x, shift, scale), grad_y))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kernels.adaln_modulate(x, shift, scale, 1e-6)
+        got = (y, *torch.autograd.grad(y, (x, shift, scale), grad_y))
+    finally:
+        torch.set_num_threads(before)
     ulp = torch.finfo(dtype).eps
     for name, a, b in zip(("y", "grad x", "grad shift", "grad scale"), got, _float64_truth(x, shift, scale, grad_y)):
         assert a.dtype == dtype
