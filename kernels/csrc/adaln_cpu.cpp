@@ -16,10 +16,11 @@
 //
 // Work is cut into runs of rows that share one (sample, group), so a run's shift and
 // scale rows are fixed and every row is one call of a row kernel; the group count G
-// changes only where the runs end. The float32 row kernels compute on the 8-lane v8f
-// type in DIT4DIT_MULTIVERSION functions (AVX2+FMA clone, baseline clone; see
-// cpu_common.h); bfloat16 and float16 rows are widened to float32 in per-thread
-// buffers and go through the same kernels; float64 runs plain loops of the same steps.
+// changes only where the runs end. The float32 row kernels compute on the 16-lane v16f
+// type in DIT4DIT_MULTIVERSION_AVX512 functions (AVX-512, AVX2+FMA and baseline clones;
+// see cpu_common.h): at 8 lanes the arithmetic of the three passes, not memory, set the
+// pace; bfloat16 and float16 rows are widened to float32 in per-thread buffers and go
+// through the same kernels; float64 runs plain loops of the same steps.
 //
 // Forward, per row (one token): the row of D values is read once from memory;
 // the mean and the centred second moment are two passes over the row while it
@@ -61,55 +62,56 @@ inline int64_t row_grain(int64_t D) { return std::max<int64_t>(1, (int64_t{1} <<
 // ---------------------------------------------------------------------------------
 // Row kernels. Each handles `rows` consecutive rows of D values that share one
 // (sample, group): `shift`, `scale` point at that group's rows of D values, `mean`,
-// `rstd` at the rows' statistics. The float32 kernels are explicit 8-lane loops
+// `rstd` at the rows' statistics. The float32 kernels are explicit 16-lane loops
 // with a scalar tail; the templates are the same steps in plain loops (float64).
 
 // Forward: mean, centred second moment, then y = xhat * (1 + scale) + shift.
-DIT4DIT_MULTIVERSION
+DIT4DIT_MULTIVERSION_AVX512
 void adaln_rows_fwd_f32(const float* x, const float* shift, const float* scale, float* y, float* mean, float* rstd,
                         int64_t rows, int64_t D, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * D;
     float* yr = y + r * D;
-    // Ask for the next row now, so that its load from memory overlaps this row's
-    // arithmetic (x + rows * D is one past the run; prefetching it is harmless).
-    for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(xr + D + d);
+    // Ask for the next row of the run now (one prefetch per 64-byte line), so that its
+    // load from memory overlaps this row's arithmetic.
+    if (r + 1 < rows)
+      for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(xr + D + d);
     // Step 1: mean (four accumulators, so the adds do not wait on each other).
-    v8f s0 = splat(0.f), s1 = splat(0.f), s2 = splat(0.f), s3 = splat(0.f);
+    v16f s0 = splat16(0.f), s1 = splat16(0.f), s2 = splat16(0.f), s3 = splat16(0.f);
     int64_t d = 0;
-    for (; d + 32 <= D; d += 32) {
-      s0 += load8(xr + d);
-      s1 += load8(xr + d + 8);
-      s2 += load8(xr + d + 16);
-      s3 += load8(xr + d + 24);
+    for (; d + 64 <= D; d += 64) {
+      s0 += load16(xr + d);
+      s1 += load16(xr + d + 16);
+      s2 += load16(xr + d + 32);
+      s3 += load16(xr + d + 48);
     }
-    for (; d + 8 <= D; d += 8) s0 += load8(xr + d);
-    float sum = hsum8((s0 + s1) + (s2 + s3));
+    for (; d + 16 <= D; d += 16) s0 += load16(xr + d);
+    float sum = hsum16((s0 + s1) + (s2 + s3));
     for (; d < D; ++d) sum += xr[d];
     const float mu = sum / static_cast<float>(D);
     // Step 2: biased variance around the mean (the row is in L1 now).
-    const v8f vmu = splat(mu);
-    s0 = s1 = s2 = s3 = splat(0.f);
-    for (d = 0; d + 32 <= D; d += 32) {
-      const v8f c0 = load8(xr + d) - vmu, c1 = load8(xr + d + 8) - vmu;
-      const v8f c2 = load8(xr + d + 16) - vmu, c3 = load8(xr + d + 24) - vmu;
+    const v16f vmu = splat16(mu);
+    s0 = s1 = s2 = s3 = splat16(0.f);
+    for (d = 0; d + 64 <= D; d += 64) {
+      const v16f c0 = load16(xr + d) - vmu, c1 = load16(xr + d + 16) - vmu;
+      const v16f c2 = load16(xr + d + 32) - vmu, c3 = load16(xr + d + 48) - vmu;
       s0 += c0 * c0;
       s1 += c1 * c1;
       s2 += c2 * c2;
       s3 += c3 * c3;
     }
-    for (; d + 8 <= D; d += 8) {
-      const v8f c0 = load8(xr + d) - vmu;
+    for (; d + 16 <= D; d += 16) {
+      const v16f c0 = load16(xr + d) - vmu;
       s0 += c0 * c0;
     }
-    float sq = hsum8((s0 + s1) + (s2 + s3));
+    float sq = hsum16((s0 + s1) + (s2 + s3));
     for (; d < D; ++d) sq += (xr[d] - mu) * (xr[d] - mu);
     const float rs = 1.f / std::sqrt(sq / static_cast<float>(D) + eps);
     // Step 3: y = xhat * (1 + scale) + shift.
-    const v8f vrs = splat(rs);
-    for (d = 0; d + 8 <= D; d += 8) {
-      const v8f xhat = (load8(xr + d) - vmu) * vrs;
-      store8(yr + d, xhat * (1.f + load8(scale + d)) + load8(shift + d));
+    const v16f vrs = splat16(rs);
+    for (d = 0; d + 16 <= D; d += 16) {
+      const v16f xhat = (load16(xr + d) - vmu) * vrs;
+      store16(yr + d, xhat * (1.f + load16(scale + d)) + load16(shift + d));
     }
     for (; d < D; ++d) yr[d] = (xr[d] - mu) * rs * (1.f + scale[d]) + shift[d];
     mean[r] = mu;
@@ -135,7 +137,7 @@ void adaln_rows_fwd(const T* x, const T* shift, const T* scale, T* y, T* mean, T
 }
 
 // Backward: dx rows, and dy, dy * xhat added into the partial rows dsh, dsc.
-DIT4DIT_MULTIVERSION
+DIT4DIT_MULTIVERSION_AVX512
 void adaln_rows_bwd_f32(const float* dy, const float* x, const float* scale, const float* mean, const float* rstd,
                         float* dx, float* dsh, float* dsc, int64_t rows, int64_t D) {
   for (int64_t r = 0; r < rows; ++r) {
@@ -143,22 +145,22 @@ void adaln_rows_bwd_f32(const float* dy, const float* x, const float* scale, con
     const float* xr = x + r * D;
     float* dxr = dx + r * D;
     const float mu = mean[r], rs = rstd[r];
-    const v8f vmu = splat(mu), vrs = splat(rs);
+    const v16f vmu = splat16(mu), vrs = splat16(rs);
     // Step 1: g = dy * (1 + scale) into the dx row; row sums of g and g * xhat;
     // group sums of dy and dy * xhat.
-    v8f s_g = splat(0.f), s_gx = splat(0.f);
+    v16f s_g = splat16(0.f), s_gx = splat16(0.f);
     int64_t d = 0;
-    for (; d + 8 <= D; d += 8) {
-      const v8f vdy = load8(dyr + d);
-      const v8f xhat = (load8(xr + d) - vmu) * vrs;
-      const v8f g = vdy * (1.f + load8(scale + d));
-      store8(dxr + d, g);
+    for (; d + 16 <= D; d += 16) {
+      const v16f vdy = load16(dyr + d);
+      const v16f xhat = (load16(xr + d) - vmu) * vrs;
+      const v16f g = vdy * (1.f + load16(scale + d));
+      store16(dxr + d, g);
       s_g += g;
       s_gx += g * xhat;
-      store8(dsh + d, load8(dsh + d) + vdy);
-      store8(dsc + d, load8(dsc + d) + vdy * xhat);
+      store16(dsh + d, load16(dsh + d) + vdy);
+      store16(dsc + d, load16(dsc + d) + vdy * xhat);
     }
-    float sum_g = hsum8(s_g), sum_gx = hsum8(s_gx);
+    float sum_g = hsum16(s_g), sum_gx = hsum16(s_gx);
     for (; d < D; ++d) {
       const float xhat = (xr[d] - mu) * rs;
       const float g = dyr[d] * (1.f + scale[d]);
@@ -170,10 +172,10 @@ void adaln_rows_bwd_f32(const float* dy, const float* x, const float* scale, con
     }
     // Step 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
     const float mean_g = sum_g / static_cast<float>(D), mean_gx = sum_gx / static_cast<float>(D);
-    const v8f vmg = splat(mean_g), vmgx = splat(mean_gx);
-    for (d = 0; d + 8 <= D; d += 8) {
-      const v8f xhat = (load8(xr + d) - vmu) * vrs;
-      store8(dxr + d, vrs * (load8(dxr + d) - vmg - xhat * vmgx));
+    const v16f vmg = splat16(mean_g), vmgx = splat16(mean_gx);
+    for (d = 0; d + 16 <= D; d += 16) {
+      const v16f xhat = (load16(xr + d) - vmu) * vrs;
+      store16(dxr + d, vrs * (load16(dxr + d) - vmg - xhat * vmgx));
     }
     for (; d < D; ++d) dxr[d] = rs * (dxr[d] - mean_g - (xr[d] - mu) * rs * mean_gx);
   }
