@@ -616,17 +616,23 @@ class ActionDiT(nn.Module):
     def step_inputs(self, taus, state, cond=None):
         """Everything forward computes from the time, the state and cond alone, not from the noisy
         actions, for S steps at once: taus (S, B), state (B, P), cond (B, D_action) or None ->
-        a list of S dicts, each with the sinusoid of the discretized time `time` (B, D), the state
-        token `state` (B, 1, D), and `mods`, the (shift, scale) (B, 1, D) of every block and, last,
-        of the final layer. predict_action calls it once for its fixed Euler schedule."""
+        a list of S dicts, each with `time_mix` (B, D), the time's share of the action encoder's
+        action_mix (its weight's second input block times the sinusoid of the discretized time,
+        plus its bias), the state token `state` (B, 1, D), and `mods`, the (shift, scale) (B, 1, D)
+        of every block and, last, of the final layer. predict_action calls it once for its fixed
+        Euler schedule."""
         step = torch.floor(1000 * taus)  # (S, B) discretized time, as in GR00T
         c = self.t_embed(step)  # (S, B, D)
         c = F.silu(c if cond is None else c + cond)
-        time = timestep_embedding(step, self.width)  # (S, B, D)
+        D = self.width
+        time = timestep_embedding(step, D)  # (S, B, D)
+        # action_mix([W1 a, time]) = W_a (W1 a) + W_t time + b: the second term is fixed per step
+        time_mix = F.linear(time.to(self.action_mix.weight.dtype), self.action_mix.weight[:, D:],
+                            self.action_mix.bias)  # (S, B, D)
         state_token = self.state_encoder(state)[:, None]  # (B, 1, D)
         mods = [linear(c)[:, :, None].chunk(2, dim=-1)  # (shift, scale), (S, B, 1, D) each
                 for linear in [*(block.mod for block in self.blocks), self.final_mod]]
-        return [dict(time=time[i], state=state_token, mods=[(shift[i], scale[i]) for shift, scale in mods])
+        return [dict(time_mix=time_mix[i], state=state_token, mods=[(shift[i], scale[i]) for shift, scale in mods])
                 for i in range(taus.shape[0])]
 
     def forward(self, actions, tau, state, h=None, kv=None, cond=None, pre=None):
@@ -639,8 +645,9 @@ class ActionDiT(nn.Module):
         if pre is None:
             pre = self.step_inputs(tau[None], state, cond)[0]
         K = actions.shape[1]
-        temb = torch.cat([self.action_in(actions), pre["time"][:, None].expand(-1, K, -1)], dim=-1)  # (B, K, 2D)
-        a = self.action_out(F.silu(self.action_mix(temb))) + self.pos_embed[:K]  # (B, K, D)
+        # action_mix of the concatenation [W1 a, sinusoid(time)] (B, K, 2D), as two terms
+        mix = F.linear(self.action_in(actions), self.action_mix.weight[:, : self.width]) + pre["time_mix"][:, None]
+        a = self.action_out(F.silu(mix)) + self.pos_embed[:K]  # (B, K, D)
         x = torch.cat([pre["state"], a], dim=1)  # (B, 1+K, D)
         for block, block_kv, (shift, scale) in zip(self.blocks, kv, pre["mods"]):
             x = block(x, shift, scale, block_kv)
