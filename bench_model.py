@@ -3,9 +3,10 @@
     python bench_model.py [--repeats 20] [--threads 2]
 
 (a) predict_action, batch 1: the path dit4dit.py implements (the extraction pass stops after
-    block `extract_layer`; the action DiT's cross-attention K/V of h are computed once for all
-    Euler steps) against the naive path of the authors' release (all video blocks and the final
-    layer run, h is read from block `extract_layer`, K/V are recomputed at every Euler step).
+    block `extract_layer`; the action DiT's cross-attention K/V of h, and the time embeddings,
+    modulations and state token of the fixed Euler schedule, are computed once for all steps)
+    against the naive path of the authors' release (all video blocks and the final layer run, h is
+    read from block `extract_layer`, K/V and everything else are recomputed at every Euler step).
     The naive path is composed here from public pieces of dit4dit.py (DiT4DiT.video_forward,
     future_noise), so the module keeps one inference path; both paths draw the same noise and
     their actions are checked to agree.

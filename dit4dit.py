@@ -316,7 +316,9 @@ class ActionBlock(nn.Module):
     """GR00T-style block: adaLN (shift, scale; no gate) -> attention -> residual; LN -> MLP -> residual.
 
     Even blocks cross-attend to the video features h (K/V projected from D_video), odd blocks
-    self-attend over [state, actions]."""
+    self-attend over [state, actions]. The block owns its modulation Linear `mod`, but ActionDiT
+    applies it (step_inputs): it reads only the conditioning vector, so inference computes it once
+    for all Euler steps."""
 
     def __init__(self, dim, heads, mlp_dim, context_dim, dropout):
         super().__init__()
@@ -326,8 +328,8 @@ class ActionBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.mlp = MLP(dim, mlp_dim, bias=True, approximate="tanh", dropout=dropout)
 
-    def forward(self, x, c, kv):
-        shift, scale = self.mod(c)[:, None].chunk(2, dim=-1)  # (B, 1, D) each: one group per sample
+    def forward(self, x, shift, scale, kv):
+        """x (B, L, D); shift, scale (B, 1, D), the halves of self.mod(c): one group per sample."""
         # dropout twice on the attention output, as released (the attention module's output
         # dropout, then the block's final dropout); with dropout 0 both are the identity
         x = x + self.drop(self.drop(self.attn(modulate(x, shift, scale), kv=kv)))
@@ -605,26 +607,51 @@ class ActionDiT(nn.Module):
 
     def context_kv(self, h):
         """Project the video features h (B, N, D_video) to the K/V of every cross-attention block
-        once: a list with (k, v) (B, nh, N, hd) for even blocks and None for self-attention."""
-        return [block.attn.project_kv(h) if block.is_cross else None for block in self.blocks]
+        once: a list with (k, v) (B, nh, N, hd) for even blocks and None for self-attention. They
+        are made contiguous here, once, so the fused attention kernel does not copy them again at
+        every Euler step."""
+        return [tuple(t.contiguous() for t in block.attn.project_kv(h)) if block.is_cross else None
+                for block in self.blocks]
 
-    def forward(self, actions, tau, state, h=None, kv=None, cond=None):
+    def step_inputs(self, taus, state, cond=None):
+        """Everything forward computes from the time, the state and cond alone, not from the noisy
+        actions, for S steps at once: taus (S, B), state (B, P), cond (B, D_action) or None ->
+        a list of S dicts, each with `time_mix` (B, D), the time's share of the action encoder's
+        action_mix (its weight's second input block times the sinusoid of the discretized time,
+        plus its bias), the state token `state` (B, 1, D), and `mods`, the (shift, scale) (B, 1, D)
+        of every block and, last, of the final layer. predict_action calls it once for its fixed
+        Euler schedule."""
+        step = torch.floor(1000 * taus)  # (S, B) discretized time, as in GR00T
+        c = self.t_embed(step)  # (S, B, D)
+        c = F.silu(c if cond is None else c + cond)
+        D = self.width
+        time = timestep_embedding(step, D)  # (S, B, D)
+        # action_mix([W1 a, time]) = W_a (W1 a) + W_t time + b: the second term is fixed per step
+        time_mix = F.linear(time.to(self.action_mix.weight.dtype), self.action_mix.weight[:, D:],
+                            self.action_mix.bias)  # (S, B, D)
+        state_token = self.state_encoder(state)[:, None]  # (B, 1, D)
+        mods = [linear(c)[:, :, None].chunk(2, dim=-1)  # (shift, scale), (S, B, 1, D) each
+                for linear in [*(block.mod for block in self.blocks), self.final_mod]]
+        return [dict(time_mix=time_mix[i], state=state_token, mods=[(shift[i], scale[i]) for shift, scale in mods])
+                for i in range(taus.shape[0])]
+
+    def forward(self, actions, tau, state, h=None, kv=None, cond=None, pre=None):
         """actions (B, K, A) at time tau (B,), state (B, P), and either the features h or their
         precomputed `context_kv(h)`; cond (B, D_action) is added to the timestep embedding (the
-        pooled instruction with action_text). Returns the velocity (B, K, A)."""
+        pooled instruction with action_text); pre: this step's `step_inputs` when precomputed
+        (then tau, state and cond are not read). Returns the velocity (B, K, A)."""
         if kv is None:
             kv = self.context_kv(h)
-        K, D = actions.shape[1], self.width
-        step = torch.floor(1000 * tau)  # discretized time, as in GR00T
-        temb = torch.cat([self.action_in(actions),
-                          timestep_embedding(step, D)[:, None].expand(-1, K, -1)], dim=-1)  # (B, K, 2D)
-        a = self.action_out(F.silu(self.action_mix(temb))) + self.pos_embed[:K]  # (B, K, D)
-        x = torch.cat([self.state_encoder(state)[:, None], a], dim=1)  # (B, 1+K, D)
-        c = self.t_embed(step)  # (B, D)
-        c = F.silu(c if cond is None else c + cond)
-        for block, block_kv in zip(self.blocks, kv):
-            x = block(x, c, block_kv)
-        shift, scale = self.final_mod(c)[:, None].chunk(2, dim=-1)  # (B, 1, D) each
+        if pre is None:
+            pre = self.step_inputs(tau[None], state, cond)[0]
+        K = actions.shape[1]
+        # action_mix of the concatenation [W1 a, sinusoid(time)] (B, K, 2D), as two terms
+        mix = F.linear(self.action_in(actions), self.action_mix.weight[:, : self.width]) + pre["time_mix"][:, None]
+        a = self.action_out(F.silu(mix)) + self.pos_embed[:K]  # (B, K, D)
+        x = torch.cat([pre["state"], a], dim=1)  # (B, 1+K, D)
+        for block, block_kv, (shift, scale) in zip(self.blocks, kv, pre["mods"]):
+            x = block(x, shift, scale, block_kv)
+        shift, scale = pre["mods"][-1]  # the final layer's
         x = self.decoder(self.proj_out(modulate(x, shift, scale)))  # (B, 1+K, A)
         return x[:, -K:]  # velocity of the action tokens
 
@@ -632,11 +659,16 @@ class ActionDiT(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Flow-matching pieces shared by both branches: the Euler sampler, the action-time draw, the masked MSE.
 
+def euler_times(num_steps, B, device=None):
+    """The fixed schedule of euler_sample: tau = 1, 1 - 1/n, ..., 1/n (for n = 4: 1, .75, .5, .25),
+    each repeated for the batch -> (n, B)."""
+    return torch.tensor([1.0 - i / num_steps for i in range(num_steps)], device=device)[:, None].expand(-1, B)
+
+
 def euler_sample(velocity, x, num_steps):
-    """Integrate dx/dtau = velocity(x, tau) from tau = 1 (noise) to 0 (data) in equal steps:
-    tau = 1, 1 - 1/n, ..., 1/n (for n = 4: 1, .75, .5, .25)."""
-    for i in range(num_steps):
-        tau = torch.full((x.shape[0],), 1.0 - i / num_steps, device=x.device)
+    """Integrate dx/dtau = velocity(x, tau) from tau = 1 (noise) to 0 (data) in equal steps at
+    the times of euler_times, calling velocity once per step in schedule order."""
+    for tau in euler_times(num_steps, x.shape[0], x.device):
         x = x - velocity(x, tau) / num_steps
     return x
 
@@ -803,8 +835,11 @@ class DiT4DiT(nn.Module):
         h = self._extract(cond_latent, text, generator)  # one video pass, early exit
         context, cond = self.action_context(h, text)
         kv = self.action_dit.context_kv(context)  # cross-attention K/V, computed once for all steps
+        # the time embeddings, modulations and state token of the whole fixed schedule, once
+        steps = iter(self.action_dit.step_inputs(euler_times(cfg.num_action_steps, B, obs.device), state, cond))
         a = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=generator, device=obs.device)
-        a = euler_sample(lambda x, tau: self.action_dit(x, tau, state, kv=kv, cond=cond), a, cfg.num_action_steps)
+        a = euler_sample(lambda x, tau: self.action_dit(x, tau, state, kv=kv, pre=next(steps)), a,
+                         cfg.num_action_steps)
         return a.clamp(-1, 1)
 
     @torch.no_grad()

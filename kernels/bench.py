@@ -1,7 +1,8 @@
 """Benchmark of the fused ops against the PyTorch reference and the best built-in alternatives.
 
-    python -m kernels.bench            # from the repository root, after building the extension
-    python -m kernels.bench --reps 9   # more repetitions
+    python -m kernels.bench                        # from the repository root, after building the extension
+    python -m kernels.bench --reps 9               # more repetitions
+    python -m kernels.bench --threads 1 --ops adaln --reps 15   # adaLN only, one torch thread
 
 For each op and size it prints the forward and backward times of
   - kernel:     the dit4dit op (kernels.adaln_modulate / kernels.attention, autograd for the backward),
@@ -103,6 +104,12 @@ def print_block(title: str, times: dict, kernel: str, work: float, unit: str):
 
 # ----------------------------------------------------------------------------------------- adaLN
 
+# Untimed calls per adaLN variant before the rounds. With 2 the first 16 MiB shape measured in a
+# process came out up to 15 % slower than the same shape measured later (the allocator was still
+# settling on where 16 MiB blocks come from); with 10 the order no longer shows.
+ADALN_WARMUP = 10
+
+
 def bench_adaln(B, N, D, G, reps, results):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, N, D, generator=g)
@@ -112,7 +119,7 @@ def bench_adaln(B, N, D, G, reps, results):
         "kernel": lambda: kernels.adaln_modulate(x, shift, scale),
         "reference (F.layer_norm)": lambda: kernels.reference_adaln_modulate(x, shift, scale),
         "x.clone() (bandwidth bar)": lambda: x.clone(),
-    }, reps)
+    }, reps, warmup=ADALN_WARMUP)
     nbytes = x.numel() * x.element_size()
     print_block(f"adaLN fwd  B={B} N={N} D={D} G={G}", fwd, "kernel", 2 * nbytes, "GB/s")
 
@@ -123,14 +130,14 @@ def bench_adaln(B, N, D, G, reps, results):
     bwd = timeit({
         "kernel": grad_timer(y_k, (xs, shs, scs), gy),
         "reference autograd": grad_timer(y_r, (xs, shs, scs), gy),
-    }, reps)
+    }, reps, warmup=ADALN_WARMUP)
     print_block(f"adaLN bwd  B={B} N={N} D={D} G={G}", bwd, "kernel", 3 * nbytes, "GB/s")
     results.append((f"adaLN fwd ({B},{N},{D}) G={G}: vs reference", fwd["reference (F.layer_norm)"] / fwd["kernel"],
-                    4.0))
+                    1.5))
     results.append((f"adaLN fwd ({B},{N},{D}) G={G}: clone time / kernel time", fwd["x.clone() (bandwidth bar)"]
-                    / fwd["kernel"], 0.5))
+                    / fwd["kernel"], 0.8))
     results.append((f"adaLN bwd ({B},{N},{D}) G={G}: vs reference autograd", bwd["reference autograd"] / bwd["kernel"],
-                    2.0))
+                    1.5))
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -230,28 +237,33 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--reps", type=int, default=7, help="timed rounds per variant (median reported)")
     p.add_argument("--skip-memory", action="store_true", help="skip the child-process memory measurement")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--ops", choices=("all", "adaln", "attention"), default="all", help="which ops to measure")
     args = p.parse_args(argv)
     if not kernels.available():
         sys.exit(f"kernels._C is not available ({kernels.load_error()}); {kernels.BUILD_HINT}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(f"hardware: {hardware()}")
+    print(f"load average (1, 5, 15 min): {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     print(f"dtype float32, median of {args.reps} interleaved rounds\n")
     results = []
-    bench_adaln(8, 1024, 512, 1, args.reps, results)
-    print()
-    bench_adaln(8, 1024, 512, 8, args.reps, results)
-    print()
-    bench_adaln(4, 1200, 384, 6, args.reps, results)
-    print()
-    bench_attention(8, 8, 1024, 1024, 64, args.reps, results, targets=True)
-    print()
-    bench_attention(8, 8, 1024, 77, 64, args.reps, results, targets=False)   # video tokens -> text tokens
-    print()
-    bench_attention(8, 8, 64, 1024, 64, args.reps, results, targets=False)   # action tokens -> video tokens
-    print()
-    if not args.skip_memory:
+    if args.ops in ("all", "adaln"):
+        # G = 1: one modulation per sample (action DiT); G = 8, 6: one per frame (video DiT).
+        for B, N, D, G in ((8, 1024, 512, 1), (8, 1024, 512, 8), (4, 1200, 384, 6)):
+            bench_adaln(B, N, D, G, args.reps, results)
+            print()
+    if args.ops in ("all", "attention"):
+        bench_attention(8, 8, 1024, 1024, 64, args.reps, results, targets=True)
+        print()
+        bench_attention(8, 8, 1024, 77, 64, args.reps, results, targets=False)   # video tokens -> text tokens
+        print()
+        bench_attention(8, 8, 64, 1024, 64, args.reps, results, targets=False)   # action tokens -> video tokens
+        print()
+    if args.ops in ("all", "attention") and not args.skip_memory:
         bench_attention_memory(1, 8, 64, [1024, 2048, 4096])
         print()
-    print("targets (ratio = how many times faster the kernel is; 'clone/kernel' >= 0.5 means within 2x of a copy)")
+    print("targets (ratio = how many times faster the kernel is; 'clone/kernel' >= 0.8 means within 1.25x of a copy)")
     for name, ratio, target in results:
         print(row([f"  {name}", f"{ratio:.2f}", f">= {target}", "met" if ratio >= target else "MISSED"],
                   [66, 8, 8, 8]))

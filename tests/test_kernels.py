@@ -123,6 +123,70 @@ def test_adaln_low_precision_against_fp32_truth(dtype):
     assert (ours - truth).abs().max() <= 2 * (torch_same_dtype - truth).abs().max() + 1e-6
 
 
+def _float64_truth(x, shift, scale, grad_y):
+    """The reference in float64 on the same values: output and the three gradients."""
+    x64, sh64, sc64 = (t.detach().double().requires_grad_() for t in (x, shift, scale))
+    y64 = kernels.reference_adaln_modulate(x64, sh64, sc64, 1e-6)
+    return (y64, *torch.autograd.grad(y64, (x64, sh64, sc64), grad_y.double()))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B,N,D,G", [
+    (2, 2400, 40, 8),    # 4800 rows: several parallel chunks, whose ends fall inside groups
+    (4, 1200, 389, 6),   # the video DiT's shape with D neither a multiple of 8 nor of 32
+    (3, 96, 35, 1),      # one group per sample, vector loop plus a 3-wide tail
+    (2, 12, 7, 12),      # one token per group, D below one vector
+])
+def test_adaln_float32_against_float64_truth(B, N, D, G, threads):
+    """float32 kernel (forward, and every gradient) against the reference in float64, at
+    every group count the model uses, with 1 and 2 threads (the partial-sum chunks of the
+    backward change with the thread count)."""
+    x, shift, scale = _adaln_inputs(B, N, D, G, requires_grad=True)
+    grad_y = torch.randn(B, N, D, generator=torch.Generator().manual_seed(1))
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kernels.adaln_modulate(x, shift, scale, 1e-6)
+        got = (y, *torch.autograd.grad(y, (x, shift, scale), grad_y))
+    finally:
+        torch.set_num_threads(before)
+    for name, a, b in zip(("y", "grad x", "grad shift", "grad scale"), got, _float64_truth(x, shift, scale, grad_y)):
+        # group sums run over up to N/G = 300 tokens: their float32 rounding grows with the count
+        tol = dict(rtol=1e-5, atol=1e-5 * max(1, N // G) ** 0.5)
+        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m: f"{name}: {m}")
+
+
+def test_adaln_grad_x_is_exactly_zero_at_D1():
+    """At D = 1, xhat = 0 and LayerNorm's output is constant: grad_x is exactly 0, not the
+    rounding error of dy * (1 + scale) times rstd = 1 / sqrt(eps) = 1000."""
+    x, shift, scale = _adaln_inputs(2, 6, 1, 3, requires_grad=True)
+    y = kernels.adaln_modulate(x, shift, scale, 1e-6)
+    (gx,) = torch.autograd.grad(y, x, torch.randn(2, 6, 1) * 3)
+    assert torch.equal(gx, torch.zeros_like(gx))
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_adaln_low_precision_grads_against_float64_truth(dtype, threads):
+    """bfloat16 / float16: every gradient within a few roundings of the dtype (the kernel
+    widens to float32 and rounds each output once) of the float64 truth on the same values."""
+    B, N, D, G = 2, 480, 100, 6  # 960 rows: with 2 threads each thread widens its own rows
+    x, shift, scale = _adaln_inputs(B, N, D, G, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(B, N, D, generator=torch.Generator().manual_seed(1)).to(dtype)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kernels.adaln_modulate(x, shift, scale, 1e-6)
+        got = (y, *torch.autograd.grad(y, (x, shift, scale), grad_y))
+    finally:
+        torch.set_num_threads(before)
+    ulp = torch.finfo(dtype).eps
+    for name, a, b in zip(("y", "grad x", "grad shift", "grad scale"), got, _float64_truth(x, shift, scale, grad_y)):
+        assert a.dtype == dtype
+        err = (a.double() - b).abs()
+        assert (err <= 2 * ulp * b.abs() + 2 * ulp * b.abs().max()).all(), f"{name}: max error {err.max():.3g}"
+
+
 def test_adaln_non_contiguous_inputs():
     x, shift, scale = _adaln_inputs(3, 16, 40, 4)
     xt = x.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous layout
@@ -199,6 +263,24 @@ def test_attention_gradcheck_float64():
     assert torch.autograd.gradcheck(kernels.attention, (q, k, v))
     q, k, v = _attn_inputs(1, 1, 3, 7, 2, dtype=torch.float64, requires_grad=True, seed=1)
     assert torch.autograd.gradcheck(kernels.attention, (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_low_precision_against_float64_truth(dtype):
+    """bfloat16 / float16 on the CPU: widened to float32, outputs rounded once. Output and every
+    gradient within a few roundings of the dtype of the float64 reference on the same values."""
+    q, k, v = _attn_inputs(2, 3, 70, 45, 33, dtype=dtype, requires_grad=True)
+    grad_o = torch.randn(2, 3, 70, 33, generator=torch.Generator().manual_seed(1)).to(dtype)
+    o = kernels.attention(q, k, v)
+    got = (o, *torch.autograd.grad(o, (q, k, v), grad_o))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    o64 = kernels.reference_attention(q64, k64, v64)
+    want = (o64, *torch.autograd.grad(o64, (q64, k64, v64), grad_o.double()))
+    ulp = torch.finfo(dtype).eps
+    for name, a, b in zip(("o", "grad q", "grad k", "grad v"), got, want):
+        assert a.dtype == dtype
+        err = (a.double() - b).abs()
+        assert (err <= 2 * ulp * b.abs() + 2 * ulp * b.abs().max()).all(), f"{name}: max error {err.max():.3g}"
 
 
 def test_attention_non_contiguous_inputs():
@@ -362,8 +444,8 @@ def test_attention_bad_inputs_raise_clear_errors():
         kernels.attention(q, k.double(), v)
     with pytest.raises(ValueError, match="one device"):
         kernels.attention(q, k.to("meta"), v)
-    with pytest.raises(RuntimeError, match="float32 and float64"):
-        kernels.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    with pytest.raises(RuntimeError, match="float32, float64, bfloat16 and float16"):
+        OPS.attention_fwd(q.int(), k.int(), v.int())
     with pytest.raises(RuntimeError, match="contiguous"):
         OPS.attention_fwd(q.transpose(2, 3).contiguous().transpose(2, 3), k, v)
     o, lse = OPS.attention_fwd(q, k, v)

@@ -183,6 +183,33 @@ def test_predict_action_cached_kv_equals_uncached():
     assert cached.abs().max() > 0
 
 
+@pytest.mark.parametrize("action_text", [False, True])
+def test_predict_action_precomputed_schedule_equals_naive(action_text):
+    """predict_action computes the time embeddings, the modulations and the state token of its
+    fixed Euler schedule once (ActionDiT.step_inputs, batched over the steps): the actions equal
+    the release's path, which recomputes all of it (and K/V) at every step, and each step's
+    precomputed inputs give the velocity that forward computes from scratch at that step's time."""
+    model = trained_like(tiny_model(action_text=action_text)).eval()
+    cfg = model.config
+    batch = tiny_batch(cfg)
+    obs, state = batch["video"][:, :, 0], batch["state"]
+    fast = model.predict_action(obs, state, batch["instruction"], generator=gen(3))
+    with torch.inference_mode():
+        slow = naive_predict_action(model, obs, state, batch["instruction"], gen(3))
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+        assert fast.abs().max() > 0
+        h = model.extract_features(obs, batch["instruction"], generator=gen(4))
+        context, cond = model.action_context(h, model.encode_text(batch["instruction"]))
+        taus = d.euler_times(cfg.num_action_steps, 3)
+        pre = model.action_dit.step_inputs(taus, state, cond)
+        a = torch.randn(3, cfg.action_horizon, cfg.action_dim, generator=gen(5))
+        outs = [model.action_dit(a, tau, state, h=context, cond=cond) for tau in taus]
+        for i, tau in enumerate(taus):
+            torch.testing.assert_close(model.action_dit(a, tau, state, h=context, pre=pre[i]), outs[i],
+                                       rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(outs[0], outs[-1])  # the steps differ, so a wrong step index would show
+
+
 @pytest.mark.parametrize("detach", [True, False])
 def test_detach_features_controls_gradient_into_video_dit(detach):
     model = tiny_model(detach_features=detach)

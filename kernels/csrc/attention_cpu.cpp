@@ -8,8 +8,11 @@
 //
 // Shapes: q, o, grad_o, grad_q (B, nh, Lq, hd); k, v, grad_k, grad_v (B, nh, Lk, hd);
 // lse (B, nh, Lq) = natural-log logsumexp over keys of the scaled scores.
-// Dtypes: float32 and float64 (q, k, v share one dtype); lse is float32, float64
-// for float64 inputs. Reduced precision is not implemented on the CPU.
+// Dtypes: float32, float64, bfloat16 and float16 (q, k, v share one dtype); lse is
+// float32, float64 for float64 inputs. bfloat16 / float16 inputs are widened to float32
+// at the entry points, run through the float32 kernels and the outputs rounded once to
+// the input dtype: the arithmetic is float32 throughout (as on the GPU), at the cost of
+// a conversion pass and float32 copies of the inputs.
 // Limits: CPU, contiguous inputs (the Python wrapper makes them contiguous),
 // Lk >= 1, hd >= 1; any Lq, Lk, hd (partial tiles are handled), Lq != Lk allowed.
 //
@@ -61,26 +64,9 @@ inline int64_t bwd_block_cols(int64_t Lk, int64_t hd) {
 inline int64_t bwd_block_rows(int64_t Lq) { return std::min<int64_t>(128, std::max<int64_t>(Lq, 1)); }
 
 // ---------------------------------------------------------------------------------
-// Elementwise row helpers. The float32 versions work on 8-lane GCC/Clang vector
-// types (lowered to one AVX register in the x86-64-v3 clone, two SSE registers in
-// the baseline clone) inside DIT4DIT_MULTIVERSION functions, so the softmax loops
-// are vectorised explicitly instead of relying on the auto-vectoriser.
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-static inline v8f splat(float a) { return v8f{a, a, a, a, a, a, a, a}; }
-static inline v8f load8(const float* p) {
-  v8f r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-static inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
-static inline float hsum8(v8f v) {
-  float s = 0;
-  for (int l = 0; l < 8; ++l) s += v[l];
-  return s;
-}
-
+// Elementwise row helpers. The float32 versions work on the 8-lane vector type v8f
+// of cpu_common.h inside DIT4DIT_MULTIVERSION functions, so the softmax loops are
+// vectorised explicitly instead of relying on the auto-vectoriser.
 // exp(x) in float32, Cephes-style: x = n ln2 + r with |r| <= ln2/2, exp(r) by a
 // degree-6 polynomial, 2^n built in the exponent bits. Relative error ~2 ulp.
 // Inputs are clamped to [-87, 88] (exp(-87) ~ 1.6e-38 stays a normal float).
@@ -226,13 +212,15 @@ void scale_row<float>(float* a, int64_t n, float alpha) { scale_f32(a, n, alpha)
 
 // ---------------------------------------------------------------------------------
 // checks
+bool is_reduced(const at::Tensor& t) { return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf; }
+
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_cpu_tensor(op, "q", q);
   check_cpu_tensor(op, "k", k);
   check_cpu_tensor(op, "v", v);
   const auto dt = q.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble, op,
-              ": the CPU kernel supports float32 and float64 inputs, got q of dtype ", dt);
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
+              ": the CPU kernel supports float32, float64, bfloat16 and float16 inputs, got q of dtype ", dt);
   check_same_dtype(op, "k", k, "q", q);
   check_same_dtype(op, "v", v, "q", q);
   TORCH_CHECK(q.dim() == 4, op, ": q must have shape (B, nh, Lq, hd), got ", shape_str(q));
@@ -299,6 +287,10 @@ void attention_fwd_impl(const T* q, const T* k, const T* v, T* o, T* lse, int64_
 std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   const char* op = "dit4dit::attention_fwd";
   check_qkv(op, q, k, v);
+  if (is_reduced(q)) {  // float32 arithmetic, outputs rounded once
+    auto [o, lse] = attention_fwd(q.to(at::kFloat), k.to(at::kFloat), v.to(at::kFloat));
+    return {o.to(q.scalar_type()), lse};
+  }
   const int64_t B = q.size(0), nh = q.size(1), Lq = q.size(2), hd = q.size(3), Lk = k.size(2);
   at::Tensor o = at::empty_like(q);
   at::Tensor lse = at::empty({B, nh, Lq}, q.options().dtype(stats_dtype(q.scalar_type())));
@@ -423,6 +415,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
               shape_str(lse), " must be (B, nh, Lq) = (", B, ", ", nh, ", ", Lq, ")");
   TORCH_CHECK(lse.scalar_type() == stats_dtype(q.scalar_type()), op, ": lse must be ", stats_dtype(q.scalar_type()),
               " for ", q.scalar_type(), " inputs (as returned by the forward), got ", lse.scalar_type());
+  if (is_reduced(q)) {  // float32 arithmetic, gradients rounded once
+    const auto f = [](const at::Tensor& t) { return t.to(at::kFloat); };
+    auto [dq, dk, dv] = attention_bwd(f(grad_o), f(q), f(k), f(v), f(o), lse);
+    const auto dt = q.scalar_type();
+    return {dq.to(dt), dk.to(dt), dv.to(dt)};
+  }
   at::Tensor dq = at::empty_like(q);
   at::Tensor dk = at::empty_like(k);
   at::Tensor dv = at::empty_like(v);

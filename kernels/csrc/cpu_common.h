@@ -9,21 +9,32 @@
 //    the BLAS runs single-threaded (the parallelism is over heads and tiles).
 //  - DIT4DIT_MULTIVERSION: compiles a hot elementwise function twice (x86-64-v3 =
 //    AVX2+FMA, and the baseline ISA) and picks one at load time, so the extension
-//    stays portable while the exp/max/sum loops of the softmax run 8 floats wide.
+//    stays portable while the row loops (softmax, LayerNorm) run vectorised;
+//    DIT4DIT_MULTIVERSION_AVX512 adds an x86-64-v4 (AVX-512) clone.
+//  - v8f: the 8-lane float32 vector type those functions compute on (GCC/Clang
+//    vector extension: one AVX register in the x86-64-v3 clone, two SSE registers in
+//    the baseline clone), with splat/load8/store8/hsum8, and its 16-lane twin v16f.
+//    This, not at::vec, is the vectorisation of the float32 kernels: the extension
+//    is compiled for the baseline ISA, where at::vec::Vectorized falls back to its
+//    scalar loops.
 //  - check helpers that build the error messages of every op.
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <cstring>
 #include <string>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11
 #define DIT4DIT_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define DIT4DIT_MULTIVERSION_AVX512 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #elif defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __clang_major__ >= 14
 #define DIT4DIT_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#define DIT4DIT_MULTIVERSION_AVX512 __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define DIT4DIT_MULTIVERSION
+#define DIT4DIT_MULTIVERSION_AVX512
 #endif
 
 // Fortran BLAS entry points (LP64 integers, as ATen itself declares them). Weak:
@@ -39,6 +50,40 @@ void dgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 
 namespace dit4dit {
 namespace cpu {
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f splat(float a) { return v8f{a, a, a, a, a, a, a, a}; }
+static inline v8f load8(const float* p) {
+  v8f r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+static inline void store8(float* p, v8f v) { std::memcpy(p, &v, sizeof(v)); }
+static inline float hsum8(v8f v) {
+  float s = 0;
+  for (int l = 0; l < 8; ++l) s += v[l];
+  return s;
+}
+
+// The 16-lane twin, for memory-bound row loops that are short of instruction
+// throughput at 8 lanes (adaLN): one AVX-512 register in a DIT4DIT_MULTIVERSION_AVX512
+// function's x86-64-v4 clone, two AVX registers in its x86-64-v3 clone.
+typedef float v16f __attribute__((vector_size(64)));
+
+static inline v16f splat16(float a) { return v16f{} + a; }
+static inline v16f load16(const float* p) {
+  v16f r;
+  std::memcpy(&r, p, sizeof(r));
+  return r;
+}
+static inline void store16(float* p, v16f v) { std::memcpy(p, &v, sizeof(v)); }
+static inline float hsum16(v16f v) {
+  float s = 0;
+  for (int l = 0; l < 16; ++l) s += v[l];
+  return s;
+}
 
 // Fallback: the same product through ATen on strided views of the raw buffers.
 template <typename T>
