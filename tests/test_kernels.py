@@ -130,6 +130,17 @@ def _float64_truth(x, shift, scale, grad_y):
     return (y64, *torch.autograd.grad(y64, (x64, sh64, sc64), grad_y.double()))
 
 
+def _adaln_with_grads(x, shift, scale, grad_y, threads):
+    """(y, grad x, grad shift, grad scale) of the kernel, run with `threads` torch threads."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        y = kernels.adaln_modulate(x, shift, scale, 1e-6)
+        return (y, *torch.autograd.grad(y, (x, shift, scale), grad_y))
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("B,N,D,G", [
     (2, 2400, 40, 8),    # 4800 rows: several parallel chunks, whose ends fall inside groups
@@ -143,13 +154,7 @@ def test_adaln_float32_against_float64_truth(B, N, D, G, threads):
     backward change with the thread count)."""
     x, shift, scale = _adaln_inputs(B, N, D, G, requires_grad=True)
     grad_y = torch.randn(B, N, D, generator=torch.Generator().manual_seed(1))
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        y = kernels.adaln_modulate(x, shift, scale, 1e-6)
-        got = (y, *torch.autograd.grad(y, (x, shift, scale), grad_y))
-    finally:
-        torch.set_num_threads(before)
+    got = _adaln_with_grads(x, shift, scale, grad_y, threads)
     for name, a, b in zip(("y", "grad x", "grad shift", "grad scale"), got, _float64_truth(x, shift, scale, grad_y)):
         # group sums run over up to N/G = 300 tokens: their float32 rounding grows with the count
         tol = dict(rtol=1e-5, atol=1e-5 * max(1, N // G) ** 0.5)
@@ -173,13 +178,7 @@ def test_adaln_low_precision_grads_against_float64_truth(dtype, threads):
     B, N, D, G = 2, 480, 100, 6  # 960 rows: with 2 threads each thread widens its own rows
     x, shift, scale = _adaln_inputs(B, N, D, G, dtype=dtype, requires_grad=True)
     grad_y = torch.randn(B, N, D, generator=torch.Generator().manual_seed(1)).to(dtype)
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        y = kernels.adaln_modulate(x, shift, scale, 1e-6)
-        got = (y, *torch.autograd.grad(y, (x, shift, scale), grad_y))
-    finally:
-        torch.set_num_threads(before)
+    got = _adaln_with_grads(x, shift, scale, grad_y, threads)
     ulp = torch.finfo(dtype).eps
     for name, a, b in zip(("y", "grad x", "grad shift", "grad scale"), got, _float64_truth(x, shift, scale, grad_y)):
         assert a.dtype == dtype
