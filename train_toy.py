@@ -62,6 +62,7 @@ MIN_LR_FRACTION = 0.05
 WEIGHT_DECAY = 0.01        # AdamW, on matrices only (not on norms, biases, embeddings' 1-D params)
 BETAS = (0.9, 0.95)
 GRAD_CLIP = 1.0
+EMA_DECAY = 0.999          # exponential moving average of the weights: what is saved as "model" and evaluated (0: off)
 DEMOS_PER_TASK = 500       # demo layouts per task
 EARLY_WEIGHT = 4           # the samples of each demo's first K/2 steps are drawn this many times as often
 DEMO_WORKERS = min(4, os.cpu_count() or 1)  # processes rendering demos (one per core, at most 4)
@@ -485,11 +486,53 @@ def write_log(path, rows):
 # Checkpoints (layout: dit4dit.save_checkpoint; this script adds the training state)
 
 def save_training_checkpoint(path, model, optimizer, scheduler, step, state_normalizer, action_normalizer, args,
-                             experiment=None, changes=()):
-    dit4dit.save_checkpoint(path, model, state_normalizer, action_normalizer, step=step,
-                            optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
-                            args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
-                            experiment=experiment, changes=list(changes))
+                             average=None, experiment=None, changes=()):
+    """With a weight average: "model" holds the averaged weights (what eval_sim.py and
+    dit4dit.model_from_checkpoint load) and "training_weights" the optimizer's (what --resume
+    continues from)."""
+    extra = dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
+                 args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
+                 experiment=experiment, changes=list(changes))
+    if average is None:
+        dit4dit.save_checkpoint(path, model, state_normalizer, action_normalizer, **extra)
+        return
+    training_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with average.applied(model):
+        dit4dit.save_checkpoint(path, model, state_normalizer, action_normalizer,
+                                training_weights=training_weights, **extra)
+
+
+class WeightAverage:
+    """Exponential moving average of a model's parameters, the weights a diffusion policy is usually
+    evaluated with. After optimizer step n (0-based) it moves toward the parameters by
+    1 - min(decay, (1 + n) / (10 + n)): the warm-up keeps it from remembering the random init.
+    Buffers are not averaged (the model's own are used)."""
+
+    def __init__(self, model, decay, start=None):
+        """start: a state dict to begin from (a resumed checkpoint's "model"); default the model's."""
+        self.decay = decay
+        named = dict(model.named_parameters())
+        source = named if start is None else start
+        self.names = list(named)
+        self.params = [source[n].detach().to(named[n].device, named[n].dtype).clone() for n in self.names]
+
+    @torch.no_grad()
+    def update(self, model, step):
+        rate = 1.0 - min(self.decay, (1.0 + step) / (10.0 + step))
+        torch._foreach_lerp_(self.params, [p.detach() for p in model.parameters()], rate)
+
+    @contextlib.contextmanager
+    def applied(self, model):
+        """The model holds the averaged weights inside the block, its own again after it."""
+        params = list(model.parameters())
+        kept = [p.detach().clone() for p in params]
+        with torch.no_grad():
+            torch._foreach_copy_(params, self.params)
+        try:
+            yield model
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(params, kept)
 
 
 TRAINING_KEYS = ("step", "optimizer", "scheduler", "args")  # what this script adds to dit4dit's layout
@@ -500,7 +543,7 @@ TRAINING_KEYS = ("step", "optimizer", "scheduler", "args")  # what this script a
 # (--allow-changes continues with the new values and writes them into train_log.jsonl).
 
 EXPERIMENT_FLAGS = ("preset", "steps", "batch_size", "grad_accum", "lr_video", "lr_action", "warmup", "seed",
-                    "demos_per_task", "every_pad", "early_weight")
+                    "demos_per_task", "every_pad", "early_weight", "ema_decay")
 
 
 def experiment_record(args, config, world=None, data=None, known=None):
@@ -716,6 +759,8 @@ def model_and_normalizers(config, args, episodes, resume):
     changed it); else statistics fitted to the episodes and a model initialized from --seed."""
     if resume is not None:
         model, state_normalizer, action_normalizer = dit4dit.model_from_checkpoint(resume)
+        if "training_weights" in resume:  # "model" holds the weight average (see save_training_checkpoint)
+            model.load_state_dict(resume["training_weights"])
         if model.config != config:  # only under --allow-changes (checked in main)
             weights, model = model.state_dict(), dit4dit.DiT4DiT(config)
             try:
@@ -730,7 +775,7 @@ def model_and_normalizers(config, args, episodes, resume):
     return dit4dit.DiT4DiT(config), state_normalizer, action_normalizer
 
 
-def train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step):
+def train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step, average=None):
     """One optimizer step of args.grad_accum micro-steps; DDP all-reduces the gradients on the last
     micro-step only (no_sync on the others). Returns (losses: [loss, video_loss, action_loss]
     averaged over micro-steps and processes, the clipped gradient norm, the learning rates used)."""
@@ -758,6 +803,8 @@ def train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step):
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
+    if average is not None:
+        average.update(model, step)
     totals /= args.grad_accum
     if proc.world > 1:
         dist.all_reduce(totals)
@@ -765,10 +812,11 @@ def train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step):
     return totals, grad_norm, lrs
 
 
-def train(proc, args, model, optimizer, scheduler, dataset, start_step, record=None):
+def train(proc, args, model, optimizer, scheduler, dataset, start_step, average=None, record=None):
     """The training loop from start_step to --steps (or --stop-after steps of this invocation), with
     a train_log.jsonl row every --log-every steps (losses averaged since the previous row) and a
-    checkpoint every --ckpt-every steps and at the end (with `record`: its experiment and changes).
+    checkpoint every --ckpt-every steps and at the end (with `record`: its experiment and changes;
+    with `average`, a WeightAverage updated after every step, saved as the checkpoint's "model").
     Returns (log rows, end step, seconds)."""
     wrapped = LossModule(model)
     if proc.world > 1:
@@ -787,7 +835,7 @@ def train(proc, args, model, optimizer, scheduler, dataset, start_step, record=N
     model.train()
     for step in bar:
         t_step = time.time()
-        totals, grad_norm, lrs = train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step)
+        totals, grad_norm, lrs = train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step, average)
         done = step + 1
         step_times.append(time.time() - t_step)
         if not proc.is_main:
@@ -807,7 +855,8 @@ def train(proc, args, model, optimizer, scheduler, dataset, start_step, record=N
             write_log(log_path, log_rows)
         if done % args.ckpt_every == 0 or done == end_step:
             save_training_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, optimizer, scheduler, done,
-                                     dataset.state_normalizer, dataset.action_normalizer, args, **(record or {}))
+                                     dataset.state_normalizer, dataset.action_normalizer, args, average,
+                                     **(record or {}))
     bar.close()
     return log_rows, end_step, time.time() - train_start
 
@@ -891,6 +940,10 @@ def main(args):
         if changes:
             apply_schedule(optimizer, scheduler, args)
         start_step = int(resume["step"])
+    average = None
+    if args.ema_decay > 0:  # resumed: from the checkpoint's average ("model"), when it kept one
+        start = resume["model"] if resume is not None and "training_weights" in resume else None
+        average = WeightAverage(model, args.ema_decay, start)
 
     lock = claim_out_folder(args) if proc.is_main else None
     try:
@@ -911,7 +964,7 @@ def main(args):
 
         # --- the training loop
         log_rows, end_step, train_seconds = train(
-            proc, args, model, optimizer, scheduler, dataset, start_step,
+            proc, args, model, optimizer, scheduler, dataset, start_step, average,
             record={"experiment": record, "changes": history if resume is not None else []})
         barrier()
         if dist.is_initialized():
@@ -940,6 +993,8 @@ def validate_args(args):
     for name in ("threads", "image_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.ema_decay < 1:
+        raise ValueError(f"--ema-decay must be in [0, 1) (0: no weight average), got {args.ema_decay}")
     if args.warmup < 0:
         raise ValueError(f"--warmup must be >= 0, got {args.warmup}")
     if args.overwrite and args.resume is not None:
@@ -982,6 +1037,8 @@ def build_parser():
     p.add_argument("--lr-action", type=float, default=LR_ACTION,
                    help=f"peak learning rate of the action DiT (default {LR_ACTION})")
     p.add_argument("--warmup", type=int, default=WARMUP, help=f"warm-up steps, at most steps/10 (default {WARMUP})")
+    p.add_argument("--ema-decay", type=float, default=EMA_DECAY,
+                   help=f"decay of the weight average saved and evaluated as the model (default {EMA_DECAY}; 0: off)")
     p.add_argument("--video-loss-weight", type=float, default=None,
                    help="λ in L = L_action + λ·L_video (default: the preset's)")
     p.add_argument("--repeat", type=int, default=None, help="R, action-noise draws per sample (default: the preset's)")

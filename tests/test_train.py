@@ -183,6 +183,31 @@ def test_smoke_train_then_evaluate(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3] and all(np.isfinite(r["loss"]) for r in rows)
 
 
+def test_weight_average_schedule_and_swap():
+    layer = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        layer.weight.fill_(1.0)
+    average = train_toy.WeightAverage(layer, decay=0.95)
+    with torch.no_grad():
+        layer.weight.fill_(3.0)
+    average.update(layer, step=0)  # rate 1 - min(0.95, 1/10) = 0.9: 1 + 0.9 * (3 - 1)
+    torch.testing.assert_close(average.params[0], torch.full((1, 2), 2.8))
+    for step in range(1, 200):  # the warm-up ends where (1 + n) / (10 + n) reaches the decay (n = 161)
+        average.update(layer, step)
+    gap = 3.0 - average.params[0]
+    average.update(layer, 200)  # now the rate is 1 - 0.95
+    torch.testing.assert_close(3.0 - average.params[0], gap * 0.95)
+    with average.applied(layer):
+        assert torch.equal(layer.weight, average.params[0])
+    assert torch.equal(layer.weight, torch.full((1, 2), 3.0))  # the optimizer's weights are back
+
+
+def test_no_weight_average_saves_the_optimizers_weights(tmp_path, data_dir):
+    train_toy.main(run_args(tmp_path / "run", *common_args(data_dir, steps=2), "--ema-decay", "0"))
+    ckpt = dit4dit.load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
+    assert "training_weights" not in ckpt and ckpt["args"]["ema_decay"] == 0
+
+
 def common_args(data_dir, steps=4):
     return ["--data", str(data_dir), "--steps", str(steps), "--eval-episodes", "0", "--warmup", "1"]
 
@@ -206,10 +231,13 @@ def test_resume_equals_uninterrupted_run(tmp_path, data_dir, full_run):
     full = dit4dit.load_checkpoint(str(full_run / "checkpoint.pt"))
     resumed = dit4dit.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
     assert resumed["step"] == full["step"] == 4
-    for name, value in full["model"].items():
-        assert torch.equal(value, resumed["model"][name]), name
+    for key in ("model", "training_weights"):  # the weight average and the optimizer's weights
+        for name, value in full[key].items():
+            assert torch.equal(value, resumed[key][name]), (key, name)
     # steps 3 and 4 changed the parameters, so the equality above is not trivial
     assert any(not torch.equal(v, at_step_2[k]) for k, v in full["model"].items())
+    # and "model" is the average, not the optimizer's weights
+    assert any(not torch.equal(v, full["training_weights"][k]) for k, v in full["model"].items())
     log = [json.loads(line)["step"] for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
     assert log == [1, 2, 3, 4]
 
@@ -384,6 +412,7 @@ def test_bad_flags_and_data_give_clear_errors(tmp_path):
     with pytest.raises(IsADirectoryError, match="is a directory"):
         train_toy.main(run_args(tmp_path, "--resume", str(tmp_path)))
     for flags, message in [(["--threads", "0"], "--threads"), (["--warmup", "-1"], "--warmup"),
+                           (["--ema-decay", "1"], "--ema-decay"), (["--ema-decay", "-0.1"], "--ema-decay"),
                            (["--resume", "x.pt", "--overwrite"], "--overwrite")]:
         with pytest.raises(ValueError, match=message):
             train_toy.main(run_args(tmp_path, *flags))
