@@ -426,18 +426,27 @@ def scripted_expert(env):
     return push
 
 
-def collect_episode(task, seed, image_size=64, target=None, suite="toy"):
+def collect_episode(task, seed, image_size=64, target=None, suite="toy", noise=0.0):
     """One scripted-expert episode in the on-disk format (see save_episode). `target` (a pad index)
-    names another pad than the seed draws, so one layout can be demonstrated toward every pad."""
+    names another pad than the seed draws, so one layout can be demonstrated toward every pad.
+
+    noise > 0 (DART, Laskey et al. 2017): the env executes the expert's command plus Gaussian
+    noise of this std per action dimension (clipped to [-1, 1]), while the episode records the
+    expert's own command. The demos then visit the states a learner's small errors lead to (an
+    end-effector off the push line, or past the puck) and show how the expert recovers from them.
+    The noise is drawn from (seed, target): the same call gives the same episode."""
     S = get_suite(suite)
     env = S.make_env(task, image_size=image_size)
+    rng = np.random.default_rng([int(seed), 0 if target is None else int(target) + 1, zlib.crc32(task.encode())])
     try:
         obs, info = env.reset(seed=seed, options={"target": target})
         expert = S.scripted_expert(env)
         frames, states, actions = [obs["image"]], [obs["state"]], []
         while True:
             action = expert(obs)
-            obs, _, terminated, truncated, info = env.step(action)
+            executed = action if noise == 0 else np.clip(
+                action + noise * rng.standard_normal(action.shape), -1.0, 1.0).astype(action.dtype)
+            obs, _, terminated, truncated, info = env.step(executed)
             frames.append(obs["image"])
             states.append(obs["state"])
             actions.append(action)
@@ -456,7 +465,8 @@ def collect_episode(task, seed, image_size=64, target=None, suite="toy"):
 #   frames       uint8   (T+1, H, W, 3)  frames[t] is the observation before action[t];
 #                                        frames[T] the one after the last action
 #   state        float32 (T+1, P)        proprioceptive state at the same instants
-#   action       float32 (T, A)          the command executed at step t, in [-1, 1]
+#   action       float32 (T, A)          the expert's command at step t, in [-1, 1] (executed as is,
+#                                        or with noise added: collect_episode's `noise`)
 #   instruction  str, task str, seed int64, success bool  (0-d arrays)
 
 EPISODE_KEYS = ("frames", "state", "action", "instruction", "task", "seed", "success")

@@ -67,6 +67,8 @@ DEMOS_PER_TASK = 500       # demo layouts per task
 EARLY_WEIGHT = 4           # the samples of each demo's first K/2 steps are drawn this many times as often
 DEMO_WORKERS = min(4, os.cpu_count() or 1)  # processes rendering demos (one per core, at most 4)
 EVERY_PAD = True           # each layout demonstrated toward every pad (see collect_demos)
+DEMO_NOISE = 0.3           # toy suite: std of the noise added to the expert's executed commands (DART; see
+                           # eval_sim.collect_episode); the demos record the expert's clean commands
 EVAL_EPISODES = 25         # per task: 2 tasks x 25 = the 50 evaluation episodes
 GIF_EPISODES = 2           # rollout GIFs written per task
 CKPT_EVERY = 500
@@ -128,11 +130,12 @@ DEMO_FORMAT = 3  # bumped when the suite's episodes change (2: state (x, y) with
                  # 3: push starts behind the puck, the push expert blends instead of switching)
 
 
-def demo_cache_dir(cache_root, task, image_size):
-    return os.path.join(cache_root, f"{task}_{image_size}px_v{DEMO_FORMAT}")
+def demo_cache_dir(cache_root, task, image_size, noise=0.0):
+    return os.path.join(cache_root, f"{task}_{image_size}px_v{DEMO_FORMAT}" + (f"_noise{noise:g}" if noise else ""))
 
 
-def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, every_pad=EVERY_PAD, suite="toy"):
+def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, every_pad=EVERY_PAD, suite="toy",
+                  noise=0.0):
     """Scripted-expert demos for each task, one .npz per episode; files already present are reused.
 
     demos_per_task layouts (demo seeds) per task. every_pad: each layout is demonstrated toward
@@ -140,13 +143,14 @@ def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, 
     first frame comes with as many different action chunks as there are pads and only the
     instruction tells them apart; otherwise one episode per layout, toward the pad its seed names.
     suite: eval_sim's suite the tasks belong to; Meta-World has no pads (one episode per seed).
+    noise: std of the noise on the executed commands (eval_sim.collect_episode; 0: none).
     Demos the expert failed are kept on disk (so the cache is complete) but not returned.
     Returns the list of successful episodes (dicts in eval_sim's episode format).
     """
     S = eval_sim.get_suite(suite)
     jobs = [(task, seed, target) for task in tasks for seed in S.demo_seeds(task, demos_per_task)
             for target in (range(S.TASKS[task].num_pads) if every_pad and suite == "toy" else [None])]
-    paths = [os.path.join(demo_cache_dir(cache_root, task, image_size),
+    paths = [os.path.join(demo_cache_dir(cache_root, task, image_size, noise),
                           f"seed_{seed:06d}.npz" if target is None else f"seed_{seed:06d}_pad{target}.npz")
              for task, seed, target in jobs]
     missing = [(job, path) for job, path in zip(jobs, paths) if not os.path.exists(path)]
@@ -157,14 +161,14 @@ def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, 
     bar = tqdm(total=len(missing), desc="demos", unit="ep", disable=not progress or not missing)
     if workers == 1:
         for job, path in missing:
-            _collect_demo(*job, image_size, suite, path)
+            _collect_demo(*job, image_size, suite, noise, path)
             bar.update()
     else:  # one rendering process per core; "spawn": no GL context or torch thread pool is inherited
         import concurrent.futures
         import multiprocessing
         with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
             for done in concurrent.futures.as_completed(
-                    [pool.submit(_collect_demo, *job, image_size, suite, path) for job, path in missing]):
+                    [pool.submit(_collect_demo, *job, image_size, suite, noise, path) for job, path in missing]):
                 done.result()  # an expert or renderer error surfaces here
                 bar.update()
     bar.close()
@@ -182,10 +186,11 @@ def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, 
     return episodes
 
 
-def _collect_demo(task, seed, target, image_size, suite, path):
+def _collect_demo(task, seed, target, image_size, suite, noise, path):
     """One scripted-expert episode written to `path` (atomically): collect_demos' unit of work."""
     torch.set_num_threads(1)
-    eval_sim.save_episode(path, eval_sim.collect_episode(task, seed, image_size, target=target, suite=suite))
+    eval_sim.save_episode(path, eval_sim.collect_episode(task, seed, image_size, target=target, suite=suite,
+                                                         noise=noise))
 
 
 def load_episodes(data_dir, progress=True):
@@ -543,7 +548,7 @@ TRAINING_KEYS = ("step", "optimizer", "scheduler", "args")  # what this script a
 # (--allow-changes continues with the new values and writes them into train_log.jsonl).
 
 EXPERIMENT_FLAGS = ("preset", "steps", "batch_size", "grad_accum", "lr_video", "lr_action", "warmup", "seed",
-                    "demos_per_task", "every_pad", "early_weight", "ema_decay")
+                    "demos_per_task", "every_pad", "early_weight", "ema_decay", "demo_noise")
 
 
 def experiment_record(args, config, world=None, data=None, known=None):
@@ -735,11 +740,12 @@ def load_data(args, tasks, proc):
         image_size = args.image_size or dit4dit.make_config(args.preset).image_size
         cache = args.demo_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "demos")
         if proc.is_main:
-            collect_demos(tasks, args.demos_per_task, image_size, cache, every_pad=args.every_pad, suite=args.suite)
+            collect_demos(tasks, args.demos_per_task, image_size, cache, every_pad=args.every_pad, suite=args.suite,
+                          noise=args.demo_noise)
             print(f"demos ready in {time.time() - t0:.1f} s ({cache})")
         barrier()
         episodes = collect_demos(tasks, args.demos_per_task, image_size, cache, progress=False,
-                                 every_pad=args.every_pad, suite=args.suite)
+                                 every_pad=args.every_pad, suite=args.suite, noise=args.demo_noise)
     check_episodes(episodes)
     image_size = episodes[0]["frames"].shape[1]
     if args.image_size is not None and args.image_size != image_size:
@@ -993,6 +999,10 @@ def validate_args(args):
     for name in ("threads", "image_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.demo_noise is None:  # the toy suite's DART noise; Meta-World's demos as its experts act
+        args.demo_noise = DEMO_NOISE if args.suite == "toy" else 0.0
+    if not (math.isfinite(args.demo_noise) and args.demo_noise >= 0):
+        raise ValueError(f"--demo-noise must be a finite number >= 0, got {args.demo_noise}")
     if not 0 <= args.ema_decay < 1:
         raise ValueError(f"--ema-decay must be in [0, 1) (0: no weight average), got {args.ema_decay}")
     if args.warmup < 0:
@@ -1076,6 +1086,9 @@ def build_parser():
     p.add_argument("--every-pad", action=argparse.BooleanOptionalAction, default=EVERY_PAD,
                    help="demonstrate each layout toward every pad, one episode per pad (default on); "
                         "--no-every-pad: one episode per layout")
+    p.add_argument("--demo-noise", type=float, default=None,
+                   help="std of the noise added to the expert's executed commands while collecting demos; the "
+                        f"demos record the clean commands (DART) (default {DEMO_NOISE} on the toy suite, 0 on Meta-World)")
     p.add_argument("--image-size", type=int, default=None, help="rendered frame size (default: the preset's)")
     p.add_argument("--tasks", nargs="+", default=None,
                    help="tasks of the suite (default: all of eval_sim.TASKS; required with --suite metaworld)")

@@ -67,6 +67,44 @@ def test_one_layout_demonstrated_toward_every_pad(task):
         es.make_env(task, image_size=32).reset(seed=seed, options={"target": 7})
 
 
+def test_demo_noise_perturbs_the_execution_and_records_the_experts_commands(monkeypatch):
+    """collect_episode(noise=σ) (DART): the env executes the expert's command plus N(0, σ²) noise,
+    the episode records the expert's clean command at every visited state, and the same call
+    gives the same episode."""
+    calls = {"expert": [], "executed": []}
+    make_env, make_expert = es.make_env, es.scripted_expert
+
+    def recording_env(*args, **kwargs):
+        env = make_env(*args, **kwargs)
+        step = env.step
+        env.step = lambda action: (calls["executed"].append(np.array(action)), step(action))[1]
+        return env
+
+    def recording_expert(env):
+        expert = make_expert(env)
+        return lambda obs: (lambda a: (calls["expert"].append(a.copy()), a)[1])(expert(obs))
+
+    monkeypatch.setattr(es, "make_env", recording_env)
+    monkeypatch.setattr(es, "scripted_expert", recording_expert)
+    clean = es.collect_episode("push", 3, image_size=16, target=0)
+    np.testing.assert_array_equal(np.stack(calls["executed"]), clean["action"])  # no noise: executed as recorded
+    diffs = []
+    for seed in range(3, 9):
+        calls["expert"].clear(), calls["executed"].clear()
+        ep = es.collect_episode("push", seed, image_size=16, target=0, noise=0.3)
+        np.testing.assert_array_equal(np.stack(calls["expert"]), ep["action"])  # the expert's clean commands
+        executed = np.stack(calls["executed"])
+        assert np.all(np.abs(executed) <= 1.0)
+        inside = np.abs(executed) < 1.0  # not clipped
+        diffs.append((executed - ep["action"])[inside])
+    diffs = np.concatenate(diffs)
+    assert len(diffs) > 60 and 0.2 < diffs.std() < 0.4 and abs(diffs.mean()) < 0.1, (len(diffs), diffs.std())
+    again = es.collect_episode("push", 8, image_size=16, target=0, noise=0.3)
+    np.testing.assert_array_equal(again["state"], ep["state"])
+    assert not np.array_equal(es.collect_episode("push", 3, image_size=16, target=0, noise=0.3)["state"],
+                              clean["state"])
+
+
 def test_push_starts_behind_the_puck_for_every_pad():
     # whichever pad is named, the end-effector starts behind the puck on the line from the pad
     env = es.make_env("push", image_size=16)

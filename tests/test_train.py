@@ -413,6 +413,7 @@ def test_bad_flags_and_data_give_clear_errors(tmp_path):
         train_toy.main(run_args(tmp_path, "--resume", str(tmp_path)))
     for flags, message in [(["--threads", "0"], "--threads"), (["--warmup", "-1"], "--warmup"),
                            (["--ema-decay", "1"], "--ema-decay"), (["--ema-decay", "-0.1"], "--ema-decay"),
+                           (["--demo-noise", "-1"], "--demo-noise"), (["--demo-noise", "nan"], "--demo-noise"),
                            (["--resume", "x.pt", "--overwrite"], "--overwrite")]:
         with pytest.raises(ValueError, match=message):
             train_toy.main(run_args(tmp_path, *flags))
@@ -472,4 +473,9 @@ def test_collect_demos_every_pad(tmp_path):
     eps = train_toy.collect_demos(["reach"], 2, 16, str(tmp_path), progress=False, every_pad=True)
     assert len(eps) == 6 and len({(e["seed"], e["instruction"]) for e in eps}) == 6
     assert sorted(os.listdir(train_toy.demo_cache_dir(tmp_path, "reach", 16))) == [f"seed_00000{s}_pad{p}.npz" for s in (0, 1) for p in range(3)]
-    assert len(train_toy.collect_demos(["reach"], 2, 16, str(tmp_path), progress=False, every_pad=False)) == 2
+    clean = train_toy.collect_demos(["reach"], 2, 16, str(tmp_path), progress=False, every_pad=False)
+    assert len(clean) == 2
+    # demos collected with noise on the executed commands live in their own cache folder
+    noisy = train_toy.collect_demos(["reach"], 2, 16, str(tmp_path), progress=False, every_pad=False, noise=0.3)
+    assert os.path.basename(os.path.dirname(noisy[0]["path"])).endswith("_noise0.3")
+    assert noisy[0]["seed"] == clean[0]["seed"] and not np.array_equal(noisy[0]["state"], clean[0]["state"])
