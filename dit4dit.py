@@ -23,14 +23,14 @@ Flow-matching convention (both branches): tau in [0, 1], tau = 0 is data, tau = 
   x_tau = (1 - tau) * x0 + tau * eps,   target velocity v* = eps - x0,
   sampling integrates Euler steps from tau = 1 down to 0: x <- x - dtau * v_hat.
 
-Reading order: the two ops and their backend switch; building blocks; the blocks of both DiTs;
+Reading order: the fused ops and their backend switch; building blocks; the blocks of both DiTs;
 the config; VideoDiT; ActionDiT; the joint DiT4DiT (one video call for every use, the dual
 flow-matching loss beside the feature extraction, then inference); then the boundaries, which a
 reader of the method can skip (tokenizer, text encoder, frame conversion, input checks,
 normalizer, atomic writes and checkpoints, the converter of Cosmos-Predict2.5's released weights);
 presets last.
 
-Kernels: `modulate` and `attention` run the fused C++/CUDA ops of the `kernels` package when it
+Kernels: `modulate`, `residual_modulate` and `attention` run the fused C++/CUDA ops of the `kernels` package when it
 is built, and otherwise the pure-PyTorch reference bodies of kernels/reference.py
 (`select_backend`, environment variable DIT4DIT_KERNELS=auto|0|1 read at import; `backend()`
 says which is active).
@@ -58,14 +58,14 @@ X0_MIN_TAU = 0.05  # with x0-prediction, v = (x_tau - x0_hat) / max(tau, X0_MIN_
 
 
 # ----------------------------------------------------------------------------------------------
-# The two ops the fused kernels replace, and the switch between them.
+# The ops the fused kernels replace (adaLN, adaLN after a gated residual, attention), and the switch.
 
 _BACKEND = None  # "kernels" or "torch", set by select_backend() at import; read it with backend()
 
 
 def select_backend(mode="auto"):
-    """Choose the implementation of `modulate` and `attention`: "auto" uses the fused kernels
-    when the extension is built, "0" always uses PyTorch, "1" requires the kernels."""
+    """Choose the implementation of `modulate`, `residual_modulate` and `attention`: "auto" uses
+    the fused kernels when the extension is built, "0" always uses PyTorch, "1" requires them."""
     global _BACKEND
     if mode not in ("auto", "0", "1"):
         raise ValueError(f"mode (DIT4DIT_KERNELS) must be 'auto', '0' or '1', got {mode!r}")
@@ -78,13 +78,13 @@ def select_backend(mode="auto"):
             if mode == "1":
                 raise RuntimeError(f"DIT4DIT_KERNELS=1 asks for the fused kernels, but {why}")
     if chosen != _BACKEND:
-        log.info("modulate/attention backend = %s%s", chosen, "" if chosen == "kernels" else f" ({why})")
+        log.info("fused-op backend = %s%s", chosen, "" if chosen == "kernels" else f" ({why})")
     _BACKEND = chosen
     return chosen
 
 
 def backend():
-    """The active implementation of `modulate` and `attention`: "kernels" or "torch"."""
+    """The active implementation of the fused ops: "kernels" or "torch"."""
     return _BACKEND
 
 
@@ -97,6 +97,18 @@ def modulate(x, shift, scale):
         return kernels.adaln_modulate(x.contiguous(), shift.to(x.dtype).contiguous(),
                                       scale.to(x.dtype).contiguous(), eps=1e-6)
     return kernels.reference_adaln_modulate(x, shift, scale, eps=1e-6)
+
+
+def residual_modulate(x, y, gate, shift, scale):
+    """A sublayer's gated residual folded into the next sublayer's adaLN (one fused kernel):
+    x_new = x + per_frame(gate, y), h = modulate(x_new, shift, scale). Returns (x_new, h).
+
+    x, y (B, N, D); gate, shift, scale (B, G, D), grouped like `modulate`."""
+    if _BACKEND == "kernels":
+        x = x.contiguous()
+        y, gate, shift, scale = (t.to(x.dtype).contiguous() for t in (y, gate, shift, scale))
+        return kernels.residual_modulate(x, y, gate, shift, scale, eps=1e-6)
+    return kernels.reference_residual_modulate(x, y, gate, shift, scale, eps=1e-6)
 
 
 def attention(q, k, v):
@@ -300,13 +312,16 @@ class VideoBlock(nn.Module):
 
     def forward(self, x, c, shared, text, rope):
         # x (B, N, D) tokens; c (B, T, D) = SiLU(timestep embedding) per frame; each sublayer is
-        # LayerNorm -> modulate(shift, scale) -> op -> gated residual (gate starts at 0: adaLN-Zero).
-        shift, scale, gate = self.mod_self(c, shared)
-        x = x + per_frame(gate, self.self_attn(modulate(x, shift, scale), rope=rope))
-        shift, scale, gate = self.mod_cross(c, shared)
-        x = x + per_frame(gate, self.cross_attn(modulate(x, shift, scale), context=text))
-        shift, scale, gate = self.mod_mlp(c, shared)
-        return x + per_frame(gate, self.mlp(modulate(x, shift, scale)))
+        # LayerNorm -> modulate(shift, scale) -> op -> gated residual (gate starts at 0: adaLN-Zero):
+        #   x = x + per_frame(gate, op(modulate(x, shift, scale))).
+        # The gated residual of one sublayer and the modulate of the next are one residual_modulate.
+        shift1, scale1, gate1 = self.mod_self(c, shared)
+        shift2, scale2, gate2 = self.mod_cross(c, shared)
+        shift3, scale3, gate3 = self.mod_mlp(c, shared)
+        h = modulate(x, shift1, scale1)
+        x, h = residual_modulate(x, self.self_attn(h, rope=rope), gate1, shift2, scale2)
+        x, h = residual_modulate(x, self.cross_attn(h, context=text), gate2, shift3, scale3)
+        return x + per_frame(gate3, self.mlp(h))
 
 
 # ----------------------------------------------------------------------------------------------

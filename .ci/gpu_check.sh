@@ -117,7 +117,8 @@ build() {
   "$PY" -c 'import kernels, torch
 assert kernels.available(), kernels.load_error()
 cuda = [torch._C._dispatch_has_kernel_for_dispatch_key("dit4dit::" + op, "CUDA")
-        for op in ("attention_fwd", "attention_bwd", "adaln_modulate_fwd", "adaln_modulate_bwd")]
+        for op in ("attention_fwd", "attention_bwd", "adaln_modulate_fwd", "adaln_modulate_bwd",
+                   "residual_modulate_fwd", "residual_modulate_bwd")]
 print("kernels._C loads; CUDA kernels registered:", cuda)
 assert all(cuda), "kernels._C has no CUDA kernels"'
 }

@@ -1,4 +1,5 @@
-"""Fused adaLN modulation and fused attention as registered torch ops (namespace `dit4dit`).
+"""Fused adaLN modulation (alone, or after a gated residual) and fused attention as registered
+torch ops (namespace `dit4dit`).
 
 The C++ extension `kernels._C` (built with `python setup.py build_ext --inplace`) defines
 the op schemas and their CPU kernels (and CUDA kernels when built with CUDA). This module
@@ -6,15 +7,20 @@ the op schemas and their CPU kernels (and CUDA kernels when built with CUDA). Th
 - loads the extension if it is present (`available()`, `load_error()`),
 - registers fake (meta) kernels, so the ops trace under `torch.compile`, and autograd
   (the backward of each forward op calls its `*_bwd` op),
-- exposes typed wrappers, `adaln_modulate(x, shift, scale, eps)` and `attention(q, k, v)`,
-  which validate shapes with clear errors and make inputs contiguous,
+- exposes typed wrappers, `adaln_modulate(x, shift, scale, eps)`,
+  `residual_modulate(x, y, gate, shift, scale, eps)` and `attention(q, k, v)`, which validate
+  shapes with clear errors and make inputs contiguous,
 - and re-exports the pure-PyTorch references of kernels/reference.py as
-  `reference_adaln_modulate` and `reference_attention`: one body per op, which dit4dit.py's
+  `reference_adaln_modulate`, `reference_residual_modulate` and `reference_attention`: one body
+  per op, which dit4dit.py's
   fallback runs and the tests and kernels/bench.py compare with.
 
 Ops (all shapes are (batch, ...), statistics float32, float64 for float64 inputs):
     dit4dit::adaln_modulate_fwd(x (B,N,D), shift (B,G,D), scale (B,G,D), eps) -> (y, mean (B,N), rstd (B,N))
     dit4dit::adaln_modulate_bwd(grad_y, x, scale, mean, rstd, groups) -> (grad_x, grad_shift, grad_scale)
+    dit4dit::residual_modulate_fwd(x (B,N,D), y (B,N,D), gate, shift, scale (B,G,D), eps) -> (x_new, h, mean, rstd)
+    dit4dit::residual_modulate_bwd(grad_x_new, grad_h, x_new, y, gate, scale, mean, rstd)
+        -> (grad_x, grad_y, grad_gate, grad_shift, grad_scale)
     dit4dit::attention_fwd(q (B,nh,Lq,hd), k (B,nh,Lk,hd), v (B,nh,Lk,hd)) -> (o, lse (B,nh,Lq))
     dit4dit::attention_bwd(grad_o, q, k, v, o, lse) -> (grad_q, grad_k, grad_v)
 """
@@ -24,14 +30,17 @@ import torch
 
 from .reference import adaln_modulate as reference_adaln_modulate
 from .reference import attention as reference_attention
+from .reference import residual_modulate as reference_residual_modulate
 from .reference import compute_dtype as _stats_dtype  # the ops' statistics follow the same rule
 
 __all__ = [
     "available",
     "load_error",
     "adaln_modulate",
+    "residual_modulate",
     "attention",
     "reference_adaln_modulate",
+    "reference_residual_modulate",
     "reference_attention",
 ]
 
@@ -62,35 +71,39 @@ def _require_extension() -> None:
 # ----------------------------------------------------------------------------------------
 # argument checks of the wrappers (ValueError naming the argument)
 
-def _check_adaln_args(x, shift, scale) -> None:
-    for name, t in (("x", x), ("shift", shift), ("scale", scale)):
+def _check_adaln_args(x, shift, scale, op="adaln_modulate", extra=()) -> None:
+    """x (B, N, D), shift/scale (B, G, D); `extra` holds residual_modulate's (name, tensor, like)
+    pairs: y must have the shape of x, gate that of shift."""
+    named = (("x", x), ("shift", shift), ("scale", scale)) + tuple((name, t) for name, t, _ in extra)
+    for name, t in named:
         if not isinstance(t, torch.Tensor):
-            raise TypeError(f"adaln_modulate: {name} must be a torch.Tensor, got {type(t).__name__}")
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if x.dim() != 3:
-        raise ValueError(f"adaln_modulate: x must have shape (B, N, D), got {tuple(x.shape)}")
+        raise ValueError(f"{op}: x must have shape (B, N, D), got {tuple(x.shape)}")
     if shift.dim() != 3:
-        raise ValueError(f"adaln_modulate: shift must have shape (B, G, D), got {tuple(shift.shape)}")
+        raise ValueError(f"{op}: shift must have shape (B, G, D), got {tuple(shift.shape)}")
     if scale.shape != shift.shape:
-        raise ValueError(f"adaln_modulate: scale {tuple(scale.shape)} must have the shape of shift "
-                         f"{tuple(shift.shape)}")
+        raise ValueError(f"{op}: scale {tuple(scale.shape)} must have the shape of shift {tuple(shift.shape)}")
+    for name, t, like in extra:
+        ref = x if like == "x" else shift
+        if t.shape != ref.shape:
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} must have the shape of {like} {tuple(ref.shape)}")
     B, N, D = x.shape
     if shift.shape[0] != B or shift.shape[2] != D:
-        raise ValueError(f"adaln_modulate: shift/scale {tuple(shift.shape)} must be (B, G, D) = ({B}, G, {D}) "
+        raise ValueError(f"{op}: shift/scale {tuple(shift.shape)} must be (B, G, D) = ({B}, G, {D}) "
                          f"to match x {tuple(x.shape)}")
     G = shift.shape[1]
     if G < 1 or N % G != 0:
-        raise ValueError(f"adaln_modulate: the N = {N} tokens of x must split into G = {G} equal groups "
-                         f"(N % G == 0)")
+        raise ValueError(f"{op}: the N = {N} tokens of x must split into G = {G} equal groups (N % G == 0)")
     if D < 1:
-        raise ValueError(f"adaln_modulate: x must have a feature dimension D >= 1, got {tuple(x.shape)}")
+        raise ValueError(f"{op}: x must have a feature dimension D >= 1, got {tuple(x.shape)}")
     if not x.is_floating_point():
-        raise ValueError(f"adaln_modulate: x must be a floating-point tensor, got {x.dtype}")
-    if shift.dtype != x.dtype or scale.dtype != x.dtype:
-        raise ValueError(f"adaln_modulate: x, shift and scale must share one dtype, got {x.dtype}, "
-                         f"{shift.dtype}, {scale.dtype}")
-    if shift.device != x.device or scale.device != x.device:
-        raise ValueError(f"adaln_modulate: x, shift and scale must be on one device, got {x.device}, "
-                         f"{shift.device}, {scale.device}")
+        raise ValueError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+    names = ", ".join(name for name, _ in named[:-1]) + " and " + named[-1][0]
+    if any(t.dtype != x.dtype for _, t in named):
+        raise ValueError(f"{op}: {names} must share one dtype, got {', '.join(str(t.dtype) for _, t in named)}")
+    if any(t.device != x.device for _, t in named):
+        raise ValueError(f"{op}: {names} must be on one device, got {', '.join(str(t.device) for _, t in named)}")
 
 
 def _check_attention_args(q, k, v) -> None:
@@ -136,6 +149,22 @@ if available():
         torch._check(grad_y.shape == x.shape, lambda: "adaln_modulate_bwd: grad_y must have the shape of x")
         return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
 
+    @torch.library.register_fake("dit4dit::residual_modulate_fwd")
+    def _residual_modulate_fwd_fake(x, y, gate, shift, scale, eps):
+        torch._check(x.dim() == 3 and y.shape == x.shape and shift.dim() == 3 and gate.shape == shift.shape
+                     and scale.shape == shift.shape,
+                     lambda: "residual_modulate_fwd: x, y must be (B, N, D) and gate/shift/scale (B, G, D)")
+        B, N, D = x.shape
+        stats = x.new_empty((B, N), dtype=_stats_dtype(x.dtype))
+        return torch.empty_like(x), torch.empty_like(x), stats, torch.empty_like(stats)
+
+    @torch.library.register_fake("dit4dit::residual_modulate_bwd")
+    def _residual_modulate_bwd_fake(grad_x_new, grad_h, x_new, y, gate, scale, mean, rstd):
+        torch._check(grad_h.shape == x_new.shape and grad_x_new.shape == x_new.shape,
+                     lambda: "residual_modulate_bwd: grad_x_new and grad_h must have the shape of x_new")
+        return (torch.empty_like(x_new), torch.empty_like(x_new), torch.empty_like(scale), torch.empty_like(scale),
+                torch.empty_like(scale))
+
     @torch.library.register_fake("dit4dit::attention_fwd")
     def _attention_fwd_fake(q, k, v):
         torch._check(q.dim() == 4 and k.dim() == 4 and v.shape == k.shape,
@@ -162,6 +191,21 @@ if available():
 
     torch.library.register_autograd("dit4dit::adaln_modulate_fwd", _adaln_backward,
                                     setup_context=_adaln_setup_context)
+
+    def _residual_setup_context(ctx, inputs, output):
+        x, y, gate, shift, scale, eps = inputs
+        x_new, _, mean, rstd = output
+        ctx.save_for_backward(x_new, y, gate, scale, mean, rstd)
+        ctx.mark_non_differentiable(mean, rstd)
+
+    def _residual_backward(ctx, grad_x_new, grad_h, grad_mean, grad_rstd):
+        x_new, y, gate, scale, mean, rstd = ctx.saved_tensors
+        grad_x, grad_y, grad_gate, grad_shift, grad_scale = torch.ops.dit4dit.residual_modulate_bwd(
+            grad_x_new.contiguous(), grad_h.contiguous(), x_new, y, gate, scale, mean, rstd)
+        return grad_x, grad_y, grad_gate, grad_shift, grad_scale, None
+
+    torch.library.register_autograd("dit4dit::residual_modulate_fwd", _residual_backward,
+                                    setup_context=_residual_setup_context)
 
     def _attention_setup_context(ctx, inputs, output):
         q, k, v = inputs
@@ -192,6 +236,22 @@ def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, ep
     y, _, _ = torch.ops.dit4dit.adaln_modulate_fwd(x.contiguous(), shift.contiguous(), scale.contiguous(),
                                                   float(eps))
     return y
+
+
+def residual_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor,
+                      scale: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sublayer's gated residual folded into the next sublayer's adaLN, in one pass over memory:
+    x_new = x + gate[g] * y and h = LayerNorm(x_new) * (1 + scale[g]) + shift[g] (LayerNorm
+    without affine, statistics in float32).
+
+    x, y (B, N, D); gate, shift, scale (B, G, D), N % G == 0, tokens grouped contiguously as in
+    `adaln_modulate`. Returns (x_new, h), both (B, N, D); h is computed from x_new as returned
+    (rounded to x's dtype). Differentiable in x, y, gate, shift and scale."""
+    _check_adaln_args(x, shift, scale, op="residual_modulate", extra=(("y", y, "x"), ("gate", gate, "shift")))
+    _require_extension()
+    x_new, h, _, _ = torch.ops.dit4dit.residual_modulate_fwd(x.contiguous(), y.contiguous(), gate.contiguous(),
+                                                             shift.contiguous(), scale.contiguous(), float(eps))
+    return x_new, h
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -3,16 +3,21 @@
     python -m kernels.bench                        # from the repository root, after building the extension
     python -m kernels.bench --reps 9               # more repetitions
     python -m kernels.bench --threads 1 --ops adaln --reps 15   # adaLN only, one torch thread
+    python -m kernels.bench --threads 1 --ops residual          # residual_modulate only
 
 For each op and size it prints the forward and backward times of
-  - kernel:     the dit4dit op (kernels.adaln_modulate / kernels.attention, autograd for the backward),
+  - kernel:     the dit4dit op (kernels.adaln_modulate / kernels.residual_modulate / kernels.attention,
+                autograd for the backward),
+  - unfused:    residual_modulate only: what the video block ran before the fusion, the eager gated
+                residual x + gate * y followed by the adaLN kernel,
   - reference:  kernels/reference.py, the PyTorch body dit4dit.py falls back to and the tests
                 compare with; it is also the best built-in eager form (F.layer_norm + addcmul /
                 F.scaled_dot_product_attention),
   - naive:      matmul-softmax-matmul (attention only),
   - copy:       x.clone(), the memory-bandwidth bar (adaLN only),
 with the speed-up of the kernel over each, and the achieved GB/s (adaLN: bytes that must move,
-fwd reads x and writes y, bwd reads dy and x and writes dx) or GFLOP/s (attention: forward
+fwd reads x and writes y, bwd reads dy and x and writes dx; residual_modulate: fwd reads x and y and
+writes x_new and h, bwd reads the two incoming gradients, x_new and y and writes dx and dy) or GFLOP/s (attention: forward
 4·B·H·Lq·Lk·hd, backward 10·B·H·Lq·Lk·hd, the FlashAttention convention that counts the
 recomputation of the scores).
 
@@ -81,7 +86,8 @@ def timeit(variants: dict, reps: int, warmup: int = 2) -> dict:
     return {n: statistics.median(s) for n, s in samples.items()}
 
 
-def grad_timer(out: torch.Tensor, inputs, grad_out: torch.Tensor):
+def grad_timer(out, inputs, grad_out):
+    """Times the backward of out (a tensor, or a tuple of them with matching grad_out)."""
     return lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
 
 
@@ -138,6 +144,43 @@ def bench_adaln(B, N, D, G, reps, results):
                     / fwd["kernel"], 0.8))
     results.append((f"adaLN bwd ({B},{N},{D}) G={G}: vs reference autograd", bwd["reference autograd"] / bwd["kernel"],
                     1.5))
+
+
+# ----------------------------------------------------------------------------------------- residual_modulate
+
+def unfused_residual_modulate(x, y, gate, shift, scale):
+    """The video block's sequence before the fusion: eager gated residual, then the adaLN kernel."""
+    B, N, D = x.shape
+    G = gate.shape[1]
+    x_new = x + (y.view(B, G, N // G, D) * gate[:, :, None]).view(B, N, D)  # (B, G, N/G, D) -> (B, N, D)
+    return x_new, kernels.adaln_modulate(x_new, shift, scale)
+
+
+def bench_residual(B, N, D, G, reps, results):
+    g = torch.Generator().manual_seed(0)
+    x, y = (torch.randn(B, N, D, generator=g) for _ in range(2))
+    gate, shift, scale = (torch.randn(B, G, D, generator=g) for _ in range(3))
+    variants = {
+        "kernel": kernels.residual_modulate,
+        "unfused (eager x + gate*y, adaLN kernel)": unfused_residual_modulate,
+        "reference (PyTorch)": kernels.reference_residual_modulate,
+    }
+    fwd = timeit({name: (lambda fn=fn: fn(x, y, gate, shift, scale)) for name, fn in variants.items()}, reps,
+                 warmup=ADALN_WARMUP)
+    nbytes = x.numel() * x.element_size()
+    print_block(f"residual_modulate fwd  B={B} N={N} D={D} G={G}", fwd, "kernel", 4 * nbytes, "GB/s")
+
+    inputs = [t.clone().requires_grad_() for t in (x, y, gate, shift, scale)]
+    grad_outs = (torch.randn_like(x), torch.randn_like(x))
+    bwd = timeit({name: grad_timer(fn(*inputs), inputs, grad_outs) for name, fn in variants.items()}, reps,
+                 warmup=ADALN_WARMUP)
+    print_block(f"residual_modulate bwd  B={B} N={N} D={D} G={G}", bwd, "kernel", 6 * nbytes, "GB/s")
+    tag = f"residual_modulate ({B},{N},{D}) G={G}"
+    unfused, reference = list(variants)[1:]
+    results.append((f"{tag} fwd: vs unfused", fwd[unfused] / fwd["kernel"], 1.0))
+    results.append((f"{tag} fwd: vs reference", fwd[reference] / fwd["kernel"], 1.0))
+    results.append((f"{tag} bwd: vs unfused", bwd[unfused] / bwd["kernel"], 1.0))
+    results.append((f"{tag} bwd: vs reference", bwd[reference] / bwd["kernel"], 1.0))
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -238,7 +281,8 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=7, help="timed rounds per variant (median reported)")
     p.add_argument("--skip-memory", action="store_true", help="skip the child-process memory measurement")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--ops", choices=("all", "adaln", "attention"), default="all", help="which ops to measure")
+    p.add_argument("--ops", choices=("all", "adaln", "residual", "attention"), default="all",
+                   help="which ops to measure")
     args = p.parse_args(argv)
     if not kernels.available():
         sys.exit(f"kernels._C is not available ({kernels.load_error()}); {kernels.BUILD_HINT}")
@@ -252,6 +296,11 @@ def main(argv=None):
         # G = 1: one modulation per sample (action DiT); G = 8, 6: one per frame (video DiT).
         for B, N, D, G in ((8, 1024, 512, 1), (8, 1024, 512, 8), (4, 1200, 384, 6)):
             bench_adaln(B, N, D, G, args.reps, results)
+            print()
+    if args.ops in ("all", "residual"):
+        # the video DiT's per-frame modulation (G = T), the adaLN shapes above
+        for B, N, D, G in ((8, 1024, 512, 8), (4, 1200, 384, 6)):
+            bench_residual(B, N, D, G, args.reps, results)
             print()
     if args.ops in ("all", "attention"):
         bench_attention(8, 8, 1024, 1024, 64, args.reps, results, targets=True)

@@ -7,7 +7,9 @@
 It imports nothing from the extension, so it works whether or not kernels._C is built. Both
 bodies are the fast built-ins (F.layer_norm, F.scaled_dot_product_attention) rather than
 explicit math, so the fallback trains at PyTorch's speed; the logsumexp that the attention
-tests also check is computed in the tests from the scores. The wrappers in kernels/__init__.py
+tests also check is computed in the tests from the scores; `residual_modulate` is the gated
+residual plus `adaln_modulate`, written as the model wrote them before the fusion. The wrappers in
+kernels/__init__.py
 validate arguments; these bodies do not (the model calls them on every sublayer).
 """
 import torch
@@ -31,6 +33,23 @@ def adaln_modulate(x, shift, scale, eps=1e-6):
     xhat = F.layer_norm(x.to(acc), (D,), eps=eps).view(B, G, N // G, D)  # (B, G, N/G, D)
     y = torch.addcmul(shift.to(acc)[:, :, None], xhat, 1 + scale.to(acc)[:, :, None])  # shift + xhat * (1 + scale)
     return y.view(B, N, D).to(x.dtype)  # (B, N, D)
+
+
+def residual_modulate(x, y, gate, shift, scale, eps=1e-6):
+    """A sublayer's gated residual folded into the next sublayer's adaLN:
+    x_new = x + gate[g] * y, then h = adaln_modulate(x_new, shift, scale, eps), token n in group
+    g = n // (N // G). x_new is computed in float32 (float64 for float64 x; for float32 inputs
+    exactly the eager `x + y * gate`) and rounded once to x's dtype; h is computed from that
+    rounded x_new, as the unfused sequence does.
+
+    x, y (B, N, D); gate, shift, scale (B, G, D) with N % G == 0. Returns (x_new, h), both
+    (B, N, D) in x's dtype."""
+    B, N, D = x.shape
+    G = gate.shape[1]
+    acc = compute_dtype(x.dtype)
+    gated = y.to(acc).view(B, G, N // G, D) * gate.to(acc)[:, :, None]  # (B, G, N/G, D)
+    x_new = (x.to(acc) + gated.view(B, N, D)).to(x.dtype)  # (B, N, D)
+    return x_new, adaln_modulate(x_new, shift, scale, eps)
 
 
 def attention(q, k, v):

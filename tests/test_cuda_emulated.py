@@ -26,6 +26,7 @@ import torch
 
 from kernels.reference import adaln_modulate as reference_modulate
 from kernels.reference import attention as reference_attention
+from kernels.reference import residual_modulate as reference_residual_modulate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EMU_DIR = ROOT / "tests" / "emu"
@@ -42,13 +43,14 @@ ATTN_SHAPES = [(1, 2, 37, 40, 45), (1, 1, 70, 16, 9), (1, 1, 20, 80, 33)]
 
 # ----------------------------------------------------------------------------------------------
 # Reference: the project's one PyTorch body per op (kernels/reference.py).
-def _reference(fn, keys, inputs, grad_out):
-    """{keys[0]: fn(*inputs), keys[1:]: the gradients of sum(fn(*inputs) * grad_out)} by autograd, in
-    the dtype of the inputs."""
+def _reference(fn, keys, inputs, grad_outs):
+    """{keys: the outputs of fn(*inputs), then the gradients of sum_i(output_i * grad_outs[i]) for every
+    input} by autograd, in the dtype of the inputs."""
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    out = fn(*leaves)
-    out.backward(grad_out)
-    return dict(zip(keys, [out.detach()] + [t.grad for t in leaves]))
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    torch.autograd.backward(outs, grad_outs)
+    return dict(zip(keys, [o.detach() for o in outs] + [t.grad for t in leaves]))
 
 
 def _assert_accuracy(name, got, low, truth, dtype):
@@ -77,6 +79,8 @@ class Emu:
         err = [ctypes.c_char_p, i]
         lib.emu_adaln_fwd.argtypes = [i, p, p, p, p, p, p, i, i, i, i, f] + err
         lib.emu_adaln_bwd.argtypes = [i, p, p, p, p, p, p, p, p, i, i, i, i] + err
+        lib.emu_residual_fwd.argtypes = [i, p, p, p, p, p, p, p, p, p, i, i, i, i, f] + err
+        lib.emu_residual_bwd.argtypes = [i, p, p, p, p, p, p, p, p, p, p, p, p, p, i, i, i, i] + err
         lib.emu_attention_fwd.argtypes = [i, p, p, p, p, p, i, i, i, i] + err
         lib.emu_attention_bwd.argtypes = [i, p, p, p, p, p, p, p, p, p, p, p, i, i, i, i] + err
         lib.emu_attention_fwd_broken.argtypes = [p, p, p, p, p, i, i, i, i] + err
@@ -109,6 +113,22 @@ class Emu:
         dx, dshift, dscale = torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale)
         self.call("emu_adaln_bwd", DTYPE_CODE[x.dtype], dy, x, scale, mean, rstd, dx, dshift, dscale, B, N, D, G)
         return dx, dshift, dscale
+
+    def residual_fwd(self, x, y, gate, shift, scale):
+        B, N, D = x.shape
+        x_new, h = torch.empty_like(x), torch.empty_like(x)
+        mean, rstd = torch.empty(B, N), torch.empty(B, N)
+        self.call("emu_residual_fwd", DTYPE_CODE[x.dtype], x, y, gate, shift, scale, x_new, h, mean, rstd, B, N, D,
+                  shift.shape[1], EPS)
+        return x_new, h, mean, rstd
+
+    def residual_bwd(self, dx_new, dh, x_new, y, gate, scale, mean, rstd):
+        B, N, D = x_new.shape
+        dx, dy = torch.empty_like(x_new), torch.empty_like(x_new)
+        dgate, dshift, dscale = (torch.empty_like(scale) for _ in range(3))
+        self.call("emu_residual_bwd", DTYPE_CODE[x_new.dtype], dx_new, dh, x_new, y, gate, scale, mean, rstd, dx, dy,
+                  dgate, dshift, dscale, B, N, D, scale.shape[1])
+        return dx, dy, dgate, dshift, dscale
 
     def attention_fwd(self, q, k, v, broken=False):
         B, nh, Lq, hd = q.shape
@@ -180,6 +200,26 @@ def _run_adaln_cuda(x, shift, scale, dy):
     return {key: t.cpu() for key, t in out.items()}
 
 
+RESIDUAL_KEYS = ("x_new", "h", "dx", "dy", "dgate", "dshift", "dscale")
+
+
+def _run_residual_emu(emu, x, y, gate, shift, scale, dx_new, dh):
+    x_new, h, mean, rstd = emu.residual_fwd(x, y, gate, shift, scale)
+    grads = emu.residual_bwd(dx_new, dh, x_new, y, gate, scale, mean, rstd)
+    return dict(zip(RESIDUAL_KEYS, (x_new, h) + grads), mean=mean, rstd=rstd)
+
+
+def _run_residual_cuda(x, y, gate, shift, scale, dx_new, dh):
+    import kernels  # noqa: F401
+
+    ops = torch.ops.dit4dit
+    x, y, gate, shift, scale, dx_new, dh = (t.cuda() for t in (x, y, gate, shift, scale, dx_new, dh))
+    x_new, h, mean, rstd = ops.residual_modulate_fwd(x, y, gate, shift, scale, EPS)
+    grads = ops.residual_modulate_bwd(dx_new, dh, x_new, y, gate, scale, mean, rstd)
+    out = dict(zip(RESIDUAL_KEYS, (x_new, h) + tuple(grads)), mean=mean, rstd=rstd)
+    return {key: t.cpu() for key, t in out.items()}
+
+
 def _run_attn_emu(emu, q, k, v, do):
     o, lse = emu.attention_fwd(q, k, v)
     dq, dk, dv = emu.attention_bwd(do, q, k, v, o, lse)
@@ -206,6 +246,15 @@ def _adaln_inputs(shape, dtype, seed=0):
     return x, shift, scale, dy
 
 
+def _residual_inputs(shape, dtype, seed=0):
+    """(x, y, gate, shift, scale, grad of x_new, grad of h) of residual_modulate."""
+    B, N, D, G = shape
+    gen = torch.Generator().manual_seed(seed)
+    x, y, dx_new, dh = ((torch.randn(B, N, D, generator=gen) * 2 + 0.5).to(dtype) for _ in range(4))
+    gate, shift, scale = ((0.5 * torch.randn(B, G, D, generator=gen)).to(dtype) for _ in range(3))
+    return x, y, gate, shift, scale, dx_new, dh
+
+
 def _attn_inputs(shape, dtype, seed=0):
     B, nh, Lq, hd, Lk = shape
     gen = torch.Generator().manual_seed(seed)
@@ -216,12 +265,12 @@ def _attn_inputs(shape, dtype, seed=0):
     return q, k, v, do
 
 
-def _check_outputs(got, fn, keys, inputs, grad_out):
-    """The kernel's output and input gradients `got` against the float64 truth of fn, within the
+def _check_outputs(got, fn, keys, inputs, grad_outs):
+    """The kernel's outputs and input gradients `got` against the float64 truth of fn, within the
     error bar of fn run on the same-dtype inputs (_assert_accuracy)."""
     dtype = inputs[0].dtype
-    truth = _reference(fn, keys, [t.double() for t in inputs], grad_out.double())
-    low = _reference(fn, keys, inputs, grad_out)
+    truth = _reference(fn, keys, [t.double() for t in inputs], [g.double() for g in grad_outs])
+    low = _reference(fn, keys, inputs, grad_outs)
     for key in keys:
         assert got[key].dtype == dtype and got[key].shape == truth[key].shape, key
         _assert_accuracy(key, got[key], low[key], truth[key], dtype)
@@ -232,17 +281,37 @@ def _check_adaln(run, inputs):
     x, shift, scale, dy = inputs
     got = run(x, shift, scale, dy)
     _check_outputs(got, lambda *tensors: reference_modulate(*tensors, EPS), ("y", "dx", "dshift", "dscale"),
-                   (x, shift, scale), dy)
+                   (x, shift, scale), (dy,))
     x64 = x.double()
     _assert_float32_stat("mean", got["mean"], x64.mean(-1))
     _assert_float32_stat("rstd", got["rstd"], torch.rsqrt(x64.var(-1, unbiased=False) + EPS))
+
+
+def _check_residual(run, inputs):
+    """run(x, y, gate, shift, scale, dx_new, dh) -> the kernel's outputs, checked on `inputs`
+    (_residual_inputs); mean and rstd are the statistics of the returned x_new."""
+    got = run(*inputs)
+    _check_outputs(got, lambda *tensors: reference_residual_modulate(*tensors, EPS), RESIDUAL_KEYS, inputs[:5],
+                   inputs[5:])
+    x_new = got["x_new"].double()
+    _assert_float32_stat("mean", got["mean"], x_new.mean(-1))
+    _assert_float32_stat("rstd", got["rstd"], torch.rsqrt(x_new.var(-1, unbiased=False) + EPS))
+
+
+def _check_residual_one_feature(run, dtype):
+    """D = 1: h = shift, and LayerNorm adds exactly 0 to the gradient of x: grad x = grad x_new."""
+    inputs = _residual_inputs((2, 6, 1, 3), dtype)
+    got = run(*inputs)
+    assert torch.equal(got["h"], inputs[3].repeat_interleave(2, dim=1))
+    assert torch.equal(got["dx"], inputs[5]), f"grad x at D = 1 is not grad x_new: {got['dx'].flatten()}"
+    _check_residual(run, inputs)
 
 
 def _check_attn(run, inputs):
     """run(q, k, v, do) -> the kernel's outputs, checked on `inputs` (_attn_inputs)."""
     q, k, v, do = inputs
     got = run(q, k, v, do)
-    _check_outputs(got, reference_attention, ("o", "dq", "dk", "dv"), (q, k, v), do)
+    _check_outputs(got, reference_attention, ("o", "dq", "dk", "dv"), (q, k, v), (do,))
     scores = (q.double() @ k.double().transpose(-1, -2)) / math.sqrt(q.shape[-1])
     _assert_float32_stat("lse", got["lse"], torch.logsumexp(scores, -1))
 
@@ -267,6 +336,17 @@ def test_adaln_emulated(emu, shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_adaln_emulated_one_feature(emu, dtype):
     _check_adaln_one_feature(functools.partial(_run_adaln_emu, emu), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "B{}N{}D{}G{}".format(*s))
+def test_residual_modulate_emulated(emu, shape, dtype):
+    _check_residual(functools.partial(_run_residual_emu, emu), _residual_inputs(shape, dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_residual_modulate_emulated_one_feature(emu, dtype):
+    _check_residual_one_feature(functools.partial(_run_residual_emu, emu), dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -348,6 +428,19 @@ def test_adaln_on_device(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_adaln_on_device_one_feature(dtype):
     _check_adaln_one_feature(_run_adaln_cuda, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "B{}N{}D{}G{}".format(*s))
+def test_residual_modulate_on_device(shape, dtype):
+    _check_residual(_run_residual_cuda, _residual_inputs(shape, dtype))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_residual_modulate_on_device_one_feature(dtype):
+    _check_residual_one_feature(_run_residual_cuda, dtype)
 
 
 @needs_gpu

@@ -1,5 +1,6 @@
 """Tests of the fused ops in kernels/ (CPU kernels of the compiled extension kernels._C).
 
+Ops: adaln_modulate, residual_modulate (the gated residual folded into adaLN), attention.
 Order (STYLE.md): forward against the explicit-math reference in fp32 at tight tolerance,
 gradients, gradcheck in float64, torch.library.opcheck, torch.compile(fullgraph=True);
 sizes that are not multiples of the tile sizes (attention forward tiles up to 256 x 512,
@@ -12,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -123,20 +125,25 @@ def test_adaln_low_precision_against_fp32_truth(dtype):
     assert (ours - truth).abs().max() <= 2 * (torch_same_dtype - truth).abs().max() + 1e-6
 
 
-def _float64_truth(x, shift, scale, grad_y):
-    """The reference in float64 on the same values: output and the three gradients."""
-    x64, sh64, sc64 = (t.detach().double().requires_grad_() for t in (x, shift, scale))
-    y64 = kernels.reference_adaln_modulate(x64, sh64, sc64, 1e-6)
-    return (y64, *torch.autograd.grad(y64, (x64, sh64, sc64), grad_y.double()))
+def _outputs_and_grads(fn, inputs, grad_outs):
+    """(outputs of fn(*inputs, 1e-6)..., gradients of every input) for incoming gradients grad_outs."""
+    out = fn(*inputs, 1e-6)
+    outs = out if isinstance(out, tuple) else (out,)
+    return (*outs, *torch.autograd.grad(outs, inputs, grad_outs))
 
 
-def _adaln_with_grads(x, shift, scale, grad_y, threads):
-    """(y, grad x, grad shift, grad scale) of the kernel, run with `threads` torch threads."""
+def _float64_truth(reference, inputs, grad_outs):
+    """The reference in float64 on the same values: outputs and the gradients of every input."""
+    inputs64 = [t.detach().double().requires_grad_() for t in inputs]
+    return _outputs_and_grads(reference, inputs64, [g.double() for g in grad_outs])
+
+
+def _with_grads(op, inputs, grad_outs, threads):
+    """(outputs, gradients of every input) of the kernel op, run with `threads` torch threads."""
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        y = kernels.adaln_modulate(x, shift, scale, 1e-6)
-        return (y, *torch.autograd.grad(y, (x, shift, scale), grad_y))
+        return _outputs_and_grads(op, inputs, grad_outs)
     finally:
         torch.set_num_threads(before)
 
@@ -154,8 +161,9 @@ def test_adaln_float32_against_float64_truth(B, N, D, G, threads):
     backward change with the thread count)."""
     x, shift, scale = _adaln_inputs(B, N, D, G, requires_grad=True)
     grad_y = torch.randn(B, N, D, generator=torch.Generator().manual_seed(1))
-    got = _adaln_with_grads(x, shift, scale, grad_y, threads)
-    for name, a, b in zip(("y", "grad x", "grad shift", "grad scale"), got, _float64_truth(x, shift, scale, grad_y)):
+    got = _with_grads(kernels.adaln_modulate, (x, shift, scale), (grad_y,), threads)
+    want = _float64_truth(kernels.reference_adaln_modulate, (x, shift, scale), (grad_y,))
+    for name, a, b in zip(("y", "grad x", "grad shift", "grad scale"), got, want):
         # group sums run over up to N/G = 300 tokens: their float32 rounding grows with the count
         tol = dict(rtol=1e-5, atol=1e-5 * max(1, N // G) ** 0.5)
         torch.testing.assert_close(a.double(), b, **tol, msg=lambda m: f"{name}: {m}")
@@ -178,9 +186,10 @@ def test_adaln_low_precision_grads_against_float64_truth(dtype, threads):
     B, N, D, G = 2, 480, 100, 6  # 960 rows: with 2 threads each thread widens its own rows
     x, shift, scale = _adaln_inputs(B, N, D, G, dtype=dtype, requires_grad=True)
     grad_y = torch.randn(B, N, D, generator=torch.Generator().manual_seed(1)).to(dtype)
-    got = _adaln_with_grads(x, shift, scale, grad_y, threads)
+    got = _with_grads(kernels.adaln_modulate, (x, shift, scale), (grad_y,), threads)
+    want = _float64_truth(kernels.reference_adaln_modulate, (x, shift, scale), (grad_y,))
     ulp = torch.finfo(dtype).eps
-    for name, a, b in zip(("y", "grad x", "grad shift", "grad scale"), got, _float64_truth(x, shift, scale, grad_y)):
+    for name, a, b in zip(("y", "grad x", "grad shift", "grad scale"), got, want):
         assert a.dtype == dtype
         err = (a.double() - b).abs()
         assert (err <= 2 * ulp * b.abs() + 2 * ulp * b.abs().max()).all(), f"{name}: max error {err.max():.3g}"
@@ -207,6 +216,134 @@ def test_adaln_non_contiguous_inputs():
 def test_adaln_empty_batch():
     x, shift, scale = _adaln_inputs(0, 4, 8, 2)
     assert kernels.adaln_modulate(x, shift, scale).shape == (0, 4, 8)
+
+
+# ----------------------------------------------------------------------------- residual_modulate
+
+def _residual_inputs(B, N, D, G, dtype=torch.float32, requires_grad=False, seed=0):
+    """(x, y, gate, shift, scale): the residual stream, a sublayer's output and the modulation."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, N, D, generator=g) * 2 + 0.5
+    y = torch.randn(B, N, D, generator=g)
+    gate = torch.randn(B, G, D, generator=g)
+    shift = torch.randn(B, G, D, generator=g)
+    scale = torch.randn(B, G, D, generator=g) * 0.5
+    return [t.to(dtype).requires_grad_(requires_grad) for t in (x, y, gate, shift, scale)]
+
+
+RESIDUAL_SHAPES = [  # (B, N, D, G): G = 1 and G > 1, D neither a multiple of 16 nor of 32
+    (2, 12, 37, 1),
+    (2, 12, 37, 3),
+    (3, 10, 130, 5),
+    (1, 1, 1, 1),
+    (2, 64, 512, 4),
+]
+RESIDUAL_GRADS = ("grad x", "grad y", "grad gate", "grad shift", "grad scale")
+
+
+@pytest.mark.parametrize("B,N,D,G", RESIDUAL_SHAPES)
+def test_residual_modulate_forward_matches_reference(B, N, D, G):
+    x, y, gate, shift, scale = _residual_inputs(B, N, D, G)
+    x_new, h, mean, rstd = OPS.residual_modulate_fwd(x, y, gate, shift, scale, 1e-6)
+    want_x_new, want_h = kernels.reference_residual_modulate(x, y, gate, shift, scale, 1e-6)
+    torch.testing.assert_close(x_new, want_x_new, **TIGHT)
+    torch.testing.assert_close(h, want_h, **TIGHT)
+    var, mu = torch.var_mean(x_new, dim=-1, unbiased=False)  # the statistics are x_new's
+    torch.testing.assert_close(mean, mu, **TIGHT)
+    torch.testing.assert_close(rstd, torch.rsqrt(var + 1e-6), **TIGHT)
+
+
+def test_residual_modulate_equals_the_unfused_sequence():
+    """Independent oracle: the eager gated residual per group, then the adaLN kernel on its result."""
+    B, N, D, G = 2, 9, 20, 3
+    x, y, gate, shift, scale = _residual_inputs(B, N, D, G)
+    x_new, h = kernels.residual_modulate(x, y, gate, shift, scale, eps=1e-5)
+    for g in range(G):
+        rows = slice(g * N // G, (g + 1) * N // G)
+        torch.testing.assert_close(x_new[:, rows], x[:, rows] + gate[:, g:g + 1] * y[:, rows], **TIGHT)
+    torch.testing.assert_close(h, kernels.adaln_modulate(x_new, shift, scale, eps=1e-5), **TIGHT)
+
+
+@pytest.mark.parametrize("B,N,D,G", RESIDUAL_SHAPES)
+def test_residual_modulate_grads_match_reference(B, N, D, G):
+    inputs = _residual_inputs(B, N, D, G, requires_grad=True)
+    grad_outs = [torch.randn(B, N, D, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    got = _outputs_and_grads(kernels.residual_modulate, inputs, grad_outs)[2:]
+    want = _outputs_and_grads(kernels.reference_residual_modulate, inputs, grad_outs)[2:]
+    for name, a, b in zip(RESIDUAL_GRADS, got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=2e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_residual_modulate_gradcheck_float64():
+    for G in (1, 3):
+        inputs = _residual_inputs(2, 6, 5, G, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda *t: kernels.residual_modulate(*t, 1e-6), inputs)
+
+
+def test_residual_modulate_float64_matches_reference():
+    x, y, gate, shift, scale = _residual_inputs(2, 4, 9, 2, dtype=torch.float64)
+    x_new, h, mean, rstd = OPS.residual_modulate_fwd(x, y, gate, shift, scale, 1e-6)
+    assert mean.dtype == rstd.dtype == torch.float64
+    for a, b in zip((x_new, h), kernels.reference_residual_modulate(x, y, gate, shift, scale)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("B,N,D,G", [
+    (2, 2400, 40, 8),    # several parallel chunks, whose ends fall inside groups
+    (4, 1200, 389, 6),   # the video DiT's shape with D neither a multiple of 8 nor of 32
+    (3, 96, 35, 1),      # one group per sample
+])
+def test_residual_modulate_float32_against_float64_truth(B, N, D, G, threads):
+    """Both outputs and every gradient against the reference in float64, with 1 and 2 threads
+    (the partial sums of grad gate, shift and scale are cut into chunks by thread count)."""
+    inputs = _residual_inputs(B, N, D, G, requires_grad=True)
+    grad_outs = [torch.randn(B, N, D, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    got = _with_grads(kernels.residual_modulate, inputs, grad_outs, threads)
+    want = _float64_truth(kernels.reference_residual_modulate, inputs, grad_outs)
+    for name, a, b in zip(("x_new", "h") + RESIDUAL_GRADS, got, want):
+        tol = dict(rtol=1e-5, atol=1e-5 * max(1, N // G) ** 0.5)  # group sums over up to N/G tokens
+        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_residual_modulate_low_precision_against_float64_truth(dtype, threads):
+    """bfloat16 / float16: x_new rounded once, h from the rounded x_new, gradients accumulated in
+    float32 and rounded once: every result within a few roundings of the float64 truth."""
+    B, N, D, G = 2, 480, 100, 6
+    inputs = _residual_inputs(B, N, D, G, dtype=dtype, requires_grad=True)
+    grad_outs = [torch.randn(B, N, D, generator=torch.Generator().manual_seed(s)).to(dtype) for s in (1, 2)]
+    got = _with_grads(kernels.residual_modulate, inputs, grad_outs, threads)
+    want = _float64_truth(kernels.reference_residual_modulate, inputs, grad_outs)
+    ulp = torch.finfo(dtype).eps
+    for name, a, b in zip(("x_new", "h") + RESIDUAL_GRADS, got, want):
+        assert a.dtype == dtype
+        err = (a.double() - b).abs()
+        assert (err <= 2 * ulp * b.abs() + 2 * ulp * b.abs().max()).all(), f"{name}: max error {err.max():.3g}"
+
+
+def test_residual_modulate_one_feature():
+    """At D = 1 LayerNorm's output is 0, so h = shift and the gradient of x is exactly the
+    gradient that reaches x_new directly (LayerNorm adds exactly 0)."""
+    inputs = _residual_inputs(2, 6, 1, 3, requires_grad=True)
+    grad_x_new, grad_h = torch.randn(2, 6, 1) * 3, torch.randn(2, 6, 1) * 3
+    x_new, h, grad_x, grad_y, *_ = _outputs_and_grads(kernels.residual_modulate, inputs, (grad_x_new, grad_h))
+    assert torch.equal(h, inputs[3].detach().repeat_interleave(2, dim=1))
+    assert torch.equal(grad_x, grad_x_new)
+    assert torch.equal(grad_y, grad_x_new * inputs[2].detach().repeat_interleave(2, dim=1))
+
+
+def test_residual_modulate_non_contiguous_inputs_and_empty_batch():
+    x, y, gate, shift, scale = _residual_inputs(3, 16, 40, 4)
+    xt, yt = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (x, y))
+    gt = gate.repeat_interleave(2, dim=2)[:, :, ::2]
+    assert not (xt.is_contiguous() or yt.is_contiguous() or gt.is_contiguous())
+    for a, b in zip(kernels.residual_modulate(xt, yt, gt, shift, scale),
+                    kernels.reference_residual_modulate(x, y, gate, shift, scale)):
+        torch.testing.assert_close(a, b, **TIGHT)
+    x_new, h = kernels.residual_modulate(*_residual_inputs(0, 4, 8, 2))
+    assert x_new.shape == h.shape == (0, 4, 8)
 
 
 # ----------------------------------------------------------------------------- attention
@@ -326,6 +463,12 @@ def test_opcheck_all_ops():
     torch.library.opcheck(OPS.adaln_modulate_fwd, (x, shift, scale, 1e-6))
     y, mean, rstd = OPS.adaln_modulate_fwd(x.detach(), shift.detach(), scale.detach(), 1e-6)
     torch.library.opcheck(OPS.adaln_modulate_bwd, (torch.randn_like(y), x.detach(), scale.detach(), mean, rstd, 3))
+    inputs = _residual_inputs(2, 6, 10, 3, requires_grad=True)
+    torch.library.opcheck(OPS.residual_modulate_fwd, (*inputs, 1e-6))
+    x, y, gate, shift, scale = (t.detach() for t in inputs)
+    x_new, h, mean, rstd = OPS.residual_modulate_fwd(x, y, gate, shift, scale, 1e-6)
+    torch.library.opcheck(OPS.residual_modulate_bwd, (torch.randn_like(x), torch.randn_like(x), x_new, y, gate, scale,
+                                                      mean, rstd))
     q, k, v = _attn_inputs(1, 2, 9, 13, 8, requires_grad=True)
     torch.library.opcheck(OPS.attention_fwd, (q, k, v))
     o, lse = OPS.attention_fwd(q.detach(), k.detach(), v.detach())
@@ -337,16 +480,21 @@ def test_torch_compile_fullgraph():
     (AOTAutograd with the fakes and the registered backward, no inductor codegen, so it is cheap)."""
     torch._dynamo.reset()
 
-    def block(x, shift, scale, q, k, v):
-        return kernels.adaln_modulate(x, shift, scale).square().mean() + kernels.attention(q, k, v).square().mean()
+    def block(x, shift, scale, q, k, v, rx, ry, gate, rshift, rscale, ops=kernels):
+        x_new, h = ops.residual_modulate(rx, ry, gate, rshift, rscale)
+        return (ops.adaln_modulate(x, shift, scale).square().mean() + ops.attention(q, k, v).square().mean()
+                + (x_new * h).mean())
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    args = _adaln_inputs(2, 8, 12, 2, requires_grad=True) + _attn_inputs(1, 2, 10, 6, 8, requires_grad=True)
+    args = (_adaln_inputs(2, 8, 12, 2, requires_grad=True) + _attn_inputs(1, 2, 10, 6, 8, requires_grad=True)
+            + _residual_inputs(2, 8, 12, 2, requires_grad=True))
     out = compiled(*args)
     grads = torch.autograd.grad(out, args)
     ref_args = [a.detach().clone().requires_grad_() for a in args]
-    ref = (kernels.reference_adaln_modulate(*ref_args[:3]).square().mean()
-           + kernels.reference_attention(*ref_args[3:]).square().mean())
+    references = SimpleNamespace(adaln_modulate=kernels.reference_adaln_modulate,
+                                 residual_modulate=kernels.reference_residual_modulate,
+                                 attention=kernels.reference_attention)
+    ref = block(*ref_args, ops=references)
     ref_grads = torch.autograd.grad(ref, ref_args)
     torch.testing.assert_close(out, ref, **TIGHT)
     for a, b in zip(grads, ref_grads):
@@ -388,6 +536,25 @@ def test_adaln_bad_inputs_raise_clear_errors():
         OPS.adaln_modulate_bwd(y, x, scale, mean.double(), rstd.double(), 3)
 
 
+def test_residual_modulate_bad_inputs_raise_clear_errors():
+    x, y, gate, shift, scale = _residual_inputs(2, 6, 8, 3)
+    with pytest.raises(ValueError, match=r"y \(2, 5, 8\) must have the shape of x"):
+        kernels.residual_modulate(x, y[:, :5], gate, shift, scale)
+    with pytest.raises(ValueError, match=r"gate \(2, 1, 8\) must have the shape of shift"):
+        kernels.residual_modulate(x, y, gate[:, :1], shift, scale)
+    with pytest.raises(ValueError, match="N % G"):
+        kernels.residual_modulate(x, y, *(torch.randn(2, 4, 8) for _ in range(3)))
+    with pytest.raises(ValueError, match="x, shift, scale, y and gate must share one dtype"):
+        kernels.residual_modulate(x, y.double(), gate, shift, scale)
+    with pytest.raises(ValueError, match="must be on one device"):
+        kernels.residual_modulate(x, y, gate.to("meta"), shift, scale)
+    with pytest.raises(TypeError, match="gate must be a torch.Tensor"):
+        kernels.residual_modulate(x, y, 0.5, shift, scale)
+    x_new, h, mean, rstd = OPS.residual_modulate_fwd(x, y, gate, shift, scale, 1e-6)
+    with pytest.raises(RuntimeError, match="mean and rstd must be Float"):
+        OPS.residual_modulate_bwd(h, h, x_new, y, gate, scale, mean.double(), rstd.double())
+
+
 def _r(*shape):
     return torch.randn(*shape)
 
@@ -411,6 +578,27 @@ DIRECT_BAD_CALLS = {
                        "rstd"),
     "bwd mean strided": (lambda: OPS.adaln_modulate_bwd(_r(2, 6, 8), _r(2, 6, 8), _r(2, 3, 8), _r(6, 2).t(),
                                                         _r(2, 6), 3), "contiguous"),
+    "residual fwd y": (lambda: OPS.residual_modulate_fwd(_r(2, 6, 8), _r(2, 6, 7), _r(2, 3, 8), _r(2, 3, 8),
+                                                         _r(2, 3, 8), 1e-6), r"y \(2, 6, 7\) must have the shape of x"),
+    "residual fwd gate": (lambda: OPS.residual_modulate_fwd(_r(2, 6, 8), _r(2, 6, 8), _r(2, 2, 8), _r(2, 3, 8),
+                                                            _r(2, 3, 8), 1e-6), "gate .* must have the shape of shift"),
+    "residual fwd strided y": (lambda: OPS.residual_modulate_fwd(_r(2, 6, 8), _r(2, 8, 6).transpose(1, 2),
+                                                                 _r(2, 3, 8), _r(2, 3, 8), _r(2, 3, 8), 1e-6),
+                               "y must be contiguous"),
+    "residual fwd N % G": (lambda: OPS.residual_modulate_fwd(_r(2, 6, 8), _r(2, 6, 8), _r(2, 4, 8), _r(2, 4, 8),
+                                                             _r(2, 4, 8), 1e-6), "N % G"),
+    "residual bwd grad_h": (lambda: OPS.residual_modulate_bwd(_r(2, 6, 8), _r(2, 6, 4), _r(2, 6, 8), _r(2, 6, 8),
+                                                              _r(2, 3, 8), _r(2, 3, 8), _r(2, 6), _r(2, 6)),
+                            "grad_h"),
+    "residual bwd grad_x_new": (lambda: OPS.residual_modulate_bwd(_r(2, 5, 8), _r(2, 6, 8), _r(2, 6, 8),
+                                                                  _r(2, 6, 8), _r(2, 3, 8), _r(2, 3, 8), _r(2, 6),
+                                                                  _r(2, 6)), "grad_x_new"),
+    "residual bwd gate": (lambda: OPS.residual_modulate_bwd(_r(2, 6, 8), _r(2, 6, 8), _r(2, 6, 8), _r(2, 6, 8),
+                                                            _r(2, 2, 8), _r(2, 3, 8), _r(2, 6), _r(2, 6)),
+                          "gate .* must have the shape of scale"),
+    "residual bwd scale 2-d": (lambda: OPS.residual_modulate_bwd(_r(2, 6, 8), _r(2, 6, 8), _r(2, 6, 8), _r(2, 6, 8),
+                                                                 _r(2, 3, 8), _r(3, 8), _r(2, 6), _r(2, 6)),
+                               r"scale must have shape \(B, G, D\)"),
     "attn fwd Lk = 0": (lambda: OPS.attention_fwd(_r(2, 2, 5, 8), _r(2, 2, 0, 8), _r(2, 2, 0, 8)), "Lk >= 1"),
     "attn fwd v": (lambda: OPS.attention_fwd(_r(2, 2, 5, 8), _r(2, 2, 7, 8), _r(2, 2, 6, 8)), "shape of k"),
     "attn bwd o": (lambda: OPS.attention_bwd(_r(2, 2, 5, 8), _r(2, 2, 5, 8), _r(2, 2, 7, 8), _r(2, 2, 7, 8),
@@ -458,6 +646,8 @@ def test_missing_extension_gives_build_hint(monkeypatch):
     x, shift, scale = _adaln_inputs(1, 2, 4, 1)
     with pytest.raises(RuntimeError, match=r"setup.py build_ext --inplace"):
         kernels.adaln_modulate(x, shift, scale)
+    with pytest.raises(RuntimeError, match=r"setup.py build_ext --inplace"):
+        kernels.residual_modulate(*_residual_inputs(1, 2, 4, 1))
     q, k, v = _attn_inputs(1, 1, 2, 2, 4)
     with pytest.raises(RuntimeError, match=r"setup.py build_ext --inplace"):
         kernels.attention(q, k, v)

@@ -27,7 +27,8 @@ if not torch.cuda.is_available():
                 allow_module_level=True)
 _CUDA_OPS = kernels.available() and all(
     torch._C._dispatch_has_kernel_for_dispatch_key(f"dit4dit::{op}", "CUDA")
-    for op in ("attention_fwd", "attention_bwd", "adaln_modulate_fwd", "adaln_modulate_bwd"))
+    for op in ("attention_fwd", "attention_bwd", "adaln_modulate_fwd", "adaln_modulate_bwd", "residual_modulate_fwd",
+               "residual_modulate_bwd"))
 if not _CUDA_OPS:
     why = (f"kernels._C is not loaded ({kernels.load_error()})" if not kernels.available()
            else "kernels._C was built without its CUDA kernels (build with FORCE_CUDA=1 or on a GPU machine)")
@@ -86,22 +87,30 @@ def _check(name, dtype, got, truth, torch_same_dtype):
 
 
 def _grads(fn, inputs, grad_out):
+    """(outputs, input gradients) of fn; fn may return one tensor or a tuple, grad_out matches."""
     leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     out = fn(*leaves)
+    if isinstance(out, tuple):
+        return tuple(o.detach() for o in out), torch.autograd.grad(out, leaves, grad_out)
     return out.detach(), torch.autograd.grad(out, leaves, grad_out)
 
 
 def _check_op_and_grads(op, reference, torch_same_dtype, inputs, grad_out, names):
-    """The output of `op` (shaped like inputs[0]) and its input gradients, each judged by _check
-    against `reference` in float64 on the same inputs, with PyTorch's own kernel in the inputs'
-    dtype (`torch_same_dtype`) setting the low-precision bound. `names`: output, then gradients."""
+    """The output(s) of `op` (each shaped like inputs[0]) and its input gradients, each judged by
+    _check against `reference` in float64 on the same inputs, with PyTorch's own kernel in the
+    inputs' dtype (`torch_same_dtype`) setting the low-precision bound. `names`: outputs, then
+    gradients; grad_out is one tensor, or a tuple for an op with several outputs."""
     dtype = inputs[0].dtype
-    truth_out, truth_g = _grads(reference, [t.double() for t in inputs], grad_out.double())
+    as_tuple = (lambda t: t if isinstance(t, tuple) else (t,))
+    truth_out, truth_g = _grads(reference, [t.double() for t in inputs],
+                                tuple(g.double() for g in as_tuple(grad_out)))
     torch_out, torch_g = _grads(torch_same_dtype, inputs, grad_out)
     _poison(inputs[0].numel(), dtype)
     out, grads = _grads(op, inputs, grad_out)
-    assert out.dtype == dtype and out.shape == inputs[0].shape
-    results = zip(names, (out, *grads), (truth_out, *truth_g), (torch_out, *torch_g), strict=True)
+    for o in as_tuple(out):
+        assert o.dtype == dtype and o.shape == inputs[0].shape
+    results = zip(names, (*as_tuple(out), *grads), (*as_tuple(truth_out), *truth_g), (*as_tuple(torch_out), *torch_g),
+                  strict=True)
     for name, got, truth, same in results:
         assert got.dtype == dtype and got.shape == truth.shape, name
         _check(name, dtype, got, truth, same)
@@ -169,6 +178,26 @@ def test_adaln_cuda_matches_float64(shape, dtype):
     assert mean.dtype == rstd.dtype == torch.float32
     torch.testing.assert_close(mean.double(), mu, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(rstd.double(), torch.rsqrt(var + 1e-6), rtol=1e-4, atol=1e-5)
+
+
+def _residual_same_dtype(x, y, gate, shift, scale):
+    """PyTorch's own kernels in the input dtype: the eager gated residual, then adaLN as above."""
+    B, N, D = x.shape
+    G = gate.shape[1]
+    x_new = x + (y.view(B, G, N // G, D) * gate[:, :, None]).view(B, N, D)
+    return x_new, _layer_norm_same_dtype(x_new, shift, scale)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ADALN_SHAPES, ids=lambda s: "B{}N{}D{}G{}".format(*s))
+def test_residual_modulate_cuda_matches_float64(shape, dtype):
+    B, N, D, G = shape
+    g = torch.Generator(device=DEV).manual_seed(hash(shape) % 2 ** 31)
+    x, y, dx_new, dh = ((torch.randn(B, N, D, device=DEV, generator=g) * 2 + 0.5).to(dtype) for _ in range(4))
+    gate, shift, scale = ((0.5 * torch.randn(B, G, D, device=DEV, generator=g)).to(dtype) for _ in range(3))
+    _check_op_and_grads(kernels.residual_modulate, kernels.reference_residual_modulate, _residual_same_dtype,
+                        (x, y, gate, shift, scale), (dx_new, dh),
+                        ("x_new", "h", "dx", "dy", "dgate", "dshift", "dscale"))
 
 
 def test_adaln_cuda_backward_is_deterministic():

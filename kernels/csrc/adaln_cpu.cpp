@@ -1,4 +1,5 @@
-// CPU kernels of dit4dit::adaln_modulate_fwd / adaln_modulate_bwd.
+// CPU kernels of dit4dit::adaln_modulate_fwd / adaln_modulate_bwd and of the fused
+// dit4dit::residual_modulate_fwd / residual_modulate_bwd.
 //
 // Computes adaptive-LayerNorm modulation, LayerNorm without affine followed by a
 // per-group shift and scale:
@@ -38,6 +39,17 @@
 // each group's rows are cut into C chunks, every chunk owns its partial
 // (dshift, dscale) rows, and a second parallel pass adds the C partials in a fixed
 // order (deterministic for a given thread count).
+//
+// residual_modulate folds a sublayer's gated residual into the next sublayer's adaLN:
+//     x_new = x + gate[g] * y,   h = adaln_modulate(x_new, shift, scale)
+// with y (B, N, D) and gate (B, G, D) like x and shift. Its forward runs, per row, the
+// residual into the x_new row and then the forward row kernel above on that row while it
+// is in L1 (x and y are read once, x_new and h written once; the unfused sequence moves
+// about twice the bytes). Its backward runs, per row, the backward row kernel above
+// (LayerNorm's gradient for x_new) and then, on the same row,
+//     grad_x = grad_x_new + that gradient,  grad_y = gate * grad_x,
+//     grad_gate = sum over the tokens of the group of y * grad_x
+// with grad_gate's sum a third partial row beside dshift and dscale.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -72,10 +84,7 @@ void adaln_rows_fwd_f32(const float* x, const float* shift, const float* scale, 
   for (int64_t r = 0; r < rows; ++r) {
     const float* xr = x + r * D;
     float* yr = y + r * D;
-    // Ask for the next row of the run now (one prefetch per 64-byte line), so that its
-    // load from memory overlaps this row's arithmetic.
-    if (r + 1 < rows)
-      for (int64_t d = 0; d < D; d += 16) __builtin_prefetch(xr + D + d);
+    if (r + 1 < rows) prefetch_bytes(xr + D, D * static_cast<int64_t>(sizeof(float)));  // the next row
     // Step 1: mean (four accumulators, so the adds do not wait on each other).
     v16f s0 = splat16(0.f), s1 = splat16(0.f), s2 = splat16(0.f), s3 = splat16(0.f);
     int64_t d = 0;
@@ -204,14 +213,59 @@ void adaln_rows_bwd(const T* dy, const T* x, const T* scale, const T* mean, cons
   }
 }
 
+// The gated residual of residual_modulate, one row of D values (gate is the group's row):
+//   forward   xn = x + gate * y   (one fused multiply-add where the compiler contracts it,
+//             so float32 may differ from the eager x + y * gate by one rounding);
+//   backward  on entry dx holds LayerNorm's input gradient for x_new (adaln_rows_bwd);
+//             dx += dxn (the gradient that reaches x_new directly) is the gradient of x,
+//             dy = gate * dx, and dgate += y * dx adds the row into the partial row dgate.
+// The templates are the plain loops (float64, and the float32 kernels' tails).
+template <typename T>
+void residual_row_fwd(const T* x, const T* y, const T* gate, T* xn, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) xn[d] = x[d] + gate[d] * y[d];
+}
+
+template <typename T>
+void residual_row_bwd(const T* dxn, const T* y, const T* gate, T* dx, T* dy, T* dgate, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) {
+    const T total = dx[d] + dxn[d];
+    dx[d] = total;
+    dy[d] = gate[d] * total;
+    dgate[d] += y[d] * total;
+  }
+}
+
+DIT4DIT_MULTIVERSION_AVX512
+void residual_row_fwd_f32(const float* x, const float* y, const float* gate, float* xn, int64_t D) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) store16(xn + d, load16(x + d) + load16(gate + d) * load16(y + d));
+  residual_row_fwd<float>(x + d, y + d, gate + d, xn + d, D - d);
+}
+
+DIT4DIT_MULTIVERSION_AVX512
+void residual_row_bwd_f32(const float* dxn, const float* y, const float* gate, float* dx, float* dy, float* dgate,
+                          int64_t D) {
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) {
+    const v16f total = load16(dx + d) + load16(dxn + d);
+    store16(dx + d, total);
+    store16(dy + d, load16(gate + d) * total);
+    store16(dgate + d, load16(dgate + d) + load16(y + d) * total);
+  }
+  residual_row_bwd<float>(dxn + d, y + d, gate + d, dx + d, dy + d, dgate + d, D - d);
+}
+
 // Dispatch of a run to the row kernels. float32 and float64 rows are used in place;
-// bfloat16 / float16 rows are widened into the per-thread Buffers, one row at a time.
+// bfloat16 / float16 rows are widened into the per-thread Buffers, one row at a time
+// (y, gate and dres only for residual_modulate).
 template <typename scalar_t>
 struct Buffers {
-  std::vector<float> x, dy, shift, scale, out;
-  explicit Buffers(int64_t D) {
+  std::vector<float> x, dy, shift, scale, out, y, gate, dres;
+  Buffers(int64_t D, bool residual) {
     if constexpr (!std::is_same_v<scalar_t, float> && !std::is_same_v<scalar_t, double>) {
-      x.resize(D); dy.resize(D); shift.resize(D); scale.resize(D); out.resize(D);
+      for (auto* v : {&x, &dy, &shift, &scale, &out}) v->resize(D);
+      if (residual)
+        for (auto* v : {&y, &gate, &dres}) v->resize(D);
     }
   }
 };
@@ -255,11 +309,102 @@ void adaln_run_bwd(const scalar_t* dy, const scalar_t* x, const scalar_t* scale,
   }
 }
 
+// One run of residual_modulate's forward: per row, the residual into the x_new row, then
+// the adaLN row kernel on that row while it is in L1. h is computed from x_new as stored
+// (for bfloat16 / float16: rounded to the dtype first), as the unfused sequence does.
+template <typename scalar_t, typename acc_t>
+void residual_run_fwd(const scalar_t* x, const scalar_t* y, const scalar_t* gate, const scalar_t* shift,
+                      const scalar_t* scale, scalar_t* xn, scalar_t* h, acc_t* mean, acc_t* rstd, int64_t rows,
+                      int64_t D, acc_t eps, Buffers<scalar_t>& buf) {
+  constexpr bool native = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+  if constexpr (!native) {
+    at::vec::convert(gate, buf.gate.data(), D);
+    at::vec::convert(shift, buf.shift.data(), D);
+    at::vec::convert(scale, buf.scale.data(), D);
+  }
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(scalar_t));
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t o = r * D;
+    if (r + 1 < rows) {  // the next rows of x and y
+      prefetch_bytes(x + o + D, row_bytes);
+      prefetch_bytes(y + o + D, row_bytes);
+    }
+    if constexpr (std::is_same_v<scalar_t, float>) {
+      residual_row_fwd_f32(x + o, y + o, gate, xn + o, D);
+      adaln_rows_fwd_f32(xn + o, shift, scale, h + o, mean + r, rstd + r, 1, D, eps);
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      residual_row_fwd<double>(x + o, y + o, gate, xn + o, D);
+      adaln_rows_fwd<double>(xn + o, shift, scale, h + o, mean + r, rstd + r, 1, D, eps);
+    } else {
+      at::vec::convert(x + o, buf.x.data(), D);
+      at::vec::convert(y + o, buf.y.data(), D);
+      residual_row_fwd_f32(buf.x.data(), buf.y.data(), buf.gate.data(), buf.x.data(), D);
+      at::vec::convert(buf.x.data(), xn + o, D);
+      at::vec::convert(xn + o, buf.x.data(), D);  // the rounded x_new
+      adaln_rows_fwd_f32(buf.x.data(), buf.shift.data(), buf.scale.data(), buf.out.data(), mean + r, rstd + r, 1, D,
+                         eps);
+      at::vec::convert(buf.out.data(), h + o, D);
+    }
+  }
+}
+
+// One run of residual_modulate's backward: per row, the adaLN row backward (LayerNorm's
+// gradient into the dx row, dh and dh * xhat into dsh, dsc), then the residual row
+// backward on the dx row while it is in L1.
+template <typename scalar_t, typename acc_t>
+void residual_run_bwd(const scalar_t* dxn, const scalar_t* dh, const scalar_t* xn, const scalar_t* y,
+                      const scalar_t* gate, const scalar_t* scale, const acc_t* mean, const acc_t* rstd,
+                      scalar_t* dx, scalar_t* dy, acc_t* dsh, acc_t* dsc, acc_t* dgate, int64_t rows, int64_t D,
+                      Buffers<scalar_t>& buf) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t o = r * D;
+      adaln_run_bwd<scalar_t, acc_t>(dh + o, xn + o, scale, mean + r, rstd + r, dx + o, dsh, dsc, 1, D, buf);
+      if constexpr (std::is_same_v<scalar_t, float>)
+        residual_row_bwd_f32(dxn + o, y + o, gate, dx + o, dy + o, dgate, D);
+      else
+        residual_row_bwd<double>(dxn + o, y + o, gate, dx + o, dy + o, dgate, D);
+    }
+  } else {
+    at::vec::convert(scale, buf.scale.data(), D);
+    at::vec::convert(gate, buf.gate.data(), D);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t o = r * D;
+      at::vec::convert(dh + o, buf.dy.data(), D);
+      at::vec::convert(xn + o, buf.x.data(), D);
+      adaln_rows_bwd_f32(buf.dy.data(), buf.x.data(), buf.scale.data(), mean + r, rstd + r, buf.out.data(), dsh, dsc,
+                         1, D);
+      at::vec::convert(dxn + o, buf.dy.data(), D);
+      at::vec::convert(y + o, buf.y.data(), D);
+      residual_row_bwd_f32(buf.dy.data(), buf.y.data(), buf.gate.data(), buf.out.data(), buf.dres.data(), dgate, D);
+      at::vec::convert(buf.out.data(), dx + o, D);
+      at::vec::convert(buf.dres.data(), dy + o, D);
+    }
+  }
+}
+
+// The extra operands of residual_modulate (a null pointer to them: plain adaLN).
+template <typename scalar_t>
+struct ResidualFwd {
+  const scalar_t* y;     // (B, N, D) sublayer output
+  const scalar_t* gate;  // (B, G, D)
+  scalar_t* x_new;       // (B, N, D) output; the adaLN input x of the impl is the old residual stream
+};
+
+template <typename scalar_t>
+struct ResidualBwd {
+  const scalar_t* grad_x_new;  // (B, N, D) the gradient that reaches x_new directly
+  const scalar_t* y;           // (B, N, D)
+  const scalar_t* gate;        // (B, G, D)
+  scalar_t* grad_y;            // (B, N, D) output
+  scalar_t* grad_gate;         // (B, G, D) output
+};
+
 // ---------------------------------------------------------------------------------
-// forward
+// forward (of adaln_modulate, and of residual_modulate when `res` is given)
 template <typename scalar_t>
 void adaln_fwd_impl(const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale, double eps,
-                    at::Tensor& y, at::Tensor& mean, at::Tensor& rstd) {
+                    at::Tensor& y, at::Tensor& mean, at::Tensor& rstd, const ResidualFwd<scalar_t>* res) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(1), D = x.size(2), G = shift.size(1);
   const int64_t tokens_per_group = N / G;
@@ -271,25 +416,27 @@ void adaln_fwd_impl(const at::Tensor& x, const at::Tensor& shift, const at::Tens
   acc_t* rstdp = rstd.data_ptr<acc_t>();
 
   at::parallel_for(0, x.size(0) * N, row_grain(D), [&](int64_t begin, int64_t end) {
-    Buffers<scalar_t> buf(D);
+    Buffers<scalar_t> buf(D, res != nullptr);
     // Runs of rows [row, run_end) inside one (sample, group) and inside [begin, end).
     for (int64_t row = begin; row < end;) {
       const int64_t b = row / N, g = (row % N) / tokens_per_group;
       const int64_t run_end = std::min(end, b * N + (g + 1) * tokens_per_group);
       const int64_t bg = b * G + g;
-      adaln_run_fwd<scalar_t, acc_t>(xp + row * D, shp + bg * D, scp + bg * D, yp + row * D, meanp + row,
-                                     rstdp + row, run_end - row, D, static_cast<acc_t>(eps), buf);
+      if (res)
+        residual_run_fwd<scalar_t, acc_t>(xp + row * D, res->y + row * D, res->gate + bg * D, shp + bg * D,
+                                          scp + bg * D, res->x_new + row * D, yp + row * D, meanp + row, rstdp + row,
+                                          run_end - row, D, static_cast<acc_t>(eps), buf);
+      else
+        adaln_run_fwd<scalar_t, acc_t>(xp + row * D, shp + bg * D, scp + bg * D, yp + row * D, meanp + row,
+                                       rstdp + row, run_end - row, D, static_cast<acc_t>(eps), buf);
       row = run_end;
     }
   });
 }
 
-}  // namespace
-
-// Entry points (declared in ops.h, registered in ops.cpp).
-std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd(const at::Tensor& x, const at::Tensor& shift,
-                                                                  const at::Tensor& scale, double eps) {
-  const char* op = "dit4dit::adaln_modulate_fwd";
+// Checks of the adaLN operands shared by both forward ops.
+void check_fwd_inputs(const char* op, const at::Tensor& x, const at::Tensor& shift, const at::Tensor& scale,
+                      double eps) {
   check_cpu_tensor(op, "x", x);
   check_cpu_tensor(op, "shift", shift);
   check_cpu_tensor(op, "scale", scale);
@@ -310,25 +457,61 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd(const at::Tens
   TORCH_CHECK(N % G == 0, op, ": the N = ", N, " tokens of x must split into G = ", G,
               " equal groups (N % G == 0)");
   TORCH_CHECK(std::isfinite(eps) && eps >= 0, op, ": eps must be a finite number >= 0, got ", eps);
+}
 
+// mean and rstd (B, N) of x, in the statistics dtype.
+std::pair<at::Tensor, at::Tensor> empty_stats(const at::Tensor& x) {
+  auto stat_opts = x.options().dtype(stats_dtype(x.scalar_type()));
+  return {at::empty({x.size(0), x.size(1)}, stat_opts), at::empty({x.size(0), x.size(1)}, stat_opts)};
+}
+
+}  // namespace
+
+// Entry points (declared in ops.h, registered in ops.cpp).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_fwd(const at::Tensor& x, const at::Tensor& shift,
+                                                                  const at::Tensor& scale, double eps) {
+  check_fwd_inputs("dit4dit::adaln_modulate_fwd", x, shift, scale, eps);
   at::Tensor y = at::empty_like(x);
-  auto stat_opts = x.options().dtype(stats_dtype(dt));
-  at::Tensor mean = at::empty({B, N}, stat_opts);
-  at::Tensor rstd = at::empty({B, N}, stat_opts);
-  if (B * N == 0) return {y, mean, rstd};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "adaln_modulate_fwd_cpu", [&] {
-    adaln_fwd_impl<scalar_t>(x, shift, scale, eps, y, mean, rstd);
+  auto [mean, rstd] = empty_stats(x);
+  if (x.numel() == 0) return {y, mean, rstd};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adaln_modulate_fwd_cpu", [&] {
+    adaln_fwd_impl<scalar_t>(x, shift, scale, eps, y, mean, rstd, nullptr);
   });
   return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_modulate_fwd(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& shift,
+    const at::Tensor& scale, double eps) {
+  const char* op = "dit4dit::residual_modulate_fwd";
+  check_fwd_inputs(op, x, shift, scale, eps);
+  check_cpu_tensor(op, "y", y);
+  check_cpu_tensor(op, "gate", gate);
+  check_same_dtype(op, "y", y, "x", x);
+  check_same_dtype(op, "gate", gate, "x", x);
+  TORCH_CHECK(y.sizes() == x.sizes(), op, ": y ", shape_str(y), " must have the shape of x ", shape_str(x));
+  TORCH_CHECK(gate.sizes() == shift.sizes(), op, ": gate ", shape_str(gate), " must have the shape of shift ",
+              shape_str(shift));
+  at::Tensor x_new = at::empty_like(x);
+  at::Tensor h = at::empty_like(x);
+  auto [mean, rstd] = empty_stats(x);
+  if (x.numel() == 0) return {x_new, h, mean, rstd};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "residual_modulate_fwd_cpu", [&] {
+    const ResidualFwd<scalar_t> res{y.data_ptr<scalar_t>(), gate.data_ptr<scalar_t>(), x_new.data_ptr<scalar_t>()};
+    adaln_fwd_impl<scalar_t>(x, shift, scale, eps, h, mean, rstd, &res);
+  });
+  return {x_new, h, mean, rstd};
 }
 
 namespace {
 
 // ---------------------------------------------------------------------------------
-// backward
+// backward (of adaln_modulate, and of residual_modulate when `res` is given: then x is
+// x_new, dy the gradient of h, and dx the gradient of the old residual stream x)
 template <typename scalar_t>
 void adaln_bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& scale, const at::Tensor& mean,
-                    const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dshift, at::Tensor& dscale) {
+                    const at::Tensor& rstd, at::Tensor& dx, at::Tensor& dshift, at::Tensor& dscale,
+                    const ResidualBwd<scalar_t>* res) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t N = x.size(1), D = x.size(2), G = scale.size(1);
   const int64_t rows_per_group = N / G;
@@ -339,8 +522,10 @@ void adaln_bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
   const int64_t C = std::max<int64_t>(
       1, std::min<int64_t>(rows_per_group, (4 * nthreads + BG - 1) / std::max<int64_t>(BG, 1)));
   const int64_t rows_per_chunk = (rows_per_group + C - 1) / C;
-  // partial[(bg * C + c), 0, :] = sum of dy, partial[..., 1, :] = sum of dy * xhat.
-  std::vector<acc_t> partial(static_cast<size_t>(BG * C * 2 * D));
+  // P partial rows per chunk: partial[(bg * C + c), 0, :] = sum of dy, [..., 1, :] = sum of
+  // dy * xhat, and for residual_modulate [..., 2, :] = sum of y * grad x.
+  const int64_t P = res ? 3 : 2;
+  std::vector<acc_t> partial(static_cast<size_t>(BG * C * P * D));
 
   const scalar_t* dyp = dy.data_ptr<scalar_t>();
   const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -350,47 +535,48 @@ void adaln_bwd_impl(const at::Tensor& dy, const at::Tensor& x, const at::Tensor&
   scalar_t* dxp = dx.data_ptr<scalar_t>();
 
   at::parallel_for(0, BG * C, 1, [&](int64_t begin, int64_t end) {
-    Buffers<scalar_t> buf(D);
+    Buffers<scalar_t> buf(D, res != nullptr);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bg = item / C, c = item % C;
       const int64_t b = bg / G, g = bg % G;
       const int64_t n0 = std::min(rows_per_group, c * rows_per_chunk);
       const int64_t n1 = std::min(rows_per_group, n0 + rows_per_chunk);
       const int64_t row0 = b * N + g * rows_per_group + n0;  // first row of the chunk
-      acc_t* dsh = partial.data() + (item * 2) * D;  // this chunk's own partial rows
+      acc_t* dsh = partial.data() + (item * P) * D;  // this chunk's own partial rows
       acc_t* dsc = dsh + D;
-      adaln_run_bwd<scalar_t, acc_t>(dyp + row0 * D, xp + row0 * D, scp + bg * D, meanp + row0, rstdp + row0,
-                                     dxp + row0 * D, dsh, dsc, n1 - n0, D, buf);
+      if (res)
+        residual_run_bwd<scalar_t, acc_t>(res->grad_x_new + row0 * D, dyp + row0 * D, xp + row0 * D,
+                                          res->y + row0 * D, res->gate + bg * D, scp + bg * D, meanp + row0,
+                                          rstdp + row0, dxp + row0 * D, res->grad_y + row0 * D, dsh, dsc, dsc + D,
+                                          n1 - n0, D, buf);
+      else
+        adaln_run_bwd<scalar_t, acc_t>(dyp + row0 * D, xp + row0 * D, scp + bg * D, meanp + row0, rstdp + row0,
+                                       dxp + row0 * D, dsh, dsc, n1 - n0, D, buf);
     }
   });
 
   // Second pass: add the C partials of each group in a fixed order.
-  scalar_t* dshp = dshift.data_ptr<scalar_t>();
-  scalar_t* dscp = dscale.data_ptr<scalar_t>();
+  scalar_t* outs[3] = {dshift.data_ptr<scalar_t>(), dscale.data_ptr<scalar_t>(), res ? res->grad_gate : nullptr};
   at::parallel_for(0, BG, std::max<int64_t>(1, 4096 / D), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> acc(2 * D);
+    std::vector<acc_t> acc(P * D);
     for (int64_t bg = begin; bg < end; ++bg) {
-      const acc_t* p = partial.data() + (bg * C * 2) * D;
-      std::copy(p, p + 2 * D, acc.begin());
+      const acc_t* p = partial.data() + (bg * C * P) * D;
+      std::copy(p, p + P * D, acc.begin());
       for (int64_t c = 1; c < C; ++c) {
-        p += 2 * D;
-        for (int64_t d = 0; d < 2 * D; ++d) acc[d] += p[d];
+        p += P * D;
+        for (int64_t d = 0; d < P * D; ++d) acc[d] += p[d];
       }
-      for (int64_t d = 0; d < D; ++d) {
-        dshp[bg * D + d] = static_cast<scalar_t>(acc[d]);
-        dscp[bg * D + d] = static_cast<scalar_t>(acc[D + d]);
-      }
+      for (int64_t k = 0; k < P; ++k)
+        for (int64_t d = 0; d < D; ++d) outs[k][bg * D + d] = static_cast<scalar_t>(acc[k * D + d]);
     }
   });
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd(const at::Tensor& grad_y, const at::Tensor& x,
-                                                                  const at::Tensor& scale, const at::Tensor& mean,
-                                                                  const at::Tensor& rstd, int64_t groups) {
-  const char* op = "dit4dit::adaln_modulate_bwd";
-  check_cpu_tensor(op, "grad_y", grad_y);
+// Checks of the adaLN operands shared by both backward ops; grad_name names the gradient of
+// the modulated output (grad_y of adaln_modulate, grad_h of residual_modulate).
+void check_bwd_inputs(const char* op, const char* grad_name, const at::Tensor& grad, const at::Tensor& x,
+                      const at::Tensor& scale, const at::Tensor& mean, const at::Tensor& rstd, int64_t groups) {
+  check_cpu_tensor(op, grad_name, grad);
   check_cpu_tensor(op, "x", x);
   check_cpu_tensor(op, "scale", scale);
   check_cpu_tensor(op, "mean", mean);
@@ -398,13 +584,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd(const at::Tens
   const auto dt = x.scalar_type();
   TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, op,
               ": x must be float32, float64, bfloat16 or float16, got ", dt);
-  check_same_dtype(op, "grad_y", grad_y, "x", x);
+  check_same_dtype(op, grad_name, grad, "x", x);
   check_same_dtype(op, "scale", scale, "x", x);
   TORCH_CHECK(mean.scalar_type() == stats_dtype(dt) && rstd.scalar_type() == stats_dtype(dt), op,
               ": mean and rstd must be ", stats_dtype(dt), " for ", dt, " inputs (as returned by the forward), got ",
               mean.scalar_type(), " and ", rstd.scalar_type());
   TORCH_CHECK(x.dim() == 3, op, ": x must have shape (B, N, D), got ", shape_str(x));
-  TORCH_CHECK(grad_y.sizes() == x.sizes(), op, ": grad_y ", shape_str(grad_y), " must have the shape of x ",
+  TORCH_CHECK(grad.sizes() == x.sizes(), op, ": ", grad_name, " ", shape_str(grad), " must have the shape of x ",
               shape_str(x));
   const int64_t B = x.size(0), N = x.size(1), D = x.size(2);
   TORCH_CHECK(D >= 1, op, ": x must have a feature dimension D >= 1, got ", shape_str(x));
@@ -416,19 +602,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd(const at::Tens
               " must be (B, N) = (", B, ", ", N, ")");
   TORCH_CHECK(rstd.sizes() == mean.sizes(), op, ": rstd ", shape_str(rstd), " must have the shape of mean ",
               shape_str(mean));
+}
 
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> adaln_modulate_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                  const at::Tensor& scale, const at::Tensor& mean,
+                                                                  const at::Tensor& rstd, int64_t groups) {
+  check_bwd_inputs("dit4dit::adaln_modulate_bwd", "grad_y", grad_y, x, scale, mean, rstd, groups);
   at::Tensor dx = at::empty_like(x);
-  at::Tensor dshift = at::empty_like(scale);
-  at::Tensor dscale = at::empty_like(scale);
-  if (B * N == 0) {
-    dshift.zero_();
-    dscale.zero_();
-    return {dx, dshift, dscale};
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dt, "adaln_modulate_bwd_cpu", [&] {
-    adaln_bwd_impl<scalar_t>(grad_y, x, scale, mean, rstd, dx, dshift, dscale);
+  at::Tensor dshift = at::zeros_like(scale);
+  at::Tensor dscale = at::zeros_like(scale);
+  if (x.numel() == 0) return {dx, dshift, dscale};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "adaln_modulate_bwd_cpu", [&] {
+    adaln_bwd_impl<scalar_t>(grad_y, x, scale, mean, rstd, dx, dshift, dscale, nullptr);
   });
   return {dx, dshift, dscale};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> residual_modulate_bwd(
+    const at::Tensor& grad_x_new, const at::Tensor& grad_h, const at::Tensor& x_new, const at::Tensor& y,
+    const at::Tensor& gate, const at::Tensor& scale, const at::Tensor& mean, const at::Tensor& rstd) {
+  const char* op = "dit4dit::residual_modulate_bwd";
+  TORCH_CHECK(scale.dim() == 3, op, ": scale must have shape (B, G, D), got ", shape_str(scale));
+  check_bwd_inputs(op, "grad_h", grad_h, x_new, scale, mean, rstd, scale.size(1));
+  auto check_like_x_new = [&](const char* name, const at::Tensor& t) {
+    check_cpu_tensor(op, name, t);
+    check_same_dtype(op, name, t, "x_new", x_new);
+    TORCH_CHECK(t.sizes() == x_new.sizes(), op, ": ", name, " ", shape_str(t), " must have the shape of x_new ",
+                shape_str(x_new));
+  };
+  check_like_x_new("grad_x_new", grad_x_new);
+  check_like_x_new("y", y);
+  check_cpu_tensor(op, "gate", gate);
+  check_same_dtype(op, "gate", gate, "x_new", x_new);
+  TORCH_CHECK(gate.sizes() == scale.sizes(), op, ": gate ", shape_str(gate), " must have the shape of scale ",
+              shape_str(scale));
+
+  at::Tensor dx = at::empty_like(x_new);
+  at::Tensor dy = at::empty_like(x_new);
+  at::Tensor dgate = at::zeros_like(scale);
+  at::Tensor dshift = at::zeros_like(scale);
+  at::Tensor dscale = at::zeros_like(scale);
+  if (x_new.numel() == 0) return {dx, dy, dgate, dshift, dscale};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x_new.scalar_type(), "residual_modulate_bwd_cpu", [&] {
+    const ResidualBwd<scalar_t> res{grad_x_new.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                                    gate.data_ptr<scalar_t>(), dy.data_ptr<scalar_t>(), dgate.data_ptr<scalar_t>()};
+    adaln_bwd_impl<scalar_t>(grad_h, x_new, scale, mean, rstd, dx, dshift, dscale, &res);
+  });
+  return {dx, dy, dgate, dshift, dscale};
 }
 
 }  // namespace cpu

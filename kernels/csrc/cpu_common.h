@@ -17,6 +17,7 @@
 //    This, not at::vec, is the vectorisation of the float32 kernels: the extension
 //    is compiled for the baseline ISA, where at::vec::Vectorized falls back to its
 //    scalar loops.
+//  - prefetch_bytes, for row loops that walk rows of memory one after another;
 //  - check helpers that build the error messages of every op.
 #pragma once
 
@@ -83,6 +84,13 @@ static inline float hsum16(v16f v) {
   float s = 0;
   for (int l = 0; l < 16; ++l) s += v[l];
   return s;
+}
+
+// Asks for the `bytes` bytes at p, one prefetch per 64-byte line, so that the load of the
+// next row from memory overlaps the arithmetic on the current one.
+inline void prefetch_bytes(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t i = 0; i < bytes; i += 64) __builtin_prefetch(c + i);
 }
 
 // Fallback: the same product through ATen on strided views of the raw buffers.

@@ -20,6 +20,14 @@ using AdalnModulateFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at
 using AdalnModulateBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor& grad_y, const at::Tensor& x,
                                                                         const at::Tensor& scale, const at::Tensor& mean,
                                                                         const at::Tensor& rstd, int64_t groups);
+// (x, y, gate, shift, scale, eps) -> (x_new, h, mean, rstd)
+using ResidualModulateFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& gate, const at::Tensor& shift,
+    const at::Tensor& scale, double eps);
+// (grad_x_new, grad_h, x_new, y, gate, scale, mean, rstd) -> (grad_x, grad_y, grad_gate, grad_shift, grad_scale)
+using ResidualModulateBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor& grad_x_new, const at::Tensor& grad_h, const at::Tensor& x_new, const at::Tensor& y,
+    const at::Tensor& gate, const at::Tensor& scale, const at::Tensor& mean, const at::Tensor& rstd);
 // (q, k, v) -> (o, lse)
 using AttentionFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 // (grad_o, q, k, v, o, lse) -> (grad_q, grad_k, grad_v)
@@ -30,6 +38,8 @@ using AttentionBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Te
 namespace cpu {
 AdalnModulateFwd adaln_modulate_fwd;
 AdalnModulateBwd adaln_modulate_bwd;
+ResidualModulateFwd residual_modulate_fwd;
+ResidualModulateBwd residual_modulate_bwd;
 AttentionFwd attention_fwd;
 AttentionBwd attention_bwd;
 }  // namespace cpu
@@ -37,6 +47,8 @@ AttentionBwd attention_bwd;
 namespace cuda {
 AdalnModulateFwd adaln_modulate_fwd;
 AdalnModulateBwd adaln_modulate_bwd;
+ResidualModulateFwd residual_modulate_fwd;
+ResidualModulateBwd residual_modulate_bwd;
 AttentionFwd attention_fwd;
 AttentionBwd attention_bwd;
 }  // namespace cuda

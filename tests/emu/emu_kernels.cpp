@@ -120,10 +120,47 @@ int emu_adaln_bwd(int dtype, const void* grad_y, const void* x, const void* scal
       emu::launch(adaln_bwd_dx_kernel<T, W>, dim3(ceil_div(rows, W)), dim3(W * kWarpSize),
                   static_cast<const T*>(grad_y), static_cast<const T*>(x), static_cast<const T*>(scale), mean, rstd,
                   static_cast<T*>(grad_x), rows, N, D, G);
-      emu::launch(adaln_bwd_param_kernel<T, kAdalnParamCols, kAdalnParamRows>,
+      emu::launch(adaln_bwd_param_kernel<T, kAdalnParamCols, kAdalnParamRows, false>,
                   dim3(ceil_div(D, kAdalnParamCols), B * G), dim3(kAdalnParamCols, kAdalnParamRows),
                   static_cast<const T*>(grad_y), static_cast<const T*>(x), mean, rstd, static_cast<T*>(grad_shift),
-                  static_cast<T*>(grad_scale), N, D, G);
+                  static_cast<T*>(grad_scale), static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
+                  static_cast<T*>(nullptr), N, D, G);
+    });
+  });
+}
+
+int emu_residual_fwd(int dtype, const void* x, const void* y, const void* gate, const void* shift, const void* scale,
+                     void* x_new, void* h, float* mean, float* rstd, int B, int N, int D, int G, float eps, char* err,
+                     int errlen) {
+  return guarded(err, errlen, [&] {
+    dispatch_dtype(dtype, [&]<typename T>(T) {
+      constexpr int W = kAdalnWarpsPerBlock;
+      const int rows = B * N;
+      emu::launch(residual_fwd_kernel<T, W>, dim3(ceil_div(rows, W)), dim3(W * kWarpSize), static_cast<const T*>(x),
+                  static_cast<const T*>(y), static_cast<const T*>(gate), static_cast<const T*>(shift),
+                  static_cast<const T*>(scale), static_cast<T*>(x_new), static_cast<T*>(h), mean, rstd, rows, N, D, G,
+                  eps);
+    });
+  });
+}
+
+int emu_residual_bwd(int dtype, const void* grad_x_new, const void* grad_h, const void* x_new, const void* y,
+                     const void* gate, const void* scale, const float* mean, const float* rstd, void* grad_x,
+                     void* grad_y, void* grad_gate, void* grad_shift, void* grad_scale, int B, int N, int D, int G,
+                     char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    dispatch_dtype(dtype, [&]<typename T>(T) {
+      constexpr int W = kAdalnWarpsPerBlock;
+      const int rows = B * N;
+      emu::launch(residual_bwd_dx_kernel<T, W>, dim3(ceil_div(rows, W)), dim3(W * kWarpSize),
+                  static_cast<const T*>(grad_x_new), static_cast<const T*>(grad_h), static_cast<const T*>(x_new),
+                  static_cast<const T*>(gate), static_cast<const T*>(scale), mean, rstd, static_cast<T*>(grad_x),
+                  static_cast<T*>(grad_y), rows, N, D, G);
+      emu::launch(adaln_bwd_param_kernel<T, kAdalnParamCols, kAdalnParamRows, true>,
+                  dim3(ceil_div(D, kAdalnParamCols), B * G), dim3(kAdalnParamCols, kAdalnParamRows),
+                  static_cast<const T*>(grad_h), static_cast<const T*>(x_new), mean, rstd, static_cast<T*>(grad_shift),
+                  static_cast<T*>(grad_scale), static_cast<const T*>(y), static_cast<const T*>(grad_x),
+                  static_cast<T*>(grad_gate), N, D, G);
     });
   });
 }
