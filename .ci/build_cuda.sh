@@ -84,4 +84,4 @@ spilling = sum(1 for r in rows if r[3] or r[4])
 print(f"{len(rows)} kernels, {spilling} with spills, max {max(r[2] for r in rows)} registers")
 PY
 
-python -c 'import kernels._C, torch; print("kernels._C loads:", kernels._C.__file__); print("CUDA kernels registered:", *(torch._C._dispatch_has_kernel_for_dispatch_key("dit4dit::" + op, "CUDA") for op in ("attention_fwd", "adaln_modulate_fwd", "residual_modulate_fwd")))'
+python -c 'import kernels._C, torch; print("kernels._C loads:", kernels._C.__file__); print("CUDA kernels registered:", *(torch._C._dispatch_has_kernel_for_dispatch_key("dit4dit::" + op, "CUDA") for op in ("attention_fwd", "adaln_modulate_fwd", "residual_modulate_fwd", "qk_norm_rope_fwd")))'

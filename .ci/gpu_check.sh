@@ -118,7 +118,7 @@ build() {
 assert kernels.available(), kernels.load_error()
 cuda = [torch._C._dispatch_has_kernel_for_dispatch_key("dit4dit::" + op, "CUDA")
         for op in ("attention_fwd", "attention_bwd", "adaln_modulate_fwd", "adaln_modulate_bwd",
-                   "residual_modulate_fwd", "residual_modulate_bwd")]
+                   "residual_modulate_fwd", "residual_modulate_bwd", "qk_norm_rope_fwd", "qk_norm_rope_bwd")]
 print("kernels._C loads; CUDA kernels registered:", cuda)
 assert all(cuda), "kernels._C has no CUDA kernels"'
 }
@@ -127,7 +127,9 @@ cuda_tests() {
   DIT4DIT_KERNELS=$([ "$SMOKE" = 1 ] && echo auto || echo 1) "$PY" -m pytest -q -rfEs -p no:cacheprovider \
     tests/test_kernels_cuda.py tests/test_cuda_emulated.py::test_adaln_on_device \
     tests/test_cuda_emulated.py::test_adaln_on_device_one_feature \
-    tests/test_cuda_emulated.py::test_attention_on_device
+    tests/test_cuda_emulated.py::test_attention_on_device \
+    tests/test_cuda_emulated.py::test_residual_modulate_on_device \
+    tests/test_cuda_emulated.py::test_qk_norm_rope_on_device
 }
 
 # The bad-input tests (the ops' C++ error paths) first in a fresh process of their own, then the

@@ -1,5 +1,5 @@
-"""Fused adaLN modulation (alone, or after a gated residual) and fused attention as registered
-torch ops (namespace `dit4dit`).
+"""Fused adaLN modulation (alone, or after a gated residual), the fused q/k RMSNorm + RoPE and
+fused attention as registered torch ops (namespace `dit4dit`).
 
 The C++ extension `kernels._C` (built with `python setup.py build_ext --inplace`) defines
 the op schemas and their CPU kernels (and CUDA kernels when built with CUDA). This module
@@ -8,10 +8,12 @@ the op schemas and their CPU kernels (and CUDA kernels when built with CUDA). Th
 - registers fake (meta) kernels, so the ops trace under `torch.compile`, and autograd
   (the backward of each forward op calls its `*_bwd` op),
 - exposes typed wrappers, `adaln_modulate(x, shift, scale, eps)`,
-  `residual_modulate(x, y, gate, shift, scale, eps)` and `attention(q, k, v)`, which validate
+  `residual_modulate(x, y, gate, shift, scale, eps)`, `qk_norm_rope(x, weight, cos, sin, eps,
+  interleaved)` and `attention(q, k, v)`, which validate
   shapes with clear errors and make inputs contiguous,
 - and re-exports the pure-PyTorch references of kernels/reference.py as
-  `reference_adaln_modulate`, `reference_residual_modulate` and `reference_attention`: one body
+  `reference_adaln_modulate`, `reference_residual_modulate`, `reference_qk_norm_rope` and
+  `reference_attention`: one body
   per op, which dit4dit.py's
   fallback runs and the tests and kernels/bench.py compare with.
 
@@ -21,6 +23,9 @@ Ops (all shapes are (batch, ...), statistics float32, float64 for float64 inputs
     dit4dit::residual_modulate_fwd(x (B,N,D), y (B,N,D), gate, shift, scale (B,G,D), eps) -> (x_new, h, mean, rstd)
     dit4dit::residual_modulate_bwd(grad_x_new, grad_h, x_new, y, gate, scale, mean, rstd)
         -> (grad_x, grad_y, grad_gate, grad_shift, grad_scale)
+    dit4dit::qk_norm_rope_fwd(x (B,nh,N,hd), weight (hd), cos (N,hd/2), sin (N,hd/2), eps, interleaved)
+        -> (y, rstd (B,nh,N))            (weight, cos, sin, rstd in the statistics dtype)
+    dit4dit::qk_norm_rope_bwd(grad_y, x, weight, cos, sin, rstd, interleaved) -> (grad_x, grad_weight)
     dit4dit::attention_fwd(q (B,nh,Lq,hd), k (B,nh,Lk,hd), v (B,nh,Lk,hd)) -> (o, lse (B,nh,Lq))
     dit4dit::attention_bwd(grad_o, q, k, v, o, lse) -> (grad_q, grad_k, grad_v)
 """
@@ -30,6 +35,7 @@ import torch
 
 from .reference import adaln_modulate as reference_adaln_modulate
 from .reference import attention as reference_attention
+from .reference import qk_norm_rope as reference_qk_norm_rope
 from .reference import residual_modulate as reference_residual_modulate
 from .reference import compute_dtype as _stats_dtype  # the ops' statistics follow the same rule
 
@@ -38,9 +44,11 @@ __all__ = [
     "load_error",
     "adaln_modulate",
     "residual_modulate",
+    "qk_norm_rope",
     "attention",
     "reference_adaln_modulate",
     "reference_residual_modulate",
+    "reference_qk_norm_rope",
     "reference_attention",
 ]
 
@@ -106,6 +114,32 @@ def _check_adaln_args(x, shift, scale, op="adaln_modulate", extra=()) -> None:
         raise ValueError(f"{op}: {names} must be on one device, got {', '.join(str(t.device) for _, t in named)}")
 
 
+def _check_qk_norm_rope_args(x, weight, cos, sin) -> None:
+    op = "qk_norm_rope"
+    for name, t in (("x", x), ("weight", weight), ("cos", cos), ("sin", sin)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"{op}: x must have shape (B, nh, N, hd), got {tuple(x.shape)}")
+    N, hd = x.shape[2], x.shape[3]
+    if hd < 2 or hd % 2:
+        raise ValueError(f"{op}: the head dim hd of x {tuple(x.shape)} must be even and >= 2 (RoPE rotates pairs)")
+    if weight.shape != (hd,):
+        raise ValueError(f"{op}: weight {tuple(weight.shape)} must be (hd,) = ({hd},)")
+    for name, t in (("cos", cos), ("sin", sin)):
+        if t.shape != (N, hd // 2):
+            raise ValueError(f"{op}: {name} {tuple(t.shape)} must be (N, hd/2) = ({N}, {hd // 2}) for x {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{op}: x must be a floating-point tensor, got {x.dtype}")
+    acc = _stats_dtype(x.dtype)
+    if any(t.dtype != acc for t in (weight, cos, sin)):
+        raise ValueError(f"{op}: weight, cos and sin must be {acc} for {x.dtype} x (the statistics dtype), got "
+                         f"{weight.dtype}, {cos.dtype}, {sin.dtype}")
+    if any(t.device != x.device for t in (weight, cos, sin)):
+        raise ValueError(f"{op}: x, weight, cos and sin must be on one device, got "
+                         f"{x.device}, {weight.device}, {cos.device}, {sin.device}")
+
+
 def _check_attention_args(q, k, v) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
@@ -165,6 +199,16 @@ if available():
         return (torch.empty_like(x_new), torch.empty_like(x_new), torch.empty_like(scale), torch.empty_like(scale),
                 torch.empty_like(scale))
 
+    @torch.library.register_fake("dit4dit::qk_norm_rope_fwd")
+    def _qk_norm_rope_fwd_fake(x, weight, cos, sin, eps, interleaved):
+        torch._check(x.dim() == 4, lambda: "qk_norm_rope_fwd: x must be (B, nh, N, hd)")
+        return torch.empty_like(x), x.new_empty(x.shape[:3], dtype=_stats_dtype(x.dtype))
+
+    @torch.library.register_fake("dit4dit::qk_norm_rope_bwd")
+    def _qk_norm_rope_bwd_fake(grad_y, x, weight, cos, sin, rstd, interleaved):
+        torch._check(grad_y.shape == x.shape, lambda: "qk_norm_rope_bwd: grad_y must have the shape of x")
+        return torch.empty_like(x), torch.empty_like(weight)
+
     @torch.library.register_fake("dit4dit::attention_fwd")
     def _attention_fwd_fake(q, k, v):
         torch._check(q.dim() == 4 and k.dim() == 4 and v.shape == k.shape,
@@ -206,6 +250,22 @@ if available():
 
     torch.library.register_autograd("dit4dit::residual_modulate_fwd", _residual_backward,
                                     setup_context=_residual_setup_context)
+
+    def _qk_norm_rope_setup_context(ctx, inputs, output):
+        x, weight, cos, sin, eps, interleaved = inputs
+        _, rstd = output
+        ctx.interleaved = interleaved
+        ctx.save_for_backward(x, weight, cos, sin, rstd)
+        ctx.mark_non_differentiable(rstd)
+
+    def _qk_norm_rope_backward(ctx, grad_y, grad_rstd):
+        x, weight, cos, sin, rstd = ctx.saved_tensors
+        grad_x, grad_weight = torch.ops.dit4dit.qk_norm_rope_bwd(grad_y.contiguous(), x, weight, cos, sin, rstd,
+                                                                 ctx.interleaved)
+        return grad_x, grad_weight, None, None, None, None
+
+    torch.library.register_autograd("dit4dit::qk_norm_rope_fwd", _qk_norm_rope_backward,
+                                    setup_context=_qk_norm_rope_setup_context)
 
     def _attention_setup_context(ctx, inputs, output):
         q, k, v = inputs
@@ -252,6 +312,22 @@ def residual_modulate(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shif
     x_new, h, _, _ = torch.ops.dit4dit.residual_modulate_fwd(x.contiguous(), y.contiguous(), gate.contiguous(),
                                                              shift.contiguous(), scale.contiguous(), float(eps))
     return x_new, h
+
+
+def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, eps: float = 1e-6,
+                 interleaved: bool = True) -> torch.Tensor:
+    """Fused per-head RMSNorm with gain + rotary embedding, one pass per row of hd values:
+    y = RoPE(x * rsqrt(mean(x^2) + eps) * weight), channel pairs (2i, 2i+1) when interleaved
+    (the toy presets), else (i, i + hd/2) (Cosmos, the paper preset).
+
+    x (B, nh, N, hd), hd even; weight (hd,); cos, sin (N, hd/2), the angle of pair i at token n;
+    weight, cos and sin in float32 (float64 for float64 x). Returns (B, nh, N, hd) in x's dtype.
+    Differentiable in x and weight (the rotation tables are constants)."""
+    _check_qk_norm_rope_args(x, weight, cos, sin)
+    _require_extension()
+    y, _ = torch.ops.dit4dit.qk_norm_rope_fwd(x.contiguous(), weight.contiguous(), cos.contiguous(),
+                                              sin.contiguous(), float(eps), bool(interleaved))
+    return y
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

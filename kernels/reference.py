@@ -8,7 +8,8 @@ It imports nothing from the extension, so it works whether or not kernels._C is 
 bodies are the fast built-ins (F.layer_norm, F.scaled_dot_product_attention) rather than
 explicit math, so the fallback trains at PyTorch's speed; the logsumexp that the attention
 tests also check is computed in the tests from the scores; `residual_modulate` is the gated
-residual plus `adaln_modulate`, written as the model wrote them before the fusion. The wrappers in
+residual plus `adaln_modulate`, and `qk_norm_rope` the per-head RMSNorm plus the rotary
+embedding, each written as the model wrote them before the fusion. The wrappers in
 kernels/__init__.py
 validate arguments; these bodies do not (the model calls them on every sublayer).
 """
@@ -59,3 +60,27 @@ def attention(q, k, v):
     autocast the built-in runs in the autocast dtype, as the rest of the model does."""
     acc = compute_dtype(q.dtype)
     return F.scaled_dot_product_attention(q.to(acc), k.to(acc), v.to(acc)).to(q.dtype)
+
+
+def qk_norm_rope(x, weight, cos, sin, eps=1e-6, interleaved=True):
+    """Per-head RMSNorm with a gain, then the rotary embedding (RoPE) of token n:
+    xn = rms_norm(x) * weight (statistics in float32, float64 for float64 x, rounded to x's
+    dtype), then pair (a, b) of channels is rotated by angle theta[n, i]:
+        y_a = xn_a cos - xn_b sin,  y_b = xn_a sin + xn_b cos.
+    interleaved=True pairs channels (2i, 2i+1) (complex numbers, the toy presets); False pairs
+    (i, i + hd/2) ("rotate half", Cosmos and the paper preset).
+
+    x (B, nh, N, hd), hd even; weight (hd,); cos, sin (N, hd/2), the per-pair tables, in
+    float32 (float64 for float64 x). Returns (B, nh, N, hd) in x's dtype, bit for bit what the
+    model's RMSNorm and rotation computed before the fusion (float64 rotations now run in
+    float64 in both layouts)."""
+    acc = compute_dtype(x.dtype)
+    xn = F.rms_norm(x.to(acc), x.shape[-1:], weight.to(acc), eps).to(x.dtype)
+    if interleaved:
+        xc = torch.view_as_complex(xn.to(acc).unflatten(-1, (-1, 2)).contiguous())  # (B, nh, N, hd/2) complex
+        rot = torch.complex(cos.to(acc), sin.to(acc))  # (N, hd/2) e^{i*angle}
+        return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)  # (B, nh, N, hd/2, 2) -> (B, nh, N, hd)
+    x1, x2 = xn.chunk(2, dim=-1)  # (B, nh, N, hd/2) each
+    rotated = torch.cat([-x2, x1], dim=-1)  # (B, nh, N, hd)
+    cos, sin = torch.cat([cos, cos], dim=-1), torch.cat([sin, sin], dim=-1)  # (N, hd): i and i + hd/2 share an angle
+    return (xn.to(acc) * cos + rotated.to(acc) * sin).to(x.dtype)

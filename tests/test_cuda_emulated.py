@@ -26,6 +26,7 @@ import torch
 
 from kernels.reference import adaln_modulate as reference_modulate
 from kernels.reference import attention as reference_attention
+from kernels.reference import qk_norm_rope as reference_qk_norm_rope
 from kernels.reference import residual_modulate as reference_residual_modulate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -39,6 +40,9 @@ EPS = 1e-6
 ADALN_SHAPES = [(2, 9, 40, 1), (2, 9, 70, 3)]
 # (B, nh, Lq, hd, Lk): one per head-dim bucket (32, 64, 128), partial Q and K/V tiles, Lq != Lk.
 ATTN_SHAPES = [(1, 2, 37, 40, 45), (1, 1, 70, 16, 9), (1, 1, 20, 80, 33)]
+# (B, nh, N, hd): rows not a multiple of the 4 rows of a block; hd 24 (the toy), 18 (odd pair
+# count) and 80 (more than 32 pairs: lanes own two; more than 32 columns for the weight kernel).
+QK_SHAPES = [(2, 3, 7, 24), (1, 2, 5, 18), (1, 2, 6, 80)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,6 +85,8 @@ class Emu:
         lib.emu_adaln_bwd.argtypes = [i, p, p, p, p, p, p, p, p, i, i, i, i] + err
         lib.emu_residual_fwd.argtypes = [i, p, p, p, p, p, p, p, p, p, i, i, i, i, f] + err
         lib.emu_residual_bwd.argtypes = [i, p, p, p, p, p, p, p, p, p, p, p, p, p, i, i, i, i] + err
+        lib.emu_qk_norm_rope_fwd.argtypes = [i, p, p, p, p, p, p, i, i, i, f, i] + err
+        lib.emu_qk_norm_rope_bwd.argtypes = [i, p, p, p, p, p, p, p, p, p, i, i, i, i] + err
         lib.emu_attention_fwd.argtypes = [i, p, p, p, p, p, i, i, i, i] + err
         lib.emu_attention_bwd.argtypes = [i, p, p, p, p, p, p, p, p, p, p, p, i, i, i, i] + err
         lib.emu_attention_fwd_broken.argtypes = [p, p, p, p, p, i, i, i, i] + err
@@ -129,6 +135,22 @@ class Emu:
         self.call("emu_residual_bwd", DTYPE_CODE[x_new.dtype], dx_new, dh, x_new, y, gate, scale, mean, rstd, dx, dy,
                   dgate, dshift, dscale, B, N, D, scale.shape[1])
         return dx, dy, dgate, dshift, dscale
+
+    def qk_norm_rope_fwd(self, x, weight, cos, sin, interleaved):
+        B, nh, N, hd = x.shape
+        y, rstd = torch.empty_like(x), torch.empty(B, nh, N)
+        self.call("emu_qk_norm_rope_fwd", DTYPE_CODE[x.dtype], x, weight, cos, sin, y, rstd, B * nh * N, N, hd, EPS,
+                  int(interleaved))
+        return y, rstd
+
+    def qk_norm_rope_bwd(self, dy, x, weight, cos, sin, rstd, interleaved):
+        B, nh, N, hd = x.shape
+        rows = B * nh * N
+        dx, dw = torch.empty_like(x), torch.empty(hd)
+        partial = torch.empty(min(64, -(-rows // 8)), hd)  # kQkWeightBlocks, kQkWeightRows
+        self.call("emu_qk_norm_rope_bwd", DTYPE_CODE[x.dtype], dy, x, weight, cos, sin, rstd, dx, partial, dw, rows,
+                  N, hd, int(interleaved))
+        return dx, dw
 
     def attention_fwd(self, q, k, v, broken=False):
         B, nh, Lq, hd = q.shape
@@ -220,6 +242,25 @@ def _run_residual_cuda(x, y, gate, shift, scale, dx_new, dh):
     return {key: t.cpu() for key, t in out.items()}
 
 
+QK_KEYS = ("y", "dx", "dweight")
+
+
+def _run_qk_emu(emu, x, weight, cos, sin, dy, interleaved):
+    y, rstd = emu.qk_norm_rope_fwd(x, weight, cos, sin, interleaved)
+    dx, dw = emu.qk_norm_rope_bwd(dy, x, weight, cos, sin, rstd, interleaved)
+    return dict(y=y, rstd=rstd, dx=dx, dweight=dw)
+
+
+def _run_qk_cuda(x, weight, cos, sin, dy, interleaved):
+    import kernels  # noqa: F401
+
+    ops = torch.ops.dit4dit
+    x, weight, cos, sin, dy = (t.cuda() for t in (x, weight, cos, sin, dy))
+    y, rstd = ops.qk_norm_rope_fwd(x, weight, cos, sin, EPS, interleaved)
+    dx, dw = ops.qk_norm_rope_bwd(dy, x, weight, cos, sin, rstd, interleaved)
+    return {key: t.cpu() for key, t in dict(y=y, rstd=rstd, dx=dx, dweight=dw).items()}
+
+
 def _run_attn_emu(emu, q, k, v, do):
     o, lse = emu.attention_fwd(q, k, v)
     dq, dk, dv = emu.attention_bwd(do, q, k, v, o, lse)
@@ -263,6 +304,40 @@ def _attn_inputs(shape, dtype, seed=0):
     v = torch.randn(B, nh, Lk, hd, generator=gen).to(dtype)
     do = torch.randn(B, nh, Lq, hd, generator=gen).to(dtype)
     return q, k, v, do
+
+
+def _qk_inputs(shape, dtype, seed=0):
+    """(x, weight, cos, sin, grad of y) of qk_norm_rope; weight and the tables are float32."""
+    B, nh, N, hd = shape
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, nh, N, hd, generator=gen) * 2).to(dtype)
+    weight = 1 + 0.5 * torch.randn(hd, generator=gen)
+    angle = torch.rand(N, hd // 2, generator=gen) * 20 - 10
+    dy = torch.randn(B, nh, N, hd, generator=gen).to(dtype)
+    return x, weight, angle.cos(), angle.sin(), dy
+
+
+def _check_qk(run, inputs, interleaved):
+    """run(x, weight, cos, sin, dy, interleaved) -> the kernel's outputs, checked on `inputs`
+    (_qk_inputs): y and dx like every op's outputs; grad_weight and rstd are float32 at every
+    dtype and are compared with the float64 truth at float32 tolerance."""
+    x, weight, cos, sin, dy = inputs
+    got = run(x, weight, cos, sin, dy, interleaved)
+
+    def fn(x, weight):  # the tables follow weight's dtype (float64 for the truth)
+        return reference_qk_norm_rope(x, weight, cos.to(weight.dtype), sin.to(weight.dtype), EPS, interleaved)
+
+    dtype = x.dtype
+    truth = _reference(fn, QK_KEYS, [x.double(), weight.double()], [dy.double()])
+    low = _reference(fn, QK_KEYS, [x, weight], [dy])
+    for key in ("y", "dx"):
+        assert got[key].dtype == dtype and got[key].shape == truth[key].shape, key
+        _assert_accuracy(key, got[key], low[key], truth[key], dtype)
+    assert got["dweight"].dtype == torch.float32
+    rows = x.numel() // x.shape[-1]
+    torch.testing.assert_close(got["dweight"].double(), truth["dweight"], rtol=1e-4, atol=1e-4 * rows ** 0.5,
+                               msg="dweight mismatch")
+    _assert_float32_stat("rstd", got["rstd"], torch.rsqrt(x.double().square().mean(-1) + EPS))
 
 
 def _check_outputs(got, fn, keys, inputs, grad_outs):
@@ -355,6 +430,13 @@ def test_attention_emulated(emu, shape, dtype):
     _check_attn(functools.partial(_run_attn_emu, emu), _attn_inputs(shape, dtype))
 
 
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", QK_SHAPES, ids=lambda s: "B{}H{}N{}hd{}".format(*s))
+def test_qk_norm_rope_emulated(emu, shape, dtype, interleaved):
+    _check_qk(functools.partial(_run_qk_emu, emu), _qk_inputs(shape, dtype), interleaved)
+
+
 def test_broken_kernel_is_caught(emu):
     """The forward kernel without the barrier after staging K gives wrong results."""
     q, k, v, _ = _attn_inputs((1, 2, 37, 40, 100), torch.float32, seed=1)
@@ -441,6 +523,14 @@ def test_residual_modulate_on_device(shape, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_residual_modulate_on_device_one_feature(dtype):
     _check_residual_one_feature(_run_residual_cuda, dtype)
+
+
+@needs_gpu
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", QK_SHAPES, ids=lambda s: "B{}H{}N{}hd{}".format(*s))
+def test_qk_norm_rope_on_device(shape, dtype, interleaved):
+    _check_qk(_run_qk_cuda, _qk_inputs(shape, dtype), interleaved)
 
 
 @needs_gpu

@@ -1,6 +1,7 @@
 """Tests of the fused ops in kernels/ (CPU kernels of the compiled extension kernels._C).
 
-Ops: adaln_modulate, residual_modulate (the gated residual folded into adaLN), attention.
+Ops: adaln_modulate, residual_modulate (the gated residual folded into adaLN), qk_norm_rope
+(q/k RMSNorm + RoPE, both pair layouts), attention.
 Order (STYLE.md): forward against the explicit-math reference in fp32 at tight tolerance,
 gradients, gradcheck in float64, torch.library.opcheck, torch.compile(fullgraph=True);
 sizes that are not multiples of the tile sizes (attention forward tiles up to 256 x 512,
@@ -346,6 +347,149 @@ def test_residual_modulate_non_contiguous_inputs_and_empty_batch():
     assert x_new.shape == h.shape == (0, 4, 8)
 
 
+# ----------------------------------------------------------------------------- qk_norm_rope
+
+def _rope_tables(N, hh, dtype=torch.float32, seed=1):
+    """cos, sin (N, hh) of random angles (any angle table is a valid rotation)."""
+    angle = torch.rand(N, hh, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) * 20 - 10
+    return angle.cos().to(dtype), angle.sin().to(dtype)
+
+
+def _qk_inputs(B, nh, N, hd, dtype=torch.float32, requires_grad=False, seed=0):
+    """x (B, nh, N, hd) with rows of different scales, weight (hd), cos, sin (N, hd/2)."""
+    acc = kernels.reference.compute_dtype(dtype)
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(B, nh, N, hd, generator=g) * torch.rand(B, nh, N, 1, generator=g) * 3).to(dtype)
+    weight = (1 + 0.5 * torch.randn(hd, generator=g)).to(acc)
+    cos, sin = _rope_tables(N, hd // 2, acc, seed + 1)
+    return x.requires_grad_(requires_grad), weight.requires_grad_(requires_grad), cos, sin
+
+
+QK_SHAPES = [  # (B, nh, N, hd)
+    (2, 4, 48, 24),     # the toy video DiT's self-attention (batch 2)
+    (1, 3, 7, 2),       # one pair
+    (2, 2, 5, 18),      # hd/2 odd, hd not a multiple of 8
+    (1, 2, 9, 128),     # the paper's head dim
+]
+LAYOUTS = {"interleaved": True, "half": False}
+
+
+def _qk_op(interleaved):
+    return lambda x, weight, cos, sin, eps: kernels.qk_norm_rope(x, weight, cos, sin, eps, interleaved)
+
+
+def _qk_ref(interleaved):
+    return lambda x, weight, cos, sin, eps: kernels.reference_qk_norm_rope(x, weight, cos, sin, eps, interleaved)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("B,nh,N,hd", QK_SHAPES)
+def test_qk_norm_rope_forward_and_grads_match_reference(B, nh, N, hd, layout):
+    x, weight, cos, sin = _qk_inputs(B, nh, N, hd, requires_grad=True)
+    grad_y = torch.randn(B, nh, N, hd, generator=torch.Generator().manual_seed(3))
+    got = _outputs_and_grads(lambda x, w, eps: _qk_op(LAYOUTS[layout])(x, w, cos, sin, eps), (x, weight), (grad_y,))
+    want = _outputs_and_grads(lambda x, w, eps: _qk_ref(LAYOUTS[layout])(x, w, cos, sin, eps), (x, weight), (grad_y,))
+    for name, a, b in zip(("y", "grad_x", "grad_weight"), got, want):
+        tol = dict(rtol=1e-5, atol=1e-5 * max(1, B * nh * N) ** 0.5) if name == "grad_weight" else TIGHT
+        torch.testing.assert_close(a, b, **tol, msg=lambda m: f"{name}: {m}")
+    _, rstd = OPS.qk_norm_rope_fwd(x.detach(), weight.detach(), cos, sin, 1e-6, LAYOUTS[layout])
+    torch.testing.assert_close(rstd, torch.rsqrt(x.detach().square().mean(-1) + 1e-6), **TIGHT)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_qk_norm_rope_layouts_pair_the_documented_channels(layout):
+    """With weight 1 and one angle of 90 degrees, RoPE maps pair (a, b) to (-x_b, x_a): the
+    interleaved layout pairs (2i, 2i+1), the half layout (i, i + hd/2)."""
+    x = torch.randn(1, 1, 1, 8)
+    cos, sin = torch.zeros(1, 4), torch.ones(1, 4)
+    y = kernels.qk_norm_rope(x, torch.ones(8), cos, sin, 0.0, LAYOUTS[layout])
+    xn = x * torch.rsqrt(x.square().mean(-1, keepdim=True))
+    a, b = (xn[..., 0::2], xn[..., 1::2]) if layout == "interleaved" else xn.chunk(2, -1)
+    want = torch.stack([-b, a], -1).flatten(-2) if layout == "interleaved" else torch.cat([-b, a], -1)
+    torch.testing.assert_close(y, want, **TIGHT)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_qk_norm_rope_gradcheck_float64(layout):
+    x, weight, cos, sin = _qk_inputs(2, 2, 3, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, w: kernels.qk_norm_rope(x, w, cos, sin, 1e-6, LAYOUTS[layout]),
+                                    (x, weight))
+    y, rstd = OPS.qk_norm_rope_fwd(x.detach(), weight.detach(), cos, sin, 1e-6, LAYOUTS[layout])
+    assert rstd.dtype == torch.float64
+    torch.testing.assert_close(y, kernels.reference_qk_norm_rope(x, weight, cos, sin, 1e-6, LAYOUTS[layout]),
+                               rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_qk_norm_rope_float32_against_float64_truth(layout, threads):
+    """Output and gradients against the reference in float64, with 1 and 2 threads (grad_weight's
+    partial rows are cut into chunks by thread count)."""
+    B, nh, N, hd = 4, 4, 48, 24
+    x, weight, cos, sin = _qk_inputs(B, nh, N, hd, requires_grad=True)
+    grad_y = torch.randn(B, nh, N, hd, generator=torch.Generator().manual_seed(3))
+    op = lambda x, w, eps: _qk_op(LAYOUTS[layout])(x, w, cos, sin, eps)  # noqa: E731
+    ref = lambda x, w, eps: _qk_ref(LAYOUTS[layout])(x, w, cos.double(), sin.double(), eps)  # noqa: E731
+    got = _with_grads(op, (x, weight), (grad_y,), threads)
+    want = _float64_truth(ref, (x, weight), (grad_y,))
+    for name, a, b in zip(("y", "grad_x", "grad_weight"), got, want):
+        tol = dict(rtol=1e-5, atol=1e-5 * (B * nh * N) ** 0.5) if name == "grad_weight" else TIGHT
+        torch.testing.assert_close(a.double(), b, **tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_qk_norm_rope_low_precision_against_float64_truth(dtype, layout):
+    """bfloat16 / float16 x: computed in float32 and rounded once, so y and grad_x are within a
+    rounding or two of the float64 truth (the unfused sequence rounds twice); grad_weight is float32."""
+    B, nh, N, hd = 2, 4, 48, 24
+    x, weight, cos, sin = _qk_inputs(B, nh, N, hd, dtype=dtype, requires_grad=True)
+    grad_y = torch.randn(B, nh, N, hd, generator=torch.Generator().manual_seed(3)).to(dtype)
+    op = lambda x, w, eps: _qk_op(LAYOUTS[layout])(x, w, cos, sin, eps)  # noqa: E731
+    ref = lambda x, w, eps: _qk_ref(LAYOUTS[layout])(x, w, cos.double(), sin.double(), eps)  # noqa: E731
+    got = _outputs_and_grads(op, (x, weight), (grad_y,))
+    want = _float64_truth(ref, (x, weight), (grad_y,))
+    ulp = torch.finfo(dtype).eps
+    for name, a, b in zip(("y", "grad_x"), got, want):
+        assert a.dtype == dtype
+        err = (a.double() - b).abs()
+        assert (err <= ulp * b.abs() + 2 * ulp * b.abs().max()).all(), f"{name}: max error {err.max():.3g}"
+    assert got[2].dtype == torch.float32
+    torch.testing.assert_close(got[2].double(), want[2], rtol=1e-4, atol=1e-4 * (B * nh * N) ** 0.5)
+
+
+def test_qk_norm_rope_non_contiguous_input_and_empty_batch():
+    x, weight, cos, sin = _qk_inputs(2, 3, 10, 16)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)  # the layout of Attention._split's view
+    assert not xt.is_contiguous()
+    torch.testing.assert_close(kernels.qk_norm_rope(xt, weight, cos, sin),
+                               kernels.reference_qk_norm_rope(x, weight, cos, sin), **TIGHT)
+    assert kernels.qk_norm_rope(x[:0], weight, cos, sin).shape == (0, 3, 10, 16)
+
+
+def test_qk_norm_rope_bad_inputs_raise_clear_errors():
+    x, weight, cos, sin = _qk_inputs(2, 2, 5, 8)
+    with pytest.raises(ValueError, match=r"x must have shape \(B, nh, N, hd\)"):
+        kernels.qk_norm_rope(x[0], weight, cos, sin)
+    with pytest.raises(ValueError, match="must be even"):
+        kernels.qk_norm_rope(x[..., :7], weight[:7], cos[:, :3], sin[:, :3])
+    with pytest.raises(ValueError, match=r"weight \(7,\) must be \(hd,\) = \(8,\)"):
+        kernels.qk_norm_rope(x, weight[:7], cos, sin)
+    with pytest.raises(ValueError, match=r"sin \(4, 4\) must be \(N, hd/2\) = \(5, 4\)"):
+        kernels.qk_norm_rope(x, weight, cos, sin[:4])
+    with pytest.raises(ValueError, match="weight, cos and sin must be torch.float32 for torch.bfloat16 x"):
+        kernels.qk_norm_rope(x.bfloat16(), weight.bfloat16(), cos, sin)
+    with pytest.raises(ValueError, match="floating-point"):
+        kernels.qk_norm_rope(x.long(), weight, cos, sin)
+    with pytest.raises(ValueError, match="one device"):
+        kernels.qk_norm_rope(x, weight, cos.to("meta"), sin)
+    with pytest.raises(TypeError, match="cos must be a torch.Tensor"):
+        kernels.qk_norm_rope(x, weight, 1.0, sin)
+    y, rstd = OPS.qk_norm_rope_fwd(x, weight, cos, sin, 1e-6, True)
+    with pytest.raises(RuntimeError, match="rstd must be Float"):
+        OPS.qk_norm_rope_bwd(y, x, weight, cos, sin, rstd.double(), True)
+
+
 # ----------------------------------------------------------------------------- attention
 
 @pytest.mark.parametrize("B,nh,Lq,Lk,hd", ATTN_SHAPES)
@@ -469,6 +613,12 @@ def test_opcheck_all_ops():
     x_new, h, mean, rstd = OPS.residual_modulate_fwd(x, y, gate, shift, scale, 1e-6)
     torch.library.opcheck(OPS.residual_modulate_bwd, (torch.randn_like(x), torch.randn_like(x), x_new, y, gate, scale,
                                                       mean, rstd))
+    x, weight, cos, sin = _qk_inputs(2, 2, 5, 6, requires_grad=True)
+    for interleaved in (True, False):
+        torch.library.opcheck(OPS.qk_norm_rope_fwd, (x, weight, cos, sin, 1e-6, interleaved))
+        y, rstd = OPS.qk_norm_rope_fwd(x.detach(), weight.detach(), cos, sin, 1e-6, interleaved)
+        torch.library.opcheck(OPS.qk_norm_rope_bwd, (torch.randn_like(y), x.detach(), weight.detach(), cos, sin, rstd,
+                                                     interleaved))
     q, k, v = _attn_inputs(1, 2, 9, 13, 8, requires_grad=True)
     torch.library.opcheck(OPS.attention_fwd, (q, k, v))
     o, lse = OPS.attention_fwd(q.detach(), k.detach(), v.detach())
@@ -480,19 +630,23 @@ def test_torch_compile_fullgraph():
     (AOTAutograd with the fakes and the registered backward, no inductor codegen, so it is cheap)."""
     torch._dynamo.reset()
 
-    def block(x, shift, scale, q, k, v, rx, ry, gate, rshift, rscale, ops=kernels):
+    cos, sin = _rope_tables(6, 4)
+
+    def block(x, shift, scale, q, k, v, rx, ry, gate, rshift, rscale, qw, ops=kernels):
         x_new, h = ops.residual_modulate(rx, ry, gate, rshift, rscale)
+        q = ops.qk_norm_rope(q, qw, cos, sin, 1e-6, False)
         return (ops.adaln_modulate(x, shift, scale).square().mean() + ops.attention(q, k, v).square().mean()
                 + (x_new * h).mean())
 
     compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
-    args = (_adaln_inputs(2, 8, 12, 2, requires_grad=True) + _attn_inputs(1, 2, 10, 6, 8, requires_grad=True)
-            + _residual_inputs(2, 8, 12, 2, requires_grad=True))
+    args = (_adaln_inputs(2, 8, 12, 2, requires_grad=True) + _attn_inputs(1, 2, 6, 6, 8, requires_grad=True)
+            + _residual_inputs(2, 8, 12, 2, requires_grad=True) + [torch.rand(8).add(0.5).requires_grad_()])
     out = compiled(*args)
     grads = torch.autograd.grad(out, args)
     ref_args = [a.detach().clone().requires_grad_() for a in args]
     references = SimpleNamespace(adaln_modulate=kernels.reference_adaln_modulate,
                                  residual_modulate=kernels.reference_residual_modulate,
+                                 qk_norm_rope=kernels.reference_qk_norm_rope,
                                  attention=kernels.reference_attention)
     ref = block(*ref_args, ops=references)
     ref_grads = torch.autograd.grad(ref, ref_args)
@@ -599,6 +753,19 @@ DIRECT_BAD_CALLS = {
     "residual bwd scale 2-d": (lambda: OPS.residual_modulate_bwd(_r(2, 6, 8), _r(2, 6, 8), _r(2, 6, 8), _r(2, 6, 8),
                                                                  _r(2, 3, 8), _r(3, 8), _r(2, 6), _r(2, 6)),
                                r"scale must have shape \(B, G, D\)"),
+    "qk fwd hd odd": (lambda: OPS.qk_norm_rope_fwd(_r(1, 2, 3, 5), _r(5), _r(3, 2), _r(3, 2), 1e-6, True),
+                      "must be even"),
+    "qk fwd cos": (lambda: OPS.qk_norm_rope_fwd(_r(1, 2, 3, 6), _r(6), _r(3, 2), _r(3, 3), 1e-6, True),
+                   r"cos \(3, 2\) must be \(N, hd/2\) = \(3, 3\)"),
+    "qk fwd weight dtype": (lambda: OPS.qk_norm_rope_fwd(_r(1, 2, 3, 6), _r(6).double(), _r(3, 3), _r(3, 3), 1e-6,
+                                                         True), "weight, cos and sin must be Float"),
+    "qk fwd strided x": (lambda: OPS.qk_norm_rope_fwd(_r(1, 3, 2, 6).transpose(1, 2), _r(6), _r(3, 3), _r(3, 3),
+                                                      1e-6, False), "x must be contiguous"),
+    "qk fwd eps": (lambda: OPS.qk_norm_rope_fwd(_r(1, 2, 3, 6), _r(6), _r(3, 3), _r(3, 3), -1.0, False), "eps"),
+    "qk bwd grad_y": (lambda: OPS.qk_norm_rope_bwd(_r(1, 2, 3, 4), _r(1, 2, 3, 6), _r(6), _r(3, 3), _r(3, 3),
+                                                   _r(1, 2, 3), True), "grad_y"),
+    "qk bwd rstd": (lambda: OPS.qk_norm_rope_bwd(_r(1, 2, 3, 6), _r(1, 2, 3, 6), _r(6), _r(3, 3), _r(3, 3),
+                                                 _r(1, 2, 2), True), r"rstd \(1, 2, 2\)"),
     "attn fwd Lk = 0": (lambda: OPS.attention_fwd(_r(2, 2, 5, 8), _r(2, 2, 0, 8), _r(2, 2, 0, 8)), "Lk >= 1"),
     "attn fwd v": (lambda: OPS.attention_fwd(_r(2, 2, 5, 8), _r(2, 2, 7, 8), _r(2, 2, 6, 8)), "shape of k"),
     "attn bwd o": (lambda: OPS.attention_bwd(_r(2, 2, 5, 8), _r(2, 2, 5, 8), _r(2, 2, 7, 8), _r(2, 2, 7, 8),

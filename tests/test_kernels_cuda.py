@@ -28,7 +28,7 @@ if not torch.cuda.is_available():
 _CUDA_OPS = kernels.available() and all(
     torch._C._dispatch_has_kernel_for_dispatch_key(f"dit4dit::{op}", "CUDA")
     for op in ("attention_fwd", "attention_bwd", "adaln_modulate_fwd", "adaln_modulate_bwd", "residual_modulate_fwd",
-               "residual_modulate_bwd"))
+               "residual_modulate_bwd", "qk_norm_rope_fwd", "qk_norm_rope_bwd"))
 if not _CUDA_OPS:
     why = (f"kernels._C is not loaded ({kernels.load_error()})" if not kernels.available()
            else "kernels._C was built without its CUDA kernels (build with FORCE_CUDA=1 or on a GPU machine)")
@@ -198,6 +198,48 @@ def test_residual_modulate_cuda_matches_float64(shape, dtype):
     _check_op_and_grads(kernels.residual_modulate, kernels.reference_residual_modulate, _residual_same_dtype,
                         (x, y, gate, shift, scale), (dx_new, dh),
                         ("x_new", "h", "dx", "dy", "dgate", "dshift", "dscale"))
+
+
+QK_SHAPES = [  # (B, nh, N, hd)
+    (1, 1, 1, 2),
+    (3, 5, 7, 18),            # rows not a multiple of the block's 4 rows, odd pair count
+    (32, 4, 48, 24),          # toy video self-attention
+    (2, 16, 768, 128),        # paper video self-attention
+]
+
+
+def _qk_norm_rope_same_dtype(interleaved, cos, sin):
+    """PyTorch's own kernels in the input dtype: F.rms_norm with the gain, then the rotation."""
+    def fn(x, weight):
+        xn = F.rms_norm(x, x.shape[-1:], weight.to(x.dtype), 1e-6)
+        c, s = cos.to(x.dtype), sin.to(x.dtype)
+        a, b = (xn[..., 0::2], xn[..., 1::2]) if interleaved else xn.chunk(2, -1)
+        ya, yb = a * c - b * s, a * s + b * c
+        return torch.stack([ya, yb], -1).flatten(-2) if interleaved else torch.cat([ya, yb], -1)
+    return fn
+
+
+@pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", QK_SHAPES, ids=lambda s: "B{}H{}N{}hd{}".format(*s))
+def test_qk_norm_rope_cuda_matches_float64(shape, dtype, interleaved):
+    B, nh, N, hd = shape
+    g = torch.Generator(device=DEV).manual_seed(hash(shape) % 2 ** 31)
+    x = (2 * torch.randn(B, nh, N, hd, device=DEV, generator=g)).to(dtype)
+    weight = 1 + 0.5 * torch.randn(hd, device=DEV, generator=g)
+    angle = torch.rand(N, hd // 2, device=DEV, generator=g) * 20 - 10
+    cos, sin = angle.cos(), angle.sin()
+    dy = torch.randn(B, nh, N, hd, device=DEV, generator=g).to(dtype)
+    got_y, (got_dx, got_dw) = _grads(lambda x, w: kernels.qk_norm_rope(x, w, cos, sin, 1e-6, interleaved),
+                                     (x, weight), dy)
+    ref = lambda x, w: kernels.reference_qk_norm_rope(x, w, cos.to(w.dtype), sin.to(w.dtype), 1e-6,  # noqa: E731
+                                                      interleaved)
+    truth_y, (truth_dx, truth_dw) = _grads(ref, (x.double(), weight.double()), dy.double())
+    low_y, (low_dx, _) = _grads(_qk_norm_rope_same_dtype(interleaved, cos, sin), (x, weight), dy)
+    _check("y", dtype, got_y, truth_y, low_y)
+    _check("dx", dtype, got_dx, truth_dx, low_dx)
+    assert got_dw.dtype == torch.float32
+    assert _rel(got_dw, truth_dw) <= 1e-4, f"grad weight: relative error {_rel(got_dw, truth_dw):.3g}"
 
 
 def test_adaln_cuda_backward_is_deterministic():

@@ -2,7 +2,7 @@
 //
 // Each op's signature is written once, as a function type that follows its schema in
 // ops.cpp; `AttentionFwd attention_fwd;` declares a function of that type. The CPU kernels
-// (adaln_cpu.cpp, attention_cpu.cpp) define dit4dit::cpu, the CUDA launchers (cuda/*.cu,
+// (adaln_cpu.cpp, qknorm_cpu.cpp, attention_cpu.cpp) define dit4dit::cpu, the CUDA launchers (cuda/*.cu,
 // built when DIT4DIT_WITH_CUDA is defined) define dit4dit::cuda.
 #pragma once
 
@@ -28,6 +28,15 @@ using ResidualModulateFwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::T
 using ResidualModulateBwd = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor& grad_x_new, const at::Tensor& grad_h, const at::Tensor& x_new, const at::Tensor& y,
     const at::Tensor& gate, const at::Tensor& scale, const at::Tensor& mean, const at::Tensor& rstd);
+// (x, weight, cos, sin, eps, interleaved) -> (y, rstd)
+using QkNormRopeFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& x, const at::Tensor& weight,
+                                                         const at::Tensor& cos, const at::Tensor& sin, double eps,
+                                                         bool interleaved);
+// (grad_y, x, weight, cos, sin, rstd, interleaved) -> (grad_x, grad_weight)
+using QkNormRopeBwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& grad_y, const at::Tensor& x,
+                                                         const at::Tensor& weight, const at::Tensor& cos,
+                                                         const at::Tensor& sin, const at::Tensor& rstd,
+                                                         bool interleaved);
 // (q, k, v) -> (o, lse)
 using AttentionFwd = std::tuple<at::Tensor, at::Tensor>(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 // (grad_o, q, k, v, o, lse) -> (grad_q, grad_k, grad_v)
@@ -40,6 +49,8 @@ AdalnModulateFwd adaln_modulate_fwd;
 AdalnModulateBwd adaln_modulate_bwd;
 ResidualModulateFwd residual_modulate_fwd;
 ResidualModulateBwd residual_modulate_bwd;
+QkNormRopeFwd qk_norm_rope_fwd;
+QkNormRopeBwd qk_norm_rope_bwd;
 AttentionFwd attention_fwd;
 AttentionBwd attention_bwd;
 }  // namespace cpu
@@ -49,6 +60,8 @@ AdalnModulateFwd adaln_modulate_fwd;
 AdalnModulateBwd adaln_modulate_bwd;
 ResidualModulateFwd residual_modulate_fwd;
 ResidualModulateBwd residual_modulate_bwd;
+QkNormRopeFwd qk_norm_rope_fwd;
+QkNormRopeBwd qk_norm_rope_bwd;
 AttentionFwd attention_fwd;
 AttentionBwd attention_bwd;
 }  // namespace cuda

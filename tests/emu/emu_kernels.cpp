@@ -10,7 +10,9 @@
 // (the emulation header must come first)
 #include "adaln.cuh"
 #include "attention.cuh"
+#include "qknorm.cuh"
 
+#include <algorithm>
 #include <cstdio>
 #include <type_traits>
 #include <utility>
@@ -161,6 +163,39 @@ int emu_residual_bwd(int dtype, const void* grad_x_new, const void* grad_h, cons
                   static_cast<const T*>(grad_h), static_cast<const T*>(x_new), mean, rstd, static_cast<T*>(grad_shift),
                   static_cast<T*>(grad_scale), static_cast<const T*>(y), static_cast<const T*>(grad_x),
                   static_cast<T*>(grad_gate), N, D, G);
+    });
+  });
+}
+
+int emu_qk_norm_rope_fwd(int dtype, const void* x, const float* weight, const float* cos, const float* sin, void* y,
+                         float* rstd, int rows, int N, int hd, float eps, int interleaved, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    dispatch_dtype(dtype, [&]<typename T>(T) {
+      constexpr int W = kQkWarpsPerBlock;
+      emu::launch(qk_norm_rope_fwd_kernel<T, W>, dim3(ceil_div(rows, W)), dim3(W * kWarpSize),
+                  static_cast<const T*>(x), weight, cos, sin, static_cast<T*>(y), rstd, rows, N, hd, eps,
+                  interleaved != 0);
+    });
+  });
+}
+
+// partial must hold min(kQkWeightBlocks, ceil(rows / kQkWeightRows)) rows of hd floats.
+int emu_qk_norm_rope_bwd(int dtype, const void* grad_y, const void* x, const float* weight, const float* cos,
+                         const float* sin, const float* rstd, void* grad_x, float* partial, float* grad_weight,
+                         int rows, int N, int hd, int interleaved, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    dispatch_dtype(dtype, [&]<typename T>(T) {
+      constexpr int W = kQkWarpsPerBlock;
+      const int P = std::min(kQkWeightBlocks, ceil_div(rows, kQkWeightRows));
+      emu::launch(qk_norm_rope_bwd_dx_kernel<T, W>, dim3(ceil_div(rows, W)), dim3(W * kWarpSize),
+                  static_cast<const T*>(grad_y), static_cast<const T*>(x), weight, cos, sin, rstd,
+                  static_cast<T*>(grad_x), rows, N, hd, interleaved != 0);
+      emu::launch(qk_norm_rope_bwd_w_kernel<T, kQkWeightCols, kQkWeightRows>,
+                  dim3(ceil_div(hd, kQkWeightCols), P), dim3(kQkWeightCols, kQkWeightRows),
+                  static_cast<const T*>(grad_y), static_cast<const T*>(x), cos, sin, rstd, partial, rows, N, hd,
+                  interleaved != 0);
+      emu::launch(qk_norm_rope_sum_kernel, dim3(ceil_div(hd, 128)), dim3(128), static_cast<const float*>(partial),
+                  grad_weight, P, hd);
     });
   });
 }
