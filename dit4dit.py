@@ -30,10 +30,10 @@ reader of the method can skip (tokenizer, text encoder, frame conversion, input 
 normalizer, atomic writes and checkpoints, the converter of Cosmos-Predict2.5's released weights);
 presets last.
 
-Kernels: `modulate`, `residual_modulate` and `attention` run the fused C++/CUDA ops of the `kernels` package when it
-is built, and otherwise the pure-PyTorch reference bodies of kernels/reference.py
-(`select_backend`, environment variable DIT4DIT_KERNELS=auto|0|1 read at import; `backend()`
-says which is active).
+Kernels: `modulate`, `residual_modulate`, `qk_norm_rope` and `attention` run the fused C++/CUDA
+ops of the `kernels` package when it is built, and otherwise the pure-PyTorch reference bodies of
+kernels/reference.py (`select_backend`, environment variable DIT4DIT_KERNELS=auto|0|1 read at
+import; `backend()` says which is active).
 """
 import dataclasses
 import hashlib
@@ -58,7 +58,8 @@ X0_MIN_TAU = 0.05  # with x0-prediction, v = (x_tau - x0_hat) / max(tau, X0_MIN_
 
 
 # ----------------------------------------------------------------------------------------------
-# The ops the fused kernels replace (adaLN, adaLN after a gated residual, attention), and the switch.
+# The ops the fused kernels replace (adaLN, adaLN after a gated residual, q/k RMSNorm + RoPE,
+# attention), and the switch.
 
 _BACKEND = None  # "kernels" or "torch", set by select_backend() at import; read it with backend()
 
@@ -109,6 +110,23 @@ def residual_modulate(x, y, gate, shift, scale):
         y, gate, shift, scale = (t.to(x.dtype).contiguous() for t in (y, gate, shift, scale))
         return kernels.residual_modulate(x, y, gate, shift, scale, eps=1e-6)
     return kernels.reference_residual_modulate(x, y, gate, shift, scale, eps=1e-6)
+
+
+def qk_norm_rope(x, norm, rot):
+    """The per-head RMSNorm of q or k (norm: its RMSNorm module) and the rotary embedding of
+    rope_3d, in one fused op: rot complex (N, hd/2) rotates the channel pairs (2i, 2i+1) read
+    as complex numbers; rot = (cos, sin), each (N, hd), rotates the pairs (i, i + hd/2)
+    ("rotate half"). x (B, nh, N, hd); computed in float32 (float64 for float64 x)."""
+    acc = _compute_dtype(x.dtype)
+    if isinstance(rot, tuple):  # (N, hd) tables whose halves are equal -> the per-pair (N, hd/2)
+        cos, sin = (t[:, : t.shape[1] // 2].to(acc) for t in rot)
+    else:
+        cos, sin = rot.real.to(acc), rot.imag.to(acc)
+    interleaved = not isinstance(rot, tuple)
+    if _BACKEND == "kernels":
+        return kernels.qk_norm_rope(x.contiguous(), norm.weight.to(acc), cos.contiguous(), sin.contiguous(),
+                                    norm.eps, interleaved)
+    return kernels.reference_qk_norm_rope(x, norm.weight, cos, sin, norm.eps, interleaved)
 
 
 def attention(q, k, v):
@@ -187,20 +205,6 @@ def rope_3d(T, h, w, head_dim, theta, device, scale=(1.0, 1.0, 1.0), pairs="inte
     return ang.cos(), ang.sin()
 
 
-def apply_rope(x, rot):
-    """Rotate x (B, nh, N, hd) by the rotations of rope_3d: complex rot (N, hd/2) rotates the
-    channel pairs (2i, 2i+1) read as complex numbers; rot = (cos, sin) rotates the pairs
-    (i, i + hd/2) ("rotate half"). Computed in float32 (float64 for float64 x)."""
-    if isinstance(rot, tuple):
-        cos, sin = rot
-        x1, x2 = x.chunk(2, dim=-1)  # (B, nh, N, hd/2) each
-        acc = _compute_dtype(x.dtype)
-        rotated = torch.cat([-x2, x1], dim=-1)  # (B, nh, N, hd)
-        return (x.to(acc) * cos + rotated.to(acc) * sin).to(x.dtype)
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, nh, N, hd/2) complex
-    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)  # (B, nh, N, hd/2, 2) -> (B, nh, N, hd)
-
-
 def sincos_2d(h, w, dim, device):
     """Fixed 2D sinusoidal absolute positions of an (h, w) patch grid -> (h*w, dim): half the
     channels encode the row, half the column (as in ViT/MAE's 2D sin-cos embedding)."""
@@ -263,10 +267,12 @@ class Attention(nn.Module):
         return self.k_norm(self._split(self.k(context))), self._split(self.v(context))
 
     def forward(self, x, context=None, kv=None, rope=None):
-        q = self.q_norm(self._split(self.q(x)))  # (B, nh, L, hd)
-        k, v = kv if kv is not None else self.project_kv(x if context is None else context)
-        if rope is not None:  # self-attention only: rotate q and k by their 3D positions
-            q, k = apply_rope(q, rope), apply_rope(k, rope)
+        if rope is not None:  # self-attention (built with qk_norm): q/k RMSNorm and the 3D rotation fused
+            q, k, v = (self._split(proj(x)) for proj in (self.q, self.k, self.v))  # (B, nh, L, hd) each
+            q, k = qk_norm_rope(q, self.q_norm, rope), qk_norm_rope(k, self.k_norm, rope)
+        else:
+            q = self.q_norm(self._split(self.q(x)))  # (B, nh, L, hd)
+            k, v = kv if kv is not None else self.project_kv(x if context is None else context)
         o = attention(q, k, v)  # (B, nh, L, hd)
         return self.out(o.transpose(1, 2).flatten(2))  # (B, nh, L, hd) -> (B, L, D)
 

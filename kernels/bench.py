@@ -4,12 +4,16 @@
     python -m kernels.bench --reps 9               # more repetitions
     python -m kernels.bench --threads 1 --ops adaln --reps 15   # adaLN only, one torch thread
     python -m kernels.bench --threads 1 --ops residual          # residual_modulate only
+    python -m kernels.bench --threads 1 --ops qknorm            # qk_norm_rope only
 
 For each op and size it prints the forward and backward times of
-  - kernel:     the dit4dit op (kernels.adaln_modulate / kernels.residual_modulate / kernels.attention,
-                autograd for the backward),
-  - unfused:    residual_modulate only: what the video block ran before the fusion, the eager gated
-                residual x + gate * y followed by the adaLN kernel,
+  - kernel:     the dit4dit op (kernels.adaln_modulate / kernels.residual_modulate /
+                kernels.qk_norm_rope / kernels.attention, autograd for the backward),
+  - unfused:    residual_modulate: what the video block ran before the fusion, the eager gated
+                residual x + gate * y followed by the adaLN kernel; qk_norm_rope: what the video
+                self-attention ran before the fusion on q and on k, the RMSNorm module's
+                F.rms_norm with its casts, then the rotation (complex multiply, or chunk/cat and
+                two multiplies) by rope_3d's precomputed tables,
   - reference:  kernels/reference.py, the PyTorch body dit4dit.py falls back to and the tests
                 compare with; it is also the best built-in eager form (F.layer_norm + addcmul /
                 F.scaled_dot_product_attention),
@@ -17,7 +21,8 @@ For each op and size it prints the forward and backward times of
   - copy:       x.clone(), the memory-bandwidth bar (adaLN only),
 with the speed-up of the kernel over each, and the achieved GB/s (adaLN: bytes that must move,
 fwd reads x and writes y, bwd reads dy and x and writes dx; residual_modulate: fwd reads x and y and
-writes x_new and h, bwd reads the two incoming gradients, x_new and y and writes dx and dy) or GFLOP/s (attention: forward
+writes x_new and h, bwd reads the two incoming gradients, x_new and y and writes dx and dy;
+qk_norm_rope: fwd reads x and writes y, bwd reads dy and x and writes dx) or GFLOP/s (attention: forward
 4·B·H·Lq·Lk·hd, backward 10·B·H·Lq·Lk·hd, the FlashAttention convention that counts the
 recomputation of the scores).
 
@@ -47,6 +52,7 @@ import textwrap
 import time
 
 import torch
+import torch.nn.functional as F
 
 import kernels
 
@@ -183,6 +189,52 @@ def bench_residual(B, N, D, G, reps, results):
     results.append((f"{tag} bwd: vs reference", bwd[reference] / bwd["kernel"], 1.0))
 
 
+# ----------------------------------------------------------------------------------------- qk_norm_rope
+
+def unfused_qk_norm_rope(x, weight, rot, eps=1e-6):
+    """The video self-attention's q/k sequence before the fusion: the RMSNorm module (statistics in
+    float32, cast back), then the rotation by rope_3d's tables: complex rot (N, hd/2) rotates the
+    pairs (2i, 2i+1); rot = (cos, sin), each (N, hd), the pairs (i, i + hd/2)."""
+    acc = kernels.reference.compute_dtype(x.dtype)
+    x = F.rms_norm(x.to(acc), x.shape[-1:], weight.to(acc), eps).to(x.dtype)
+    if isinstance(rot, tuple):
+        x1, x2 = x.chunk(2, dim=-1)  # (B, nh, N, hd/2) each
+        return (x.to(acc) * rot[0] + torch.cat([-x2, x1], dim=-1).to(acc) * rot[1]).to(x.dtype)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, nh, N, hd/2) complex
+    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)  # (B, nh, N, hd)
+
+
+def bench_qknorm(B, H, N, hd, interleaved, reps, results):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(B, H, N, hd, generator=g)
+    weight = 1 + 0.1 * torch.randn(hd, generator=g)
+    angle = torch.rand(N, hd // 2, generator=g) * 6
+    cos, sin = angle.cos(), angle.sin()  # (N, hd/2), the op's tables
+    rot = torch.polar(torch.ones_like(angle), angle) if interleaved else (torch.cat([cos, cos], -1),
+                                                                          torch.cat([sin, sin], -1))
+    variants = {
+        "kernel": lambda x, w: kernels.qk_norm_rope(x, w, cos, sin, 1e-6, interleaved),
+        "unfused (RMSNorm, then the rotation)": lambda x, w: unfused_qk_norm_rope(x, w, rot),
+        "reference (PyTorch)": lambda x, w: kernels.reference_qk_norm_rope(x, w, cos, sin, 1e-6, interleaved),
+    }
+    layout = "interleaved" if interleaved else "half"
+    fwd = timeit({name: (lambda fn=fn: fn(x, weight)) for name, fn in variants.items()}, reps, warmup=ADALN_WARMUP)
+    nbytes = x.numel() * x.element_size()
+    print_block(f"qk_norm_rope fwd  B={B} H={H} N={N} hd={hd} {layout}", fwd, "kernel", 2 * nbytes, "GB/s")
+
+    inputs = [x.clone().requires_grad_(), weight.clone().requires_grad_()]
+    gy = torch.randn_like(x)
+    bwd = timeit({name: grad_timer(fn(*inputs), inputs, gy) for name, fn in variants.items()}, reps,
+                 warmup=ADALN_WARMUP)
+    print_block(f"qk_norm_rope bwd  B={B} H={H} N={N} hd={hd} {layout}", bwd, "kernel", 3 * nbytes, "GB/s")
+    tag = f"qk_norm_rope ({B},{H},{N},{hd}) {layout}"
+    unfused, reference = list(variants)[1:]
+    results.append((f"{tag} fwd: vs unfused", fwd[unfused] / fwd["kernel"], 1.5))
+    results.append((f"{tag} fwd: vs reference", fwd[reference] / fwd["kernel"], 1.5))
+    results.append((f"{tag} bwd: vs unfused", bwd[unfused] / bwd["kernel"], 1.5))
+    results.append((f"{tag} bwd: vs reference", bwd[reference] / bwd["kernel"], 1.5))
+
+
 # ----------------------------------------------------------------------------------------- attention
 
 def naive_attention(q, k, v):
@@ -281,7 +333,7 @@ def main(argv=None):
     p.add_argument("--reps", type=int, default=7, help="timed rounds per variant (median reported)")
     p.add_argument("--skip-memory", action="store_true", help="skip the child-process memory measurement")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--ops", choices=("all", "adaln", "residual", "attention"), default="all",
+    p.add_argument("--ops", choices=("all", "adaln", "residual", "qknorm", "attention"), default="all",
                    help="which ops to measure")
     args = p.parse_args(argv)
     if not kernels.available():
@@ -301,6 +353,12 @@ def main(argv=None):
         # the video DiT's per-frame modulation (G = T), the adaLN shapes above
         for B, N, D, G in ((8, 1024, 512, 8), (4, 1200, 384, 6)):
             bench_residual(B, N, D, G, args.reps, results)
+            print()
+    if args.ops in ("all", "qknorm"):
+        # the toy video DiT's self-attention q or k (batch 32: 3 frames x 16 tokens, 4 heads of 24;
+        # interleaved pairs), and a paper-like head (hd 128, rotate-half pairs as Cosmos)
+        for B, H, N, hd, interleaved in ((32, 4, 48, 24, True), (32, 4, 48, 24, False), (2, 16, 1024, 128, False)):
+            bench_qknorm(B, H, N, hd, interleaved, args.reps, results)
             print()
     if args.ops in ("all", "attention"):
         bench_attention(8, 8, 1024, 1024, 64, args.reps, results, targets=True)

@@ -8,6 +8,7 @@ import torch
 
 import dit4dit as d
 from bench_model import naive_predict_action, trained_like  # trained_like: random values in the zero-initialized layers
+from kernels.bench import unfused_qk_norm_rope
 
 
 def tiny_model(seed=0, **overrides):
@@ -137,6 +138,54 @@ def test_video_block_with_residual_modulate_equals_unfused(backend, monkeypatch)
     assert fused[0].abs().max() > 0.1  # the blocks do something
     for i, (a, b) in enumerate(zip(fused, unfused)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"tensor {i}: {m}")
+
+
+def _unfused_qk_norm_rope(x, norm, rot):
+    """dit4dit.qk_norm_rope as Attention computed it before the fusion: the RMSNorm module, then
+    the rotation by rope_3d's tables (kernels/bench.py's unfused sequence)."""
+    return unfused_qk_norm_rope(x, norm.weight, rot, norm.eps)
+
+
+@pytest.mark.parametrize("pairs", ["interleaved", "half"])
+@pytest.mark.parametrize("backend", ["0"] + (["1"] if d.kernels.available() else []))
+def test_self_attention_with_qk_norm_rope_equals_unfused(backend, pairs, monkeypatch):
+    """The video DiT whose self-attention calls the fused qk_norm_rope gives the output and the
+    gradients (input, text, every parameter, the q/k RMSNorm gains among them) of the unfused
+    RMSNorm + rotation, for both pair layouts; bit for bit on the PyTorch path (trained results
+    do not change), to float32 rounding on the kernels."""
+    before = d.backend()
+    d.select_backend(backend)
+    try:
+        model = trained_like(tiny_model(video_depth=2, rope_pairs=pairs))
+        cfg = model.config
+        for block in model.video_dit.blocks:  # gains away from 1, so a wrong gain gradient shows
+            for norm in (block.self_attn.q_norm, block.self_attn.k_norm):
+                norm.weight.data = 1 + 0.3 * torch.randn(norm.weight.shape, generator=gen(7))
+        x = torch.randn(2, 3, 1 + cfg.num_future_frames, cfg.image_size, cfg.image_size, generator=gen(3))
+        tau = torch.rand(2, 1 + cfg.num_future_frames, generator=gen(4))
+        text = torch.randn(2, 5, cfg.text_dim, generator=gen(5))
+        grad_out = torch.randn(x.shape, generator=gen(6))
+
+        def output_and_grads():
+            model.zero_grad()
+            inputs = [x.clone().requires_grad_(), text.clone().requires_grad_()]
+            out = model.video_dit(inputs[0], tau, inputs[1])
+            out.backward(grad_out)
+            return [out] + [t.grad for t in inputs] + [p.grad for p in model.video_dit.parameters()]
+
+        fused = output_and_grads()
+        monkeypatch.setattr(d, "qk_norm_rope", _unfused_qk_norm_rope)
+        unfused = output_and_grads()
+    finally:
+        d.select_backend("1" if before == "kernels" else "0")
+    assert fused[0].abs().max() > 0.1
+    gains = [p.grad for block in model.video_dit.blocks for p in block.self_attn.q_norm.parameters()]
+    assert all(g is not None and g.abs().max() > 0 for g in gains)
+    for i, (a, b) in enumerate(zip(fused, unfused)):
+        if backend == "0":
+            assert torch.equal(a, b), f"tensor {i}: the PyTorch path changed"
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"tensor {i}: {m}")
 
 
 def test_attention_matches_explicit_softmax():
