@@ -107,6 +107,24 @@ def _unfused_video_block_forward(self, x, c, shared, text, rope):
     return x + d.per_frame(gate, self.mlp(d.modulate(x, shift, scale)))
 
 
+def _video_dit_output_and_grads(model):
+    """A function that runs model.video_dit forward and backward on fixed inputs and returns its
+    output and the gradients of the input, the text and every video-DiT parameter."""
+    cfg = model.config
+    x = torch.randn(2, 3, 1 + cfg.num_future_frames, cfg.image_size, cfg.image_size, generator=gen(3))
+    tau = torch.rand(2, 1 + cfg.num_future_frames, generator=gen(4))
+    text = torch.randn(2, 5, cfg.text_dim, generator=gen(5))
+    grad_out = torch.randn(x.shape, generator=gen(6))
+
+    def run():
+        model.zero_grad()
+        inputs = [x.clone().requires_grad_(), text.clone().requires_grad_()]
+        out = model.video_dit(inputs[0], tau, inputs[1])
+        out.backward(grad_out)
+        return [out] + [t.grad for t in inputs] + [p.grad for p in model.video_dit.parameters()]
+    return run
+
+
 @pytest.mark.parametrize("backend", ["0"] + (["1"] if d.kernels.available() else []))
 def test_video_block_with_residual_modulate_equals_unfused(backend, monkeypatch):
     """The video DiT with its blocks' fused residual_modulate gives the output and the gradients
@@ -116,20 +134,8 @@ def test_video_block_with_residual_modulate_equals_unfused(backend, monkeypatch)
     d.select_backend(backend)
     try:
         model = trained_like(tiny_model(video_depth=2))
-        cfg = model.config
         assert all(block.mod_cross.proj.weight.abs().min() > 0 for block in model.video_dit.blocks)
-        x = torch.randn(2, 3, 1 + cfg.num_future_frames, cfg.image_size, cfg.image_size, generator=gen(3))
-        tau = torch.rand(2, 1 + cfg.num_future_frames, generator=gen(4))
-        text = torch.randn(2, 5, cfg.text_dim, generator=gen(5))
-        grad_out = torch.randn(x.shape, generator=gen(6))
-
-        def output_and_grads():
-            model.zero_grad()
-            inputs = [x.clone().requires_grad_(), text.clone().requires_grad_()]
-            out = model.video_dit(inputs[0], tau, inputs[1])
-            out.backward(grad_out)
-            return [out] + [t.grad for t in inputs] + [p.grad for p in model.video_dit.parameters()]
-
+        output_and_grads = _video_dit_output_and_grads(model)
         fused = output_and_grads()
         monkeypatch.setattr(d.VideoBlock, "forward", _unfused_video_block_forward)
         unfused = output_and_grads()
@@ -157,22 +163,10 @@ def test_self_attention_with_qk_norm_rope_equals_unfused(backend, pairs, monkeyp
     d.select_backend(backend)
     try:
         model = trained_like(tiny_model(video_depth=2, rope_pairs=pairs))
-        cfg = model.config
         for block in model.video_dit.blocks:  # gains away from 1, so a wrong gain gradient shows
             for norm in (block.self_attn.q_norm, block.self_attn.k_norm):
                 norm.weight.data = 1 + 0.3 * torch.randn(norm.weight.shape, generator=gen(7))
-        x = torch.randn(2, 3, 1 + cfg.num_future_frames, cfg.image_size, cfg.image_size, generator=gen(3))
-        tau = torch.rand(2, 1 + cfg.num_future_frames, generator=gen(4))
-        text = torch.randn(2, 5, cfg.text_dim, generator=gen(5))
-        grad_out = torch.randn(x.shape, generator=gen(6))
-
-        def output_and_grads():
-            model.zero_grad()
-            inputs = [x.clone().requires_grad_(), text.clone().requires_grad_()]
-            out = model.video_dit(inputs[0], tau, inputs[1])
-            out.backward(grad_out)
-            return [out] + [t.grad for t in inputs] + [p.grad for p in model.video_dit.parameters()]
-
+        output_and_grads = _video_dit_output_and_grads(model)
         fused = output_and_grads()
         monkeypatch.setattr(d, "qk_norm_rope", _unfused_qk_norm_rope)
         unfused = output_and_grads()
