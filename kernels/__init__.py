@@ -60,6 +60,17 @@ try:
 except (ImportError, OSError) as exc:  # not built, or built against another torch (undefined symbol)
     _LOAD_ERROR = f"{type(exc).__name__}: {exc}"
 
+# The ops this package registers fakes and autograd for. An extension built from older sources
+# (the repository updated, the build not) lacks some: treat it as not built, with a clear reason,
+# so the PyTorch fallback still works and DIT4DIT_KERNELS=1 says what to do.
+OPS = ("adaln_modulate_fwd", "adaln_modulate_bwd", "residual_modulate_fwd", "residual_modulate_bwd",
+       "qk_norm_rope_fwd", "qk_norm_rope_bwd", "attention_fwd", "attention_bwd")
+if _LOAD_ERROR is None:
+    _missing = [name for name in OPS if not hasattr(torch.ops.dit4dit, name)]
+    if _missing:
+        _LOAD_ERROR = (f"kernels/_C was built from older sources: it lacks the op(s) {', '.join(_missing)}; "
+                       f"rebuild it")
+
 
 def available() -> bool:
     """True when the compiled extension `kernels._C` is loaded and its ops are registered."""

@@ -818,3 +818,28 @@ def test_missing_extension_gives_build_hint(monkeypatch):
     q, k, v = _attn_inputs(1, 1, 2, 2, 4)
     with pytest.raises(RuntimeError, match=r"setup.py build_ext --inplace"):
         kernels.attention(q, k, v)
+
+
+def test_an_extension_built_from_older_sources_falls_back_with_a_clear_reason():
+    """A kernels/_C that loads but lacks ops this package registers (the sources were updated,
+    the build was not) counts as not built: dit4dit still imports and runs on PyTorch, and
+    DIT4DIT_KERNELS=1 names the missing ops and the rebuild."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = textwrap.dedent("""
+        import sys, types
+        sys.modules["kernels._C"] = types.ModuleType("kernels._C")  # loads, registers no op
+        import torch, kernels, dit4dit
+        print(kernels.available(), dit4dit.backend())
+        print(kernels.load_error())
+        try:
+            dit4dit.select_backend("1")
+        except RuntimeError as err:
+            print("refused:", err)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "DIT4DIT_KERNELS": "auto"})
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "False torch"
+    assert "older sources" in lines[1] and "qk_norm_rope_fwd" in lines[1] and "rebuild" in lines[1]
+    assert lines[2].startswith("refused:") and "older sources" in lines[2]
