@@ -181,12 +181,16 @@ def bench_residual(B, N, D, G, reps, results):
     bwd = timeit({name: grad_timer(fn(*inputs), inputs, grad_outs) for name, fn in variants.items()}, reps,
                  warmup=ADALN_WARMUP)
     print_block(f"residual_modulate bwd  B={B} N={N} D={D} G={G}", bwd, "kernel", 6 * nbytes, "GB/s")
-    tag = f"residual_modulate ({B},{N},{D}) G={G}"
+    record_fused_ratios(results, f"residual_modulate ({B},{N},{D}) G={G}", fwd, bwd, variants, 1.0)
+
+
+def record_fused_ratios(results, tag, fwd, bwd, variants, target):
+    """The target lines of a fused op: the unfused sequence's and the reference's time over the
+    kernel's (variants: kernel, unfused, reference, in that order), forward and backward."""
     unfused, reference = list(variants)[1:]
-    results.append((f"{tag} fwd: vs unfused", fwd[unfused] / fwd["kernel"], 1.0))
-    results.append((f"{tag} fwd: vs reference", fwd[reference] / fwd["kernel"], 1.0))
-    results.append((f"{tag} bwd: vs unfused", bwd[unfused] / bwd["kernel"], 1.0))
-    results.append((f"{tag} bwd: vs reference", bwd[reference] / bwd["kernel"], 1.0))
+    for direction, times in (("fwd", fwd), ("bwd", bwd)):
+        for label, name in (("unfused", unfused), ("reference", reference)):
+            results.append((f"{tag} {direction}: vs {label}", times[name] / times["kernel"], target))
 
 
 # ----------------------------------------------------------------------------------------- qk_norm_rope
@@ -227,12 +231,7 @@ def bench_qknorm(B, H, N, hd, interleaved, reps, results):
     bwd = timeit({name: grad_timer(fn(*inputs), inputs, gy) for name, fn in variants.items()}, reps,
                  warmup=ADALN_WARMUP)
     print_block(f"qk_norm_rope bwd  B={B} H={H} N={N} hd={hd} {layout}", bwd, "kernel", 3 * nbytes, "GB/s")
-    tag = f"qk_norm_rope ({B},{H},{N},{hd}) {layout}"
-    unfused, reference = list(variants)[1:]
-    results.append((f"{tag} fwd: vs unfused", fwd[unfused] / fwd["kernel"], 1.5))
-    results.append((f"{tag} fwd: vs reference", fwd[reference] / fwd["kernel"], 1.5))
-    results.append((f"{tag} bwd: vs unfused", bwd[unfused] / bwd["kernel"], 1.5))
-    results.append((f"{tag} bwd: vs reference", bwd[reference] / bwd["kernel"], 1.5))
+    record_fused_ratios(results, f"qk_norm_rope ({B},{H},{N},{hd}) {layout}", fwd, bwd, variants, 1.5)
 
 
 # ----------------------------------------------------------------------------------------- attention
