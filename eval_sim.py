@@ -75,6 +75,12 @@ PUSH_START_BEHIND = 0.05  # m, push: the end-effector starts at least this far b
                          # along the line from the puck to each pad (see ToyTableEnv.reset)
 ALIGN_WIDTH = 0.05       # m, push expert: lateral offset from the push line over which it blends
                          # from lining up behind the puck to pushing through it (see scripted_expert)
+LINE_UP_BEHIND = 0.06    # m, push expert: it lines up this far behind the contact point, so a learner that
+                         # turns onto the line early (chunks open-loop, positions seen at ~1 px/cm) is still
+                         # behind the puck when it does (0.015 before DEMO_FORMAT 4)
+GO_AROUND_CLEARANCE = 0.05  # m, push expert: beside or in front of the puck it goes around this far from it
+PUSH_AHEAD = 0.10        # m, push expert: while pushing it aims this far through the puck's centre
+RECOVERY_RING = (0.09, 0.18)  # m, recovery demos' end-effector start: this far from the puck's centre
 V_MAX = 0.5              # m/s, end-effector speed for an action of norm 1
 PHYSICS_DT = 0.01        # s
 SUBSTEPS = 10            # physics steps per control step: 10 Hz control
@@ -414,21 +420,38 @@ def scripted_expert(env):
         along, side = rel @ d, rel @ n
         if along > -0.5 * contact:
             s = 1.0 if side >= 0 else -1.0
-            waypoint = puck + n * s * (contact + 0.03) - d * (0.5 * contact)
+            waypoint = puck + n * s * (contact + GO_AROUND_CLEARANCE) - d * contact
             return _toward(ee, waypoint, gain=0.7).astype(np.float32)
         w = float(np.clip(1 - abs(side) / ALIGN_WIDTH, 0, 1)
                   * np.clip((-along - 0.5 * contact) / (0.3 * contact), 0, 1))
-        behind = puck - d * (contact + 0.015)
-        through = puck + d * 0.06 - n * side  # steering back onto the line
+        behind = puck - d * (contact + LINE_UP_BEHIND)
+        through = puck + d * PUSH_AHEAD - n * side  # steering back onto the line
         aim = (1 - w) * behind + w * through
         return _toward(ee, aim, gain=0.7 - 0.1 * w, speed=1.0 - 0.4 * w).astype(np.float32)
 
     return push
 
 
-def collect_episode(task, seed, image_size=64, target=None, suite="toy", noise=0.0):
+def recovery_start(env, rng):
+    """A push end-effector start for a recovery demo: uniform on a ring RECOVERY_RING around the
+    puck, at any angle (beside it, in front of it, behind it), on the table and off every pad."""
+    u = env.unwrapped
+    puck, pads = u.puck_pos(), u.pad_pos()
+    for _ in range(1000):
+        angle, radius = rng.uniform(0, 2 * np.pi), rng.uniform(*RECOVERY_RING)
+        ee = puck + radius * np.array([np.cos(angle), np.sin(angle)])
+        if np.all(np.abs(ee) <= EE_RANGE - EE_RADIUS) and np.all(np.abs(pads - ee).max(axis=1) > PAD_HALF + EE_RADIUS):
+            return ee
+    raise RuntimeError(f"no recovery start found around the puck at {puck} (seed {u.episode_seed})")
+
+
+def collect_episode(task, seed, image_size=64, target=None, suite="toy", noise=0.0, recovery=False):
     """One scripted-expert episode in the on-disk format (see save_episode). `target` (a pad index)
     names another pad than the seed draws, so one layout can be demonstrated toward every pad.
+
+    recovery (toy `push` only): the end-effector starts anywhere around the puck (recovery_start)
+    instead of behind it, so the demo shows the expert going around the puck to line up: the state
+    a learner that overshot the puck is in. Evaluation layouts always start behind the puck.
 
     noise > 0 (DART, Laskey et al. 2017): the env executes the expert's command plus Gaussian
     noise of this std per action dimension (clipped to [-1, 1]), while the episode records the
@@ -440,6 +463,11 @@ def collect_episode(task, seed, image_size=64, target=None, suite="toy", noise=0
     rng = np.random.default_rng([int(seed), 0 if target is None else int(target) + 1, zlib.crc32(task.encode())])
     try:
         obs, info = env.reset(seed=seed, options={"target": target})
+        if recovery:
+            u = env.unwrapped
+            if suite != "toy" or not u.task.has_puck:
+                raise ValueError(f"recovery demos are for the toy suite's push task, not {suite}/{task}")
+            obs = u.set_layout(recovery_start(env, rng), u.pad_pos(), u.pad_colors, u.target, u.puck_pos())
         expert = S.scripted_expert(env)
         frames, states, actions = [obs["image"]], [obs["state"]], []
         while True:

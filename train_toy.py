@@ -69,6 +69,8 @@ DEMO_WORKERS = min(4, os.cpu_count() or 1)  # processes rendering demos (one per
 EVERY_PAD = True           # each layout demonstrated toward every pad (see collect_demos)
 DEMO_NOISE = 0.3           # toy suite: std of the noise added to the expert's executed commands (DART; see
                            # eval_sim.collect_episode); the demos record the expert's clean commands
+RECOVERY_DEMOS = 0.25      # toy suite: fraction of push layouts demonstrated from a start beside or past the
+                           # puck, so the demos hold the way back from a learner's overshoot (collect_demos)
 EVAL_EPISODES = 25         # per task: 2 tasks x 25 = the 50 evaluation episodes
 GIF_EPISODES = 2           # rollout GIFs written per task
 CKPT_EVERY = 500
@@ -126,8 +128,9 @@ def seed_everything(seed):
 # ----------------------------------------------------------------------------------------------
 # Demonstrations on disk
 
-DEMO_FORMAT = 3  # bumped when the suite's episodes change (2: state (x, y) without velocity;
-                 # 3: push starts behind the puck, the push expert blends instead of switching)
+DEMO_FORMAT = 4  # bumped when the suite's episodes change (2: state (x, y) without velocity;
+                 # 3: push starts behind the puck, the push expert blends instead of switching;
+                 # 4: the push expert lines up further behind the puck and goes around it wider)
 
 
 def demo_cache_dir(cache_root, task, image_size, noise=0.0):
@@ -135,7 +138,7 @@ def demo_cache_dir(cache_root, task, image_size, noise=0.0):
 
 
 def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, every_pad=EVERY_PAD, suite="toy",
-                  noise=0.0):
+                  noise=0.0, recovery=0.0):
     """Scripted-expert demos for each task, one .npz per episode; files already present are reused.
 
     demos_per_task layouts (demo seeds) per task. every_pad: each layout is demonstrated toward
@@ -144,15 +147,22 @@ def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, 
     instruction tells them apart; otherwise one episode per layout, toward the pad its seed names.
     suite: eval_sim's suite the tasks belong to; Meta-World has no pads (one episode per seed).
     noise: std of the noise on the executed commands (eval_sim.collect_episode; 0: none).
+    recovery: the fraction of the toy suite's push layouts whose end-effector starts anywhere
+    around the puck instead of behind it (eval_sim.collect_episode's `recovery`), spread evenly
+    over the layouts; other tasks ignore it. Those episodes are cached as seed_*_recovery.npz.
     Demos the expert failed are kept on disk (so the cache is complete) but not returned.
     Returns the list of successful episodes (dicts in eval_sim's episode format).
     """
     S = eval_sim.get_suite(suite)
-    jobs = [(task, seed, target) for task in tasks for seed in S.demo_seeds(task, demos_per_task)
+    if not 0 <= recovery <= 1:
+        raise ValueError(f"recovery: expected a fraction in [0, 1], got {recovery}")
+    jobs = [(task, seed, target, recovery_layout(suite, task, i, recovery))
+            for task in tasks for i, seed in enumerate(S.demo_seeds(task, demos_per_task))
             for target in (range(S.TASKS[task].num_pads) if every_pad and suite == "toy" else [None])]
     paths = [os.path.join(demo_cache_dir(cache_root, task, image_size, noise),
-                          f"seed_{seed:06d}.npz" if target is None else f"seed_{seed:06d}_pad{target}.npz")
-             for task, seed, target in jobs]
+                          f"seed_{seed:06d}" + ("" if target is None else f"_pad{target}")
+                          + ("_recovery" if rec else "") + ".npz")
+             for task, seed, target, rec in jobs]
     missing = [(job, path) for job, path in zip(jobs, paths) if not os.path.exists(path)]
     for folder in sorted({os.path.dirname(path) for _, path in missing}):
         os.makedirs(folder, exist_ok=True)
@@ -186,11 +196,19 @@ def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, 
     return episodes
 
 
-def _collect_demo(task, seed, target, image_size, suite, noise, path):
+def recovery_layout(suite, task, index, fraction):
+    """Whether the index-th demo layout of `task` starts from a recovery state: toy push only,
+    round(fraction * n) of the first n layouts for every n (spread evenly)."""
+    if suite != "toy" or not eval_sim.get_task(task).has_puck:
+        return False
+    return math.floor((index + 1) * fraction + 0.5) > math.floor(index * fraction + 0.5)
+
+
+def _collect_demo(task, seed, target, recovery, image_size, suite, noise, path):
     """One scripted-expert episode written to `path` (atomically): collect_demos' unit of work."""
     torch.set_num_threads(1)
     eval_sim.save_episode(path, eval_sim.collect_episode(task, seed, image_size, target=target, suite=suite,
-                                                         noise=noise))
+                                                         noise=noise, recovery=recovery))
 
 
 def load_episodes(data_dir, progress=True):
@@ -548,7 +566,8 @@ TRAINING_KEYS = ("step", "optimizer", "scheduler", "args")  # what this script a
 # (--allow-changes continues with the new values and writes them into train_log.jsonl).
 
 EXPERIMENT_FLAGS = ("preset", "steps", "batch_size", "grad_accum", "lr_video", "lr_action", "warmup", "seed",
-                    "demos_per_task", "every_pad", "early_weight", "ema_decay", "demo_noise")
+                    "demos_per_task", "every_pad", "early_weight", "ema_decay", "demo_noise",
+                    "recovery_demos")
 
 
 def experiment_record(args, config, world=None, data=None, known=None):
@@ -741,11 +760,12 @@ def load_data(args, tasks, proc):
         cache = args.demo_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "demos")
         if proc.is_main:
             collect_demos(tasks, args.demos_per_task, image_size, cache, every_pad=args.every_pad, suite=args.suite,
-                          noise=args.demo_noise)
+                          noise=args.demo_noise, recovery=args.recovery_demos)
             print(f"demos ready in {time.time() - t0:.1f} s ({cache})")
         barrier()
         episodes = collect_demos(tasks, args.demos_per_task, image_size, cache, progress=False,
-                                 every_pad=args.every_pad, suite=args.suite, noise=args.demo_noise)
+                                 every_pad=args.every_pad, suite=args.suite, noise=args.demo_noise,
+                                 recovery=args.recovery_demos)
     check_episodes(episodes)
     image_size = episodes[0]["frames"].shape[1]
     if args.image_size is not None and args.image_size != image_size:
@@ -1003,6 +1023,12 @@ def validate_args(args):
         args.demo_noise = DEMO_NOISE if args.suite == "toy" else 0.0
     if not (math.isfinite(args.demo_noise) and args.demo_noise >= 0):
         raise ValueError(f"--demo-noise must be a finite number >= 0, got {args.demo_noise}")
+    if args.recovery_demos is None:
+        args.recovery_demos = RECOVERY_DEMOS if args.suite == "toy" else 0.0
+    if not 0 <= args.recovery_demos <= 1:  # also refuses NaN
+        raise ValueError(f"--recovery-demos must be a fraction in [0, 1], got {args.recovery_demos}")
+    if args.recovery_demos and args.suite != "toy":
+        raise ValueError(f"--recovery-demos is for the toy suite's push task; --suite {args.suite} has no such start")
     if not 0 <= args.ema_decay < 1:
         raise ValueError(f"--ema-decay must be in [0, 1) (0: no weight average), got {args.ema_decay}")
     if args.warmup < 0:
@@ -1089,6 +1115,10 @@ def build_parser():
     p.add_argument("--demo-noise", type=float, default=None,
                    help="std of the noise added to the expert's executed commands while collecting demos; the "
                         f"demos record the clean commands (DART) (default {DEMO_NOISE} on the toy suite, 0 on Meta-World)")
+    p.add_argument("--recovery-demos", type=float, default=None, metavar="FRACTION",
+                   help="fraction of the toy push layouts demonstrated from an end-effector start anywhere around "
+                        f"the puck (the expert goes around it) instead of behind it (default {RECOVERY_DEMOS} on the "
+                        "toy suite, 0 on Meta-World)")
     p.add_argument("--image-size", type=int, default=None, help="rendered frame size (default: the preset's)")
     p.add_argument("--tasks", nargs="+", default=None,
                    help="tasks of the suite (default: all of eval_sim.TASKS; required with --suite metaworld)")

@@ -105,6 +105,34 @@ def test_demo_noise_perturbs_the_execution_and_records_the_experts_commands(monk
                               clean["state"])
 
 
+def test_recovery_demo_starts_around_the_puck_and_the_expert_goes_around_it():
+    """collect_episode(recovery=True) (toy push): the same pads, puck and instruction as the seed's
+    layout, but the end-effector starts on RECOVERY_RING around the puck at any angle, in front of
+    it too, and the expert still pushes the puck onto the named pad."""
+    env = es.make_env("push", image_size=16)
+    alongs = []
+    for seed in range(12):
+        ep = es.collect_episode("push", seed, image_size=16, target=seed % 2, noise=0.3, recovery=True)
+        assert ep["success"], seed
+        normal = es.collect_episode("push", seed, image_size=16, target=seed % 2)
+        assert ep["instruction"] == normal["instruction"]
+        assert not np.array_equal(ep["state"][0], normal["state"][0])
+        env.reset(seed=seed, options={"target": seed % 2})
+        u = env.unwrapped
+        puck, goal = u.puck_pos(), u.target_pos()
+        rel = ep["state"][0] - puck
+        assert es.RECOVERY_RING[0] - 1e-6 <= np.linalg.norm(rel) <= es.RECOVERY_RING[1] + 1e-6
+        assert es.pad_under(ep["state"][0], u.pad_pos()) is None
+        alongs.append(rel @ (goal - puck) / np.linalg.norm(goal - puck))
+    assert max(alongs) > 0.02 and min(alongs) < -es.PUSH_START_BEHIND  # in front of the puck and behind it
+    again = es.collect_episode("push", 5, image_size=16, target=1, noise=0.3, recovery=True)
+    np.testing.assert_array_equal(again["state"], es.collect_episode("push", 5, image_size=16, target=1, noise=0.3,
+                                                                     recovery=True)["state"])
+    with pytest.raises(ValueError, match="recovery demos are for the toy suite's push task"):
+        es.collect_episode("reach", 0, image_size=16, recovery=True)
+    env.close()
+
+
 def test_push_starts_behind_the_puck_for_every_pad():
     # whichever pad is named, the end-effector starts behind the puck on the line from the pad
     env = es.make_env("push", image_size=16)
@@ -131,7 +159,7 @@ def test_push_expert_changes_its_action_smoothly_behind_the_puck():
         u.set_layout([side, -0.05 - 0.1], pads, ["red", "blue"], 0, puck=puck)  # 0.1 m behind, pushing +y
         actions.append(expert())
     steps = np.linalg.norm(np.diff(np.array(actions), axis=0), axis=1)
-    assert steps.max() < 0.06, steps.max()
+    assert steps.max() < 0.08, steps.max()  # a hard switch would move it by ~1 in one step
     assert np.linalg.norm(actions[len(actions) // 2]) == pytest.approx(0.6, abs=1e-6)  # on the line: push
     env.close()
 

@@ -467,6 +467,42 @@ def test_cli_reports_bad_flag_without_traceback(tmp_path, capsys):
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
 
 
+def test_recovery_layouts_are_spread_evenly_over_push_only():
+    picks = [train_toy.recovery_layout("toy", "push", i, 0.25) for i in range(500)]
+    assert sum(picks) == 125 and sum(picks[:8]) == 2 and sum(picks[:4]) == 1
+    assert all(sum(train_toy.recovery_layout("toy", "push", i, f) for i in range(n)) == round(f * n + 1e-9)
+               for f in (0.0, 0.1, 1 / 3, 0.5, 1.0) for n in (1, 7, 25))
+    assert not any(train_toy.recovery_layout("toy", "reach", i, 1.0) for i in range(10))
+    assert not train_toy.recovery_layout("metaworld", "reach", 0, 1.0)
+
+
+def test_collect_demos_recovery(tmp_path):
+    """recovery: that fraction of the push layouts start around the puck, cached as *_recovery.npz
+    beside the normal episodes; reach is untouched."""
+    eps = train_toy.collect_demos(["push", "reach"], 4, 16, str(tmp_path), progress=False, every_pad=False,
+                                  recovery=0.5)
+    push = sorted(os.listdir(train_toy.demo_cache_dir(tmp_path, "push", 16)))
+    assert push == ["seed_000000_recovery.npz", "seed_000001.npz", "seed_000002_recovery.npz", "seed_000003.npz"]
+    assert not any("recovery" in f for f in os.listdir(train_toy.demo_cache_dir(tmp_path, "reach", 16)))
+    assert len(eps) == 8
+    plain = train_toy.collect_demos(["push"], 2, 16, str(tmp_path), progress=False, every_pad=False)
+    rec = [e for e in eps if e["path"].endswith("seed_000000_recovery.npz")][0]
+    assert rec["instruction"] == plain[0]["instruction"] and not np.array_equal(rec["state"][0], plain[0]["state"][0])
+    with pytest.raises(ValueError, match="recovery"):
+        train_toy.collect_demos(["push"], 2, 16, str(tmp_path), progress=False, recovery=1.5)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--recovery-demos", "1.5"], "--recovery-demos must be a fraction in \\[0, 1\\], got 1.5"),
+    (["--recovery-demos", "nan"], "--recovery-demos must be a fraction in \\[0, 1\\], got nan"),
+    (["--recovery-demos", "0.25", "--suite", "metaworld"], "--recovery-demos is for the toy suite"),
+])
+def test_recovery_demos_flag_refuses_bad_values(tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message):
+        train_toy.main(run_args(tmp_path / "run", *flags))
+    assert not (tmp_path / "run").exists()
+
+
 def test_collect_demos_every_pad(tmp_path):
     """every_pad: each demo layout toward each pad (reach: 3 pads), cached under its own name;
     without it, one episode per layout."""
