@@ -69,8 +69,8 @@ DEMO_WORKERS = min(4, os.cpu_count() or 1)  # processes rendering demos (one per
 EVERY_PAD = True           # each layout demonstrated toward every pad (see collect_demos)
 DEMO_NOISE = 0.3           # toy suite: std of the noise added to the expert's executed commands (DART; see
                            # eval_sim.collect_episode); the demos record the expert's clean commands
-RECOVERY_DEMOS = 0.25      # toy suite: fraction of push layouts demonstrated from a start beside or past the
-                           # puck, so the demos hold the way back from a learner's overshoot (collect_demos)
+RECOVERY_DEMOS = 0.0       # toy suite: fraction of push layouts demonstrated from a start beside or past the
+                           # puck (collect_demos); off: 0.25 measured no gain (README, Results)
 EVAL_EPISODES = 25         # per task: 2 tasks x 25 = the 50 evaluation episodes
 GIF_EPISODES = 2           # rollout GIFs written per task
 CKPT_EVERY = 500
@@ -1117,8 +1117,8 @@ def build_parser():
                         f"demos record the clean commands (DART) (default {DEMO_NOISE} on the toy suite, 0 on Meta-World)")
     p.add_argument("--recovery-demos", type=float, default=None, metavar="FRACTION",
                    help="fraction of the toy push layouts demonstrated from an end-effector start anywhere around "
-                        f"the puck (the expert goes around it) instead of behind it (default {RECOVERY_DEMOS} on the "
-                        "toy suite, 0 on Meta-World)")
+                        f"the puck (the expert goes around it) instead of behind it (default {RECOVERY_DEMOS:g}; "
+                        "toy suite only)")
     p.add_argument("--image-size", type=int, default=None, help="rendered frame size (default: the preset's)")
     p.add_argument("--tasks", nargs="+", default=None,
                    help="tasks of the suite (default: all of eval_sim.TASKS; required with --suite metaworld)")
