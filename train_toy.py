@@ -1023,8 +1023,6 @@ def validate_args(args):
         args.demo_noise = DEMO_NOISE if args.suite == "toy" else 0.0
     if not (math.isfinite(args.demo_noise) and args.demo_noise >= 0):
         raise ValueError(f"--demo-noise must be a finite number >= 0, got {args.demo_noise}")
-    if args.recovery_demos is None:
-        args.recovery_demos = RECOVERY_DEMOS if args.suite == "toy" else 0.0
     if not 0 <= args.recovery_demos <= 1:  # also refuses NaN
         raise ValueError(f"--recovery-demos must be a fraction in [0, 1], got {args.recovery_demos}")
     if args.recovery_demos and args.suite != "toy":
@@ -1115,7 +1113,7 @@ def build_parser():
     p.add_argument("--demo-noise", type=float, default=None,
                    help="std of the noise added to the expert's executed commands while collecting demos; the "
                         f"demos record the clean commands (DART) (default {DEMO_NOISE} on the toy suite, 0 on Meta-World)")
-    p.add_argument("--recovery-demos", type=float, default=None, metavar="FRACTION",
+    p.add_argument("--recovery-demos", type=float, default=RECOVERY_DEMOS, metavar="FRACTION",
                    help="fraction of the toy push layouts demonstrated from an end-effector start anywhere around "
                         f"the puck (the expert goes around it) instead of behind it (default {RECOVERY_DEMOS:g}; "
                         "toy suite only)")
