@@ -53,6 +53,7 @@ def naive_predict_action(model, obs, state, instruction, generator):
         hook.remove()
     context, c = model.action_context(model.select_features(captured["h"], cond), text)
     a = torch.randn(cond.shape[0], cfg.action_horizon, cfg.action_dim, generator=generator, device=obs.device)
+    a = a * cfg.action_noise_scale
     a = d.euler_sample(lambda a_t, t: model.action_dit(a_t, t, state, h=context, cond=c), a, cfg.num_action_steps)
     return a.clamp(-1, 1)
 

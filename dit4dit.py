@@ -430,6 +430,9 @@ class DiT4DiTConfig:
     repeat: int = 4                 # R: action-noise draws per sample, sharing h and state
     video_loss_weight: float = 1.0  # lambda in L = L_action + lambda * L_video
     num_action_steps: int = 4       # Euler steps of the action sampler (tau = 1, .75, .5, .25 for 4)
+    action_noise_scale: float = 1.0  # std of the action sampler's starting noise: 1 samples the learned
+                                    # distribution (paper); 0 starts every integration at the noise's mean,
+                                    # a deterministic chunk given h (toy departure: it acts nearer the mode)
     num_video_steps: int = 10       # Euler steps of imagine_video (visualization only)
 
     def __post_init__(self):
@@ -859,6 +862,7 @@ class DiT4DiT(nn.Module):
         # the time embeddings, modulations and state token of the whole fixed schedule, once
         steps = iter(self.action_dit.step_inputs(euler_times(cfg.num_action_steps, B, obs.device), state, cond))
         a = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=generator, device=obs.device)
+        a = a * cfg.action_noise_scale  # drawn even at scale 0, so the generator's stream does not depend on it
         a = euler_sample(lambda x, tau: self.action_dit(x, tau, state, kv=kv, pre=next(steps)), a,
                          cfg.num_action_steps)
         return a.clamp(-1, 1)
@@ -1039,6 +1043,7 @@ CONFIG_FIELDS = {
     "repeat": _POSITIVE_INT,
     "video_loss_weight": (float, lambda v: v >= 0, "a finite number >= 0"),
     "num_action_steps": _POSITIVE_INT, "num_video_steps": _POSITIVE_INT,
+    "action_noise_scale": (float, lambda v: v >= 0, "a finite number >= 0"),
 }
 
 
@@ -1515,7 +1520,7 @@ PRESETS = {
     # departures (README, "Where this reference departs") are what made the policy learn the
     # suite from scratch in minutes; detach_features=False is the paper's gradient path.
     "toy": dict(patch_size=16, video_prediction="x0_residual", video_text_adaln=True, action_text=True,
-                feature_frames="conditioning", detach_features=False),
+                feature_frames="conditioning", detach_features=False, action_noise_scale=0.0),
     # The published model (DESIGN 3.9) with RoboCasa-GR1 data: chunk 16 with 8 future frames
     # (LIBERO would be chunk 8 with 4 frames). A and P are GR00T's padded maxima. The video DiT is
     # Cosmos-Predict2.5-2B parameter for parameter (video_dit_state_from_cosmos loads its weights)

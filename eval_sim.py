@@ -640,9 +640,12 @@ class ModelPolicy:
                 "execute_steps": self.execute_steps, "checkpoint": self.checkpoint}
 
 
-def load_policy(path, execute_steps=None, device="cpu"):
-    """ModelPolicy from a checkpoint written by dit4dit.save_checkpoint (train_toy.py's)."""
+def load_policy(path, execute_steps=None, device="cpu", action_noise_scale=None):
+    """ModelPolicy from a checkpoint written by dit4dit.save_checkpoint (train_toy.py's);
+    action_noise_scale replaces the checkpoint config's (the sampler's starting-noise std)."""
     ckpt = dit4dit.load_checkpoint(path)  # FileNotFoundError / ValueError naming the file
+    if action_noise_scale is not None:  # checked with the rest of the config by model_from_checkpoint
+        ckpt = {**ckpt, "config": {**ckpt["config"], "action_noise_scale": action_noise_scale}}
     model, state_normalizer, action_normalizer = dit4dit.model_from_checkpoint(ckpt)
     policy = ModelPolicy(model.to(device), state_normalizer, action_normalizer, execute_steps)
     policy.checkpoint = {"path": os.path.abspath(path), "sha256": file_sha256(path), "step": ckpt.get("step")}
@@ -901,7 +904,8 @@ def main(args):
         if not os.path.isfile(args.ckpt):
             raise FileNotFoundError(f"--ckpt: checkpoint {args.ckpt} does not exist")
         torch.set_num_threads(args.threads or torch.get_num_threads())
-        policy = load_policy(args.ckpt, execute_steps=args.execute_steps)  # verified: errors name the file
+        policy = load_policy(args.ckpt, execute_steps=args.execute_steps,  # verified: errors name the file
+                             action_noise_scale=args.action_noise_scale)
     report = evaluate(policy, tasks=args.tasks, episodes=args.episodes, out_dir=args.out, gif_episodes=args.gifs,
                       image_size=args.image_size, batch_size=args.batch_size, suite=args.suite)
     for name, t in report["tasks"].items():
@@ -924,6 +928,8 @@ def parse_args(argv=None):
     p.add_argument("--gifs", type=int, default=2, help="rollout GIFs per task (the first episodes)")
     p.add_argument("--image-size", type=int, default=None, help="frame size (default: the model's, 64 for experts)")
     p.add_argument("--execute-steps", type=int, default=None, help="actions executed per chunk (default: K/2)")
+    p.add_argument("--action-noise-scale", type=float, default=None,
+                   help="std of the action sampler's starting noise (default: the checkpoint's; 1 is the paper's)")
     p.add_argument("--batch-size", type=int, default=10, help="episodes simulated in lockstep per model call")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--bench", action="store_true", help="only time one control step of each task and exit")

@@ -423,6 +423,29 @@ def test_evaluate_tiny_dit4dit_and_load_policy(tmp_path):
         es.load_policy(str(tmp_path / "nowhere.pt"))
 
 
+def test_load_policy_action_noise_scale(tmp_path):
+    """The sampler's starting-noise std comes from the checkpoint's config; load_policy (and
+    --action-noise-scale) can replace it; a checkpoint written before the field existed loads with
+    1, the scale it was trained and evaluated with."""
+    dit4dit = pytest.importorskip("dit4dit")
+    config = dit4dit.make_config("tiny", state_dim=es.STATE_DIM, action_dim=es.ACTION_DIM, action_noise_scale=0.0)
+    norms = dit4dit.Normalizer(low=[-0.3, -0.5], high=[0.3, 0.5]), dit4dit.Normalizer(low=[-1, -1], high=[1, 1])
+    ckpt = tmp_path / "ckpt.pt"
+    dit4dit.save_checkpoint(ckpt, dit4dit.DiT4DiT(config), *norms, step=1)
+    assert es.load_policy(str(ckpt)).model.config.action_noise_scale == 0
+    assert es.load_policy(str(ckpt), action_noise_scale=1).model.config.action_noise_scale == 1
+    with pytest.raises(ValueError, match="action_noise_scale=-1"):
+        es.load_policy(str(ckpt), action_noise_scale=-1.0)
+    payload = torch.load(ckpt, weights_only=False)
+    del payload["config"]["action_noise_scale"]
+    payload["sha256"] = dit4dit.checkpoint_sha256(payload)
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    assert es.load_policy(str(old)).model.config.action_noise_scale == 1
+    args = es.parse_args(["--ckpt", str(ckpt), "--action-noise-scale", "0.5", "--out", str(tmp_path)])
+    assert args.action_noise_scale == 0.5
+
+
 def test_cli_needs_exactly_one_policy(tmp_path):
     with pytest.raises(ValueError, match="--ckpt"):
         es.main(es.parse_args(["--out", str(tmp_path)]))

@@ -296,6 +296,28 @@ def test_predict_action_precomputed_schedule_equals_naive(action_text):
         assert not torch.allclose(outs[0], outs[-1])  # the steps differ, so a wrong step index would show
 
 
+def test_action_noise_scale_sets_the_samplers_starting_noise():
+    """predict_action starts the Euler integration at action_noise_scale times a standard draw:
+    at 0 from the noise's mean (the toy preset), at 1 from the draw itself (the paper)."""
+    assert d.make_config("toy").action_noise_scale == 0 and d.make_config("paper").action_noise_scale == 1
+    model = trained_like(tiny_model()).eval()
+    batch = tiny_batch(model.config)
+    obs, state = batch["video"][:, :, 0], batch["state"]
+    K, A = model.config.action_horizon, model.config.action_dim
+    for scale in (0.0, 0.5, 1.0):
+        model.config.action_noise_scale = scale
+        acts = model.predict_action(obs, state, batch["instruction"], generator=gen(3))
+        g = gen(3)  # the same stream: the extraction noise first, then the action noise
+        with torch.inference_mode():
+            h = model.extract_features(obs, batch["instruction"], generator=g)
+            start = scale * torch.randn(3, K, A, generator=g)
+            a = d.euler_sample(lambda x, tau: model.action_dit(x, tau, state, h=h), start, model.config.num_action_steps)
+        torch.testing.assert_close(acts, a.clamp(-1, 1), rtol=1e-5, atol=1e-6)
+        if scale == 0:
+            zero_start = acts
+    assert not torch.allclose(zero_start, acts, atol=1e-3)  # the scale reaches the actions
+
+
 @pytest.mark.parametrize("detach", [True, False])
 def test_detach_features_controls_gradient_into_video_dit(detach):
     model = tiny_model(detach_features=detach)
@@ -525,6 +547,7 @@ def test_config_fields_are_type_and_range_checked_in_one_table():
         ("video_time_embed", "dit"), ("rope_pairs", "pairs"), ("rope_scale", (1.0, 3.0)), ("rope_scale", [1, 0, 1]),
         ("rope_scale", "1,3,3"), ("video_qk_norm_eps", 0.0), ("video_padding_mask", 1), ("text_proj_dim", -1),
         ("action_hidden_dim", 2560.0), ("action_max_len", 2), ("action_time_shift", 2),
+        ("action_noise_scale", -0.1), ("action_noise_scale", float("nan")),
     ]
     for name, value in bad:
         with pytest.raises(ValueError, match=f"^config field {name}=") as err:
