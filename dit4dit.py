@@ -23,120 +23,284 @@ Flow-matching convention (both branches): tau in [0, 1], tau = 0 is data, tau = 
   x_tau = (1 - tau) * x0 + tau * eps,   target velocity v* = eps - x0,
   sampling integrates Euler steps from tau = 1 down to 0: x <- x - dtau * v_hat.
 
-Reading order: the fused ops and their backend switch; building blocks; the blocks of both DiTs;
-the config; VideoDiT; ActionDiT; the joint DiT4DiT (one video call for every use, the dual
-flow-matching loss beside the feature extraction, then inference); then the boundaries, which a
-reader of the method can skip (tokenizer, text encoder, frame conversion, input checks,
-normalizer, atomic writes and checkpoints, the converter of Cosmos-Predict2.5's released weights);
-presets last.
+Reading order: the config and its presets; building blocks; the blocks of both DiTs; the
+tokenizer and text interfaces; VideoDiT; ActionDiT; the joint DiT4DiT (one video call for every
+use, the dual flow-matching loss beside the feature extraction, then inference). What is not the
+method lives elsewhere: bridges/ (input checks, checkpoints, frames, normalizer, datasets, the
+released weights), suites/ (simulated benchmarks), eval_sim.py, train_toy.py. Section numbers
+(§3.x) refer to docs/design.md.
 
 Kernels: `modulate`, `residual_modulate`, `qk_norm_rope` and `attention` run the fused C++/CUDA
 ops of the `kernels` package when it is built, and otherwise the pure-PyTorch reference bodies of
-kernels/reference.py (`select_backend`, environment variable DIT4DIT_KERNELS=auto|0|1 read at
-import; `backend()` says which is active).
+kernels/reference.py (kernels/dispatch.py: `select_backend`, environment variable
+DIT4DIT_KERNELS=auto|0|1 read at import; `backend()` says which is active).
 """
 import dataclasses
-import hashlib
-import logging
 import math
-import os
-import re
+import types
+import typing
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels  # the fused ops when built; always the pure-PyTorch references (kernels/reference.py)
-
-log = logging.getLogger("dit4dit")
+# The fused ops (C++/CUDA when built, else the PyTorch references), behind one switch:
+from bridges.inputs import check_batch, check_frames, check_tensor, check_text, model_dtype
+from kernels.dispatch import (attention, backend, modulate, qk_norm_rope,  # noqa: F401
+                              residual_modulate, select_backend)
 
 COND_TAU = 1e-4  # timestep given to the (clean) conditioning frame, as in Cosmos-Predict2.5
-X0_MIN_TAU = 0.05  # with x0-prediction, v = (x_tau - x0_hat) / max(tau, X0_MIN_TAU)
+X0_MIN_TAU = 0.05  # with x0_residual prediction, v = (x_tau - x0_hat) / max(tau, X0_MIN_TAU)
 
 
 # ----------------------------------------------------------------------------------------------
-# The ops the fused kernels replace (adaLN, adaLN after a gated residual, q/k RMSNorm + RoPE,
-# attention), and the switch.
+# Configuration: one dataclass, checked from its own annotations and field rules at construction
+# (frozen afterwards, so a config once made stays valid), and the named presets.
 
-_BACKEND = None  # "kernels" or "torch", set by select_backend() at import; read it with backend()
-
-
-def select_backend(mode="auto"):
-    """Choose the implementation of `modulate`, `residual_modulate` and `attention`: "auto" uses
-    the fused kernels when the extension is built, "0" always uses PyTorch, "1" requires them."""
-    global _BACKEND
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"mode (DIT4DIT_KERNELS) must be 'auto', '0' or '1', got {mode!r}")
-    chosen, why = "torch", "DIT4DIT_KERNELS=0"
-    if mode != "0":
-        if kernels.available():
-            chosen = "kernels"
-        else:
-            why = f"kernels._C is not loaded ({kernels.load_error()}); {kernels.BUILD_HINT}"
-            if mode == "1":
-                raise RuntimeError(f"DIT4DIT_KERNELS=1 asks for the fused kernels, but {why}")
-    if chosen != _BACKEND:
-        log.info("fused-op backend = %s%s", chosen, "" if chosen == "kernels" else f" ({why})")
-    _BACKEND = chosen
-    return chosen
+def _rule(default, test, allowed):
+    """A config field whose value must pass `test`; `allowed` says so in the error message."""
+    return field(default=default, metadata={"rule": (test, allowed)})
 
 
-def backend():
-    """The active implementation of the fused ops: "kernels" or "torch"."""
-    return _BACKEND
+def _at_least(low, default):
+    return _rule(default, lambda v: v >= low, f">= {low}")
 
 
-def modulate(x, shift, scale):
-    """adaLN modulation: LayerNorm(x) (no affine, eps 1e-6) * (1 + scale) + shift.
-
-    x (B, N, D); shift, scale (B, G, D) with N divisible by G: the N tokens are G contiguous
-    groups (G = 1: one vector per sample; G = T: one per frame) and group g uses row g."""
-    if _BACKEND == "kernels":
-        return kernels.adaln_modulate(x.contiguous(), shift.to(x.dtype).contiguous(),
-                                      scale.to(x.dtype).contiguous(), eps=1e-6)
-    return kernels.reference_adaln_modulate(x, shift, scale, eps=1e-6)
+def _between(low, high, default, closed="[)"):
+    """A number in the interval from low to high; closed says which ends belong to it."""
+    def test(v):
+        above = v >= low if closed[0] == "[" else v > low
+        return above and (v <= high if closed[1] == "]" else v < high)
+    return _rule(default, test, f"in {closed[0]}{low}, {high}{closed[1]}")
 
 
-def residual_modulate(x, y, gate, shift, scale):
-    """A sublayer's gated residual folded into the next sublayer's adaLN (one fused kernel):
-    x_new = x + per_frame(gate, y), h = modulate(x_new, shift, scale). Returns (x_new, h).
+@dataclass(frozen=True)
+class DiT4DiTConfig:
+    # data
+    image_size: int = 64            # H = W of frames in pixels
+    num_future_frames: int = 2      # F: future frames predicted after the current one
+    action_horizon: int = 8         # K: actions per chunk
+    action_dim: int = 2             # A (zero-padded to this; a mask marks real dims)
+    state_dim: int = 4              # P: proprioceptive state
+    # tokenizer and text
+    latent_channels: int = 3        # C of the tokenizer's latents (3: pixels; 16: Wan2.1 VAE)
+    text_encoder: Literal["bytes", "embeddings"] = "bytes"  # trainable byte-level encoder, or the
+                                    # caller gives (B, S, text_dim) features
+    text_dim: int = 64              # D_text: width of the text features the model is given
+    text_proj_dim: int = _at_least(0, 0)  # 0: the video cross-attention reads the text features;
+                                    # d > 0: through a trainable Linear(text_dim -> d) + GELU first
+                                    # (Cosmos-Predict2.5's crossattn_proj: 100 352 -> 1024)
+    text_depth: int = _at_least(0, 1)  # transformer layers of the byte-level text encoder
+    text_max_len: int = 48          # bytes per instruction (truncated / padded)
+    # video DiT (Cosmos-Predict2.5 style)
+    patch_size: int = 8             # p: patch (1, p, p) on latents
+    video_width: int = 96           # D_video
+    video_depth: int = 4            # blocks
+    video_heads: int = 4            # nh (hd = D_video / nh, at least 6 for the 3D rotary split)
+    video_mlp_dim: int = 256        # MLP hidden width
+    adaln_lora_rank: int = _at_least(0, 0)  # 0: per-block adaLN projection; r > 0: adaLN-LoRA of
+                                    # rank r (paper: 256)
+    video_time_embed: Literal["mlp", "cosmos"] = "mlp"  # "mlp": 256-d sinusoid -> MLP -> SiLU feeds
+                                    # the modulations; "cosmos" (needs adaln_lora_rank > 0): D-wide
+                                    # sinusoid -> RMSNorm -> SiLU, and the LoRA's shared term is
+                                    # Linear -> SiLU -> Linear(D -> 3D) of the sinusoid
+    rope_theta: float = _rule(10000.0, lambda v: v > 0, "> 0")  # rotary base (0: every angle NaN)
+    rope_pairs: Literal["interleaved", "half"] = "interleaved"  # rotary channel pairs (2i, 2i+1),
+                                    # or (i, i + hd/2) as Cosmos pairs them
+    rope_scale: tuple = _rule((1.0, 1.0, 1.0), lambda v: len(v) == 3 and all(
+        _has_type(s, float) and s > 0 for s in v), "three finite numbers > 0 (t, h, w)")
+                                    # NTK-aware rotary scaling per axis (t, h, w)
+                                    # (Cosmos-Predict2.5: (1, 3, 3))
+    video_qk_norm_eps: float = _between(0, 1, 1e-6, "()")  # eps of the q/k RMSNorms (Cosmos: 1e-5)
+    video_padding_mask: bool = False  # a padding-mask input channel after the condition mask
+                                    # (Cosmos: 16 latent + 1 condition-mask + 1 padding-mask)
+    video_time_scale: float = _rule(1000.0, lambda v: v > 0, "> 0")  # the video DiT embeds
+                                    # time_scale * tau (Cosmos-Predict2.5: 1, see VideoDiT.forward)
+    video_prediction: Literal["velocity", "x0_residual"] = "velocity"  # the video DiT's output:
+                                    # the velocity (Cosmos), or the clean latents minus the
+                                    # conditioning frame; loss and sampler stay in velocity space
+    video_text_adaln: bool = False  # the pooled instruction joins the video DiT's adaLN input, as a
+                                    # class label does in DiT (toy departure; Cosmos: cross-attn)
+    abs_pos_embed: bool = True      # add fixed 2D sin-cos positions to the patch tokens (toy
+                                    # departure, see VideoDiT.forward); False: rotary only (Cosmos)
+    # action DiT (GR00T-N1.5 style)
+    action_width: int = 128         # D_action
+    action_depth: int = 4           # blocks (even: cross-attn to h, odd: self-attn)
+    action_heads: int = 4
+    action_mlp_dim: int = 256
+    action_dropout: float = _between(0, 1, 0.0)  # dropout in the action DiT blocks
+    action_hidden_dim: int = _at_least(0, 0)  # width of the state encoder, output projection and
+                                    # decoder (0: action_width; the release: 2560)
+    action_max_len: int = _at_least(0, 0)  # rows of the learned position table of the action
+                                    # tokens, the first K used (0: K rows; the release: 1024)
+    action_time_shift: Literal[0, 1] = 0  # the action timestep sinusoid divides by 128 - shift
+                                    # (the release: 1, diffusers' downscale_freq_shift)
+    action_text: bool = False       # the instruction also reaches the action DiT directly: its
+                                    # tokens join h as cross-attention context and its mean joins
+                                    # the timestep conditioning (toy departure; the paper: only
+                                    # through the video DiT's features)
+    # the method (§3.4-3.8)
+    extract_layer: int = _at_least(0, 1)  # 0-based block whose output is the feature h (paper:
+                                    # 17 of 28)
+    tau_f: float = _between(0, 1, 0.995, "(]")  # timestep of the extraction pass (released: the
+                                    # sampler's first step)
+    feature_frames: Literal["all", "conditioning"] = "all"  # tokens of h the action DiT reads: all
+                                    # frames (paper) or the conditioning frame's (toy departure: at
+                                    # tau_f the future frames' tokens are mostly one noise draw)
+    detach_features: bool | None = None  # True: extraction under no_grad (release); False: L_action
+                                    # also trains the video DiT through h (paper); None: True unless
+                                    # action_only
+    action_only: bool = False       # ablation: no video loss; implies detach_features=False
+    repeat: int = 4                 # R: action-noise draws per sample, sharing h and state
+    video_loss_weight: float = _at_least(0, 1.0)  # lambda in L = L_action + lambda * L_video
+    num_action_steps: int = 4       # Euler steps of the action sampler (4: tau = 1, .75, .5, .25)
+    action_noise_scale: float = _at_least(0, 1.0)  # std of the action sampler's starting noise: 1
+                                    # samples the learned distribution (paper); 0 starts at the
+                                    # noise's mean, a deterministic chunk given h (toy departure)
+    num_video_steps: int = 10       # Euler steps of imagine_video (visualization only)
 
-    x, y (B, N, D); gate, shift, scale (B, G, D), grouped like `modulate`."""
-    if _BACKEND == "kernels":
-        x = x.contiguous()
-        y, gate, shift, scale = (t.to(x.dtype).contiguous() for t in (y, gate, shift, scale))
-        return kernels.residual_modulate(x, y, gate, shift, scale, eps=1e-6)
-    return kernels.reference_residual_modulate(x, y, gate, shift, scale, eps=1e-6)
+    def __post_init__(self):
+        if isinstance(self.rope_scale, list):  # a config read back from JSON
+            object.__setattr__(self, "rope_scale", tuple(self.rope_scale))
+        # The action-only baseline keeps the architecture and lets the action loss train the video
+        # DiT through h (docs/design.md §6): it implies detach_features=False, contradicts True.
+        if self.detach_features is None:
+            object.__setattr__(self, "detach_features", not self.action_only)
+        _check_config(self)
 
 
-def qk_norm_rope(x, norm, rot):
-    """The per-head RMSNorm of q or k (norm: its RMSNorm module) and the rotary embedding of
-    rope_3d, in one fused op: rot complex (N, hd/2) rotates the channel pairs (2i, 2i+1) read
-    as complex numbers; rot = (cos, sin), each (N, hd), rotates the pairs (i, i + hd/2)
-    ("rotate half"). x (B, nh, N, hd); computed in float32 (float64 for float64 x)."""
-    acc = _compute_dtype(x.dtype)
-    if isinstance(rot, tuple):  # (N, hd) tables whose halves are equal -> the per-pair (N, hd/2)
-        cos, sin = (t[:, : t.shape[1] // 2].to(acc) for t in rot)
-    else:
-        cos, sin = rot.real.to(acc), rot.imag.to(acc)
-    interleaved = not isinstance(rot, tuple)
-    if _BACKEND == "kernels":
-        return kernels.qk_norm_rope(x.contiguous(), norm.weight.to(acc), cos.contiguous(), sin.contiguous(),
-                                    norm.eps, interleaved)
-    return kernels.reference_qk_norm_rope(x, norm.weight, cos, sin, norm.eps, interleaved)
+def _has_type(value, kind):
+    """int: an int, not a bool; float: a finite number (an int is fine, a bool is not)."""
+    if kind is float:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return number and math.isfinite(value)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind)
 
 
-def attention(q, k, v):
-    """Softmax attention without mask, scale 1/sqrt(hd). q (B, nh, Lq, hd), k, v (B, nh, Lk, hd)."""
-    if _BACKEND == "kernels":
-        return kernels.attention(q.contiguous(), k.to(q.dtype).contiguous(), v.to(q.dtype).contiguous())
-    return kernels.reference_attention(q, k, v)
+def _field_ok(value, kind, rule):
+    """(ok, what the field allows) from the field's annotation and rule. Unruled ints are >= 1."""
+    if typing.get_origin(kind) is Literal:
+        choices = typing.get_args(kind)
+        return (any(type(value) is type(c) and value == c for c in choices),
+                " or ".join(map(repr, choices)))
+    if typing.get_origin(kind) in (typing.Union, types.UnionType):  # bool | None: resolved by now
+        kind = next(k for k in typing.get_args(kind) if k is not type(None))
+    if rule is None:
+        rule = ((lambda v: v >= 1), ">= 1") if kind is int else ((lambda v: True), "")
+    test, allowed = rule
+    name = {int: "an int", float: "a finite number", bool: "True or False"}.get(kind, kind.__name__)
+    ok = _has_type(value, kind) and test(value)
+    return ok, f"{name} {allowed}".strip() if kind in (int, float) else (allowed or name)
 
 
-select_backend(os.environ.get("DIT4DIT_KERNELS", "auto"))
+def _check_config(cfg):
+    """Every field's type and range from DiT4DiTConfig's annotations and rules, then the rules
+    between fields. ValueError "config field NAME=VALUE (TYPE): must be ..." naming the first."""
+    kinds = typing.get_type_hints(DiT4DiTConfig)
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        ok, allowed = _field_ok(value, kinds[f.name], f.metadata.get("rule"))
+        if not ok:
+            raise ValueError(f"config field {f.name}={value!r} ({type(value).__name__}): "
+                             f"must be {allowed}")
+    if cfg.action_only and cfg.detach_features:
+        raise ValueError("action_only=True (train_toy.py --action-only) trains the video DiT "
+                         "through the features: it cannot be combined with detach_features=True "
+                         "(--detach-features)")
+    if cfg.extract_layer >= cfg.video_depth:
+        raise ValueError(f"config field extract_layer={cfg.extract_layer} is out of range for "
+                         f"video_depth={cfg.video_depth} (0 .. {cfg.video_depth - 1})")
+    for name in ("video", "action"):
+        width, heads = getattr(cfg, f"{name}_width"), getattr(cfg, f"{name}_heads")
+        if width % heads:
+            raise ValueError(f"{name}_width={width} is not divisible by {name}_heads={heads}")
+    hd = cfg.video_width // cfg.video_heads
+    if hd < 6 or hd % 2:
+        raise ValueError(f"video head dim {hd} must be even and >= 6 (3D rotary split)")
+    if cfg.rope_scale != (1, 1, 1) and hd < 12:
+        raise ValueError(f"config field rope_scale={cfg.rope_scale}: NTK scaling needs >= 4 rotary "
+                         f"channels per axis, a video head dim >= 12 (got {hd})")
+    if cfg.video_time_embed == "cosmos" and cfg.adaln_lora_rank == 0:
+        raise ValueError("config field video_time_embed='cosmos' needs adaln_lora_rank > 0 "
+                         "(Cosmos's shared modulation term is the LoRA's)")
+    if cfg.action_max_len and cfg.action_max_len < cfg.action_horizon:
+        raise ValueError(f"config field action_max_len={cfg.action_max_len} is below "
+                         f"action_horizon={cfg.action_horizon} (the position table needs a row "
+                         f"per action token)")
+    if cfg.image_size % cfg.patch_size:
+        raise ValueError(f"image_size={cfg.image_size} is not a multiple of "
+                         f"patch_size={cfg.patch_size}")
+    if cfg.text_encoder == "bytes" and cfg.text_dim % max(1, cfg.text_dim // 32):
+        raise ValueError(f"text_dim={cfg.text_dim} is not divisible by the byte text encoder's "
+                         f"{cfg.text_dim // 32} heads (text_dim // 32)")
+
+
+def _check_model_parts(config, tokenizer):
+    if not isinstance(config, DiT4DiTConfig):
+        raise ValueError(f"config: expected a DiT4DiTConfig, got {type(config).__name__}")
+    if getattr(tokenizer, "channels", None) != config.latent_channels:
+        raise ValueError(f"tokenizer: gives {getattr(tokenizer, 'channels', None)} latent channels "
+                         f"but config.latent_channels={config.latent_channels} (a VAE tokenizer "
+                         f"is needed?)")
+    f = getattr(tokenizer, "spatial_factor", 1) * config.patch_size
+    if config.image_size % f:
+        raise ValueError(f"image_size={config.image_size} is not a multiple of the patch in "
+                         f"pixels ({f} = tokenizer spatial factor x patch_size)")
+
+
+# Presets: the fields each named configuration sets; the others keep DiT4DiTConfig's defaults.
+
+# The toy's departures from the paper (README, "Where this reference departs"): what made the
+# policy learn the toy suite from scratch in minutes. detach_features=False is the paper's path.
+TOY_SWITCHES = dict(video_prediction="x0_residual", video_text_adaln=True, action_text=True,
+                    feature_frames="conditioning", detach_features=False, action_noise_scale=0.0)
+
+PRESETS = {
+    # The main job: CPU training in minutes on the toy suite (64x64 RGB; A and P are set from the
+    # data). Sized by compute: patch 16 gives 16 tokens a frame (a batch of 32 is 32 x 3 x 16 =
+    # 1536 video tokens); x0_residual prediction makes such large pixel patches learnable (see
+    # video_forward). extract_layer 1 is the second of four blocks (the paper: ~60% depth).
+    "toy": dict(patch_size=16, **TOY_SWITCHES),
+    # The toy's switches at test size: a forward takes milliseconds.
+    "tiny": dict(image_size=16, num_future_frames=2, action_horizon=4, action_dim=2, state_dim=3,
+                 text_dim=16, text_depth=1, text_max_len=16, patch_size=4,
+                 video_width=64, video_depth=2, video_heads=4, video_mlp_dim=128,
+                 action_width=32, action_depth=2, action_heads=2, action_mlp_dim=64,
+                 extract_layer=0, repeat=2, num_video_steps=4, **TOY_SWITCHES),
+    # The published model (§3.9) with RoboCasa-GR1 data: chunk 16 with 8 future frames (LIBERO
+    # would be chunk 8 with 4 frames). A and P are GR00T's padded maxima. The video DiT is
+    # Cosmos-Predict2.5-2B parameter for parameter (bridges/cosmos.py converts its weights) and
+    # the action DiT has the released head's shapes. Latents come from a Wan2.1 VAE (16 channels,
+    # 8x spatial) and text from a frozen LM (Qwen2.5-VL-7B's 28 layers x 3584, standardized and
+    # stacked: 100 352-d features), both outside this module: pass tokenizer= and embeddings.
+    "paper": dict(image_size=256, num_future_frames=8, action_horizon=16, action_dim=32,
+                  state_dim=64, latent_channels=16, text_encoder="embeddings", text_dim=100352,
+                  text_proj_dim=1024, patch_size=2, video_width=2048, video_depth=28,
+                  video_heads=16, video_mlp_dim=8192, adaln_lora_rank=256,
+                  video_time_embed="cosmos", rope_pairs="half", rope_scale=(1.0, 3.0, 3.0),
+                  video_qk_norm_eps=1e-5, video_padding_mask=True, abs_pos_embed=False,
+                  video_time_scale=1.0, action_width=768, action_depth=16, action_heads=12,
+                  action_mlp_dim=3072, action_dropout=0.2, action_hidden_dim=2560,
+                  action_max_len=1024, action_time_shift=1, extract_layer=17, tau_f=0.995,
+                  repeat=4, num_action_steps=4, num_video_steps=35),
+}
+
+
+def make_config(preset, **overrides):
+    """The DiT4DiTConfig of PRESETS[preset] with fields replaced; ValueError names an unknown
+    preset or field (or a contradiction, see DiT4DiTConfig.__post_init__)."""
+    if preset not in PRESETS:
+        raise ValueError(f"preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
+    fields = {f.name for f in dataclasses.fields(DiT4DiTConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"overrides: unknown config field(s) {unknown}")
+    return DiT4DiTConfig(**{**PRESETS[preset], **overrides})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,7 +316,8 @@ def timestep_embedding(t, dim, max_period=10000.0, shift=0):
     float32 (float64 for float64 t), at frequencies max_period^(-i / (dim/2 - shift)), i < dim/2
     (shift 1 is diffusers' `downscale_freq_shift=1`, which the released action head uses)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / (half - shift))
+    i = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(max_period) * i / (half - shift))
     args = t.to(_compute_dtype(t.dtype))[..., None] * freqs  # (..., dim/2)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (..., dim)
 
@@ -192,12 +357,14 @@ def rope_3d(T, h, w, head_dim, theta, device, scale=(1.0, 1.0, 1.0), pairs="inte
         if pairs == "interleaved":
             freqs = theta_axis ** (-torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
         else:
-            freqs = 1.0 / theta_axis ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d)
+            freqs = 1.0 / theta_axis ** (torch.arange(0, d, 2, device=device,
+                                                      dtype=torch.float32) / d)
         return torch.arange(n, device=device, dtype=torch.float32)[:, None] * freqs
 
     ang = torch.cat([axis(T, d_t, scale[0])[:, None, None].expand(T, h, w, d_t // 2),
                      axis(h, d_hw, scale[1])[None, :, None].expand(T, h, w, d_hw // 2),
-                     axis(w, d_hw, scale[2])[None, None, :].expand(T, h, w, d_hw // 2)], dim=-1)  # (T, h, w, hd/2)
+                     axis(w, d_hw, scale[2])[None, None, :].expand(T, h, w, d_hw // 2)],
+                    dim=-1)  # (T, h, w, hd/2)
     ang = ang.reshape(T * h * w, head_dim // 2)  # (N, hd/2)
     if pairs == "interleaved":
         return torch.polar(torch.ones_like(ang), ang)  # (N, hd/2) e^{i*angle}
@@ -212,8 +379,10 @@ def sincos_2d(h, w, dim, device):
     freqs = 1.0 / 10000 ** (torch.arange(quarter, device=device, dtype=torch.float32) / quarter)
     rows = torch.arange(h, device=device, dtype=torch.float32)[:, None] * freqs  # (h, dim/4)
     cols = torch.arange(w, device=device, dtype=torch.float32)[:, None] * freqs  # (w, dim/4)
-    emb = torch.cat([rows.sin()[:, None].expand(h, w, quarter), rows.cos()[:, None].expand(h, w, quarter),
-                     cols.sin()[None].expand(h, w, quarter), cols.cos()[None].expand(h, w, quarter)], dim=-1)
+    emb = torch.cat([rows.sin()[:, None].expand(h, w, quarter),
+                     rows.cos()[:, None].expand(h, w, quarter),
+                     cols.sin()[None].expand(h, w, quarter),
+                     cols.cos()[None].expand(h, w, quarter)], dim=-1)  # (h, w, 4 * quarter)
     return F.pad(emb, (0, dim - 4 * quarter)).reshape(h * w, dim)  # (h, w, dim) -> (h*w, dim)
 
 
@@ -247,7 +416,7 @@ class Attention(nn.Module):
     """Multi-head attention; K/V come from the input (self) or from a context (cross).
 
     `project_kv(context)` is separate so a caller can compute the K/V of a fixed context once
-    and pass them back as `kv=` on every call (the action DiT's Euler steps, DESIGN 3.8)."""
+    and pass them back as `kv=` on every call (the action DiT's Euler steps, §3.8)."""
 
     def __init__(self, dim, heads, context_dim=None, qk_norm=False, bias=False, norm_eps=1e-6):
         super().__init__()
@@ -260,15 +429,16 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, norm_eps) if qk_norm else nn.Identity()
 
     def _split(self, x):
-        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # (B, L, D) -> (B, nh, L, hd)
+        # (B, L, D) -> (B, nh, L, hd)
+        return x.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)
 
     def project_kv(self, context):
         """context (B, L, D_ctx) -> (k, v), each (B, nh, L, hd)."""
         return self.k_norm(self._split(self.k(context))), self._split(self.v(context))
 
     def forward(self, x, context=None, kv=None, rope=None):
-        if rope is not None:  # self-attention (built with qk_norm): q/k RMSNorm and the 3D rotation fused
-            q, k, v = (self._split(proj(x)) for proj in (self.q, self.k, self.v))  # (B, nh, L, hd) each
+        if rope is not None:  # self-attention (with qk_norm): q/k RMSNorm and 3D rotation fused
+            q, k, v = (self._split(proj(x)) for proj in (self.q, self.k, self.v))  # (B, nh, L, hd)
             q, k = qk_norm_rope(q, self.q_norm, rope), qk_norm_rope(k, self.k_norm, rope)
         else:
             q = self.q_norm(self._split(self.q(x)))  # (B, nh, L, hd)
@@ -278,7 +448,7 @@ class Attention(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Video DiT blocks (DESIGN 3.3): per-frame adaLN-Zero, self-attn, cross-attn, MLP.
+# Video DiT blocks (§3.3): per-frame adaLN-Zero, self-attn, cross-attn, MLP.
 
 class Modulation(nn.Module):
     """Produce n modulation vectors (shift, scale[, gate]) per frame from the timestep embedding.
@@ -292,7 +462,8 @@ class Modulation(nn.Module):
         if rank == 0:
             self.proj = nn.Linear(dim, n * dim, bias=False)
         else:
-            self.proj = nn.Sequential(nn.Linear(dim, rank, bias=False), nn.Linear(rank, n * dim, bias=False))
+            self.proj = nn.Sequential(nn.Linear(dim, rank, bias=False),
+                                      nn.Linear(rank, n * dim, bias=False))
 
     def forward(self, c, shared=None):
         out = self.proj(c)  # (B, T, n*D)
@@ -311,14 +482,15 @@ def per_frame(gate, x):
 class VideoBlock(nn.Module):
     def __init__(self, dim, heads, mlp_dim, text_dim, lora_rank, qk_eps):
         super().__init__()
-        self.mod_self, self.mod_cross, self.mod_mlp = (Modulation(dim, 3, lora_rank) for _ in range(3))
+        self.mod_self, self.mod_cross, self.mod_mlp = (Modulation(dim, 3, lora_rank)
+                                                       for _ in range(3))
         self.self_attn = Attention(dim, heads, qk_norm=True, norm_eps=qk_eps)
         self.cross_attn = Attention(dim, heads, context_dim=text_dim, qk_norm=True, norm_eps=qk_eps)
         self.mlp = MLP(dim, mlp_dim, bias=False)
 
     def forward(self, x, c, shared, text, rope):
         # x (B, N, D) tokens; c (B, T, D) = SiLU(timestep embedding) per frame; each sublayer is
-        # LayerNorm -> modulate(shift, scale) -> op -> gated residual (gate starts at 0: adaLN-Zero):
+        # LayerNorm -> modulate(shift, scale) -> op -> gated residual (gate 0 at init: adaLN-Zero):
         #   x = x + per_frame(gate, op(modulate(x, shift, scale))).
         # The gated residual of one sublayer and the modulate of the next are one residual_modulate.
         shift1, scale1, gate1 = self.mod_self(c, shared)
@@ -331,10 +503,11 @@ class VideoBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Action DiT block (DESIGN 3.6): adaLN without gate, cross- or self-attention, MLP.
+# Action DiT block (§3.6): adaLN without gate, cross- or self-attention, MLP.
 
 class ActionBlock(nn.Module):
-    """GR00T-style block: adaLN (shift, scale; no gate) -> attention -> residual; LN -> MLP -> residual.
+    """GR00T-style block: adaLN (shift, scale; no gate) -> attention -> residual; LayerNorm ->
+    MLP -> residual.
 
     Even blocks cross-attend to the video features h (K/V projected from D_video), odd blocks
     self-attend over [state, actions]. The block owns its modulation Linear `mod`, but ActionDiT
@@ -358,98 +531,66 @@ class ActionBlock(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Configuration.
+# Boundaries: the video tokenizer and the text encoder (§3.2, 3.3).
 
-@dataclass
-class DiT4DiTConfig:
-    # data
-    image_size: int = 64            # H = W of frames in pixels
-    num_future_frames: int = 2      # F: future frames predicted after the current one
-    action_horizon: int = 8         # K: actions per chunk
-    action_dim: int = 2             # A (zero-padded to this; a mask marks real dims)
-    state_dim: int = 4              # P: proprioceptive state
-    # tokenizer and text
-    latent_channels: int = 3        # C of the tokenizer's latents (3 = pixel tokenizer; 16 = Wan2.1 VAE)
-    text_encoder: str = "bytes"     # "bytes": trainable byte-level encoder; "embeddings": caller gives (B, S, text_dim)
-    text_dim: int = 64              # D_text: width of the text features the model is given
-    text_proj_dim: int = 0          # 0: the video cross-attention reads the text features; d > 0: through a
-                                    # trainable Linear(text_dim -> d) + GELU first (Cosmos-Predict2.5's
-                                    # crossattn_proj on the LM's stacked hidden states: 100 352 -> 1024)
-    text_depth: int = 1             # transformer layers of the byte-level text encoder
-    text_max_len: int = 48          # bytes per instruction (truncated / padded)
-    # video DiT (Cosmos-Predict2.5 style)
-    patch_size: int = 8             # p: patch (1, p, p) on latents
-    video_width: int = 96           # D_video
-    video_depth: int = 4            # blocks
-    video_heads: int = 4            # nh (hd = D_video / nh, at least 6 for the 3D rotary split)
-    video_mlp_dim: int = 256        # MLP hidden width
-    adaln_lora_rank: int = 0        # 0: per-block adaLN projection; r > 0: adaLN-LoRA of rank r (paper: 256)
-    video_time_embed: str = "mlp"   # "mlp": 256-d sinusoid -> MLP -> SiLU feeds the modulations; "cosmos"
-                                    # (Cosmos-Predict2.5, needs adaln_lora_rank > 0): D-wide sinusoid ->
-                                    # RMSNorm -> SiLU feeds them, and the LoRA's shared term is
-                                    # Linear -> SiLU -> Linear(D -> 3D) of the sinusoid (see VideoDiT)
-    rope_theta: float = 10000.0     # rotary base frequency
-    rope_pairs: str = "interleaved" # rotary channel pairs: "interleaved" (2i, 2i+1) or "half" (i, i + hd/2, Cosmos)
-    rope_scale: tuple = (1.0, 1.0, 1.0)  # NTK-aware rotary scaling per axis (t, h, w) (Cosmos-Predict2.5: (1, 3, 3))
-    video_qk_norm_eps: float = 1e-6 # eps of the per-head q/k RMSNorms (diffusers' Cosmos, which the release runs: 1e-5)
-    video_padding_mask: bool = False  # a padding-mask input channel after the condition mask (Cosmos:
-                                    # 16 latent + 1 condition-mask + 1 padding-mask channels); zeros unless
-                                    # VideoDiT.forward is given a padding_mask
-    video_time_scale: float = 1000.0  # the video DiT embeds time_scale * tau (Cosmos-Predict2.5: 1, see VideoDiT)
-    video_prediction: str = "velocity"  # what the video DiT outputs: "velocity" (Cosmos), "x0" (clean
-                                    # latents, JiT) or "x0_residual" (clean latents minus the conditioning
-                                    # frame); the loss and the sampler stay in velocity space (toy departure)
-    video_text_adaln: bool = False  # the pooled instruction joins the video DiT's adaLN conditioning,
-                                    # as a class label does in DiT (toy departure; Cosmos: cross-attn only)
-    abs_pos_embed: bool = True      # add fixed 2D sin-cos positions to the patch tokens (toy departure,
-                                    # see VideoDiT.forward); False = rotary positions only (Cosmos)
-    # action DiT (GR00T-N1.5 style)
-    action_width: int = 128         # D_action
-    action_depth: int = 4           # blocks (even: cross-attn to h, odd: self-attn)
-    action_heads: int = 4
-    action_mlp_dim: int = 256
-    action_dropout: float = 0.0     # dropout in the action DiT blocks
-    action_hidden_dim: int = 0      # hidden width of the state encoder and the output decoder, and the width of
-                                    # the output projection (0: action_width; the release: 2560)
-    action_max_len: int = 0         # rows of the learned position table of the action tokens, the first K
-                                    # used (0: K rows; the release: 1024)
-    action_time_shift: int = 0      # the action DiT's timestep sinusoid divides by 128 - shift (the release: 1,
-                                    # diffusers' downscale_freq_shift)
-    action_text: bool = False       # the instruction also reaches the action DiT directly: its tokens join h
-                                    # as cross-attention context and its mean joins the timestep conditioning
-                                    # (toy departure; the paper: only through the video DiT's features)
-    # the method (DESIGN 3.4-3.8)
-    extract_layer: int = 1          # 0-based block whose output is the feature h (paper: 17 of 28)
-    tau_f: float = 0.995            # timestep of the extraction pass (released code: first sampler step)
-    feature_frames: str = "all"     # tokens of h the action DiT reads: "all" frames (paper) or the
-                                    # "conditioning" frame's only (toy departure: at tau_f the future
-                                    # frames' tokens are mostly the noise of one draw)
-    detach_features: bool | None = None  # True: extraction under no_grad (release); False: L_action
-                                    # also trains the video DiT through h (paper); None: True unless action_only
-    action_only: bool = False       # ablation: no video loss; implies detach_features=False
-    repeat: int = 4                 # R: action-noise draws per sample, sharing h and state
-    video_loss_weight: float = 1.0  # lambda in L = L_action + lambda * L_video
-    num_action_steps: int = 4       # Euler steps of the action sampler (tau = 1, .75, .5, .25 for 4)
-    action_noise_scale: float = 1.0  # std of the action sampler's starting noise: 1 samples the learned
-                                    # distribution (paper); 0 starts every integration at the noise's mean,
-                                    # a deterministic chunk given h (toy departure: it acts nearer the mode)
-    num_video_steps: int = 10       # Euler steps of imagine_video (visualization only)
+class PixelTokenizer(nn.Module):
+    """The default video tokenizer: latents are the pixels in [-1, 1] (§3.2).
 
-    def __post_init__(self):
-        if isinstance(self.rope_scale, list):  # a config read back from JSON
-            self.rope_scale = tuple(self.rope_scale)
-        # The action-only baseline keeps the architecture and lets the action loss train the video
-        # DiT through h (DESIGN 6): it implies detach_features=False and contradicts True.
-        if self.detach_features is None:
-            self.detach_features = not self.action_only  # a non-bool action_only is reported next
-        _check_config(self)
-        if self.action_only and self.detach_features:
-            raise ValueError("action_only=True (train_toy.py --action-only) trains the video DiT through the "
-                             "features: it cannot be combined with detach_features=True (--detach-features)")
+    A real VAE (the paper: Wan2.1, 16 channels, 8x spatial, 4x temporal) plugs in with the same
+    interface: `channels`, `spatial_factor`, `latent_frames(T)`, `encode`, `decode`."""
+
+    channels = 3
+    spatial_factor = 1
+
+    def latent_frames(self, num_frames):
+        return num_frames
+
+    def encode(self, video):  # (B, 3, T, H, W) -> (B, C, T', H/s, W/s)
+        return video
+
+    def decode(self, latents):  # (B, C, T', h, w) -> (B, 3, T, H, W)
+        return latents.clamp(-1, 1)
+
+
+class ByteTextEncoder(nn.Module):
+    """A small trainable text encoder over UTF-8 bytes (the paper uses a frozen 7B LM, §3.3).
+
+    Instructions are truncated / padded to `max_len` bytes, so one instruction always gives the
+    same features whatever the batch. The pad bytes stay visible to the video DiT's
+    cross-attention (the attention op takes no mask); they are a learned constant suffix."""
+
+    PAD = 256
+
+    def __init__(self, dim, depth, max_len):
+        super().__init__()
+        self.max_len = max_len
+        self.embed = nn.Embedding(257, dim)
+        self.pos = nn.Parameter(torch.zeros(max_len, dim))
+        heads = max(1, dim // 32)
+        self.blocks = nn.ModuleList(
+            nn.ModuleList([nn.LayerNorm(dim), Attention(dim, heads, bias=True),
+                           nn.LayerNorm(dim), MLP(dim, 4 * dim, bias=True)]) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        nn.init.normal_(self.pos, std=0.02)
+        nn.init.normal_(self.embed.weight, std=0.02)
+
+    def tokenize(self, texts):
+        ids = torch.full((len(texts), self.max_len), self.PAD, dtype=torch.long)
+        for i, text in enumerate(texts):
+            b = list(text.encode("utf-8"))[: self.max_len]
+            ids[i, : len(b)] = torch.tensor(b, dtype=torch.long)
+        return ids  # (B, S)
+
+    def forward(self, texts):
+        x = self.embed(self.tokenize(texts).to(self.pos.device)) + self.pos  # (B, S, D_text)
+        for ln1, attn, ln2, mlp in self.blocks:
+            x = x + attn(ln1(x))
+            x = x + mlp(ln2(x))
+        return self.norm(x)
 
 
 # ----------------------------------------------------------------------------------------------
-# The video DiT (DESIGN 3.3).
+# The video DiT (§3.3).
 
 class VideoDiT(nn.Module):
     """Cosmos-Predict2.5-style video DiT: (latents + cond-mask channel [+ padding-mask channel])
@@ -463,9 +604,10 @@ class VideoDiT(nn.Module):
         D, C, p, r = cfg.video_width, cfg.latent_channels, cfg.patch_size, cfg.adaln_lora_rank
         self.patch, self.channels, self.heads, self.theta = p, C, cfg.video_heads, cfg.rope_theta
         self.abs_pos_embed, self.time_scale = cfg.abs_pos_embed, cfg.video_time_scale
-        self.rope_scale, self.rope_pairs, self.padding_mask = cfg.rope_scale, cfg.rope_pairs, cfg.video_padding_mask
+        self.rope_scale, self.rope_pairs = cfg.rope_scale, cfg.rope_pairs
+        self.padding_mask = cfg.video_padding_mask
         cosmos_time = cfg.video_time_embed == "cosmos"
-        in_channels = C + 1 + cfg.video_padding_mask  # +1: condition-mask channel (+1: padding mask)
+        in_channels = C + 1 + cfg.video_padding_mask  # +1: condition mask (+1: padding mask)
         self.patch_embed = nn.Linear(in_channels * p * p, D, bias=False)
         # "mlp": 256-d sinusoid -> MLP; "cosmos": the MLP maps the D-wide sinusoid to the LoRA's
         # shared term (D -> 3D), and the modulations read RMSNorm(sinusoid) (t_norm).
@@ -480,9 +622,9 @@ class VideoDiT(nn.Module):
         self.t_shared = nn.Linear(D, 3 * D, bias=False) if r > 0 and not cosmos_time else None
         # Cosmos-Predict2.5's crossattn_proj: the LM's stacked hidden states -> text_proj_dim
         self.text_proj = nn.Linear(cfg.text_dim, cfg.text_proj_dim) if cfg.text_proj_dim else None
-        self.blocks = nn.ModuleList(VideoBlock(D, cfg.video_heads, cfg.video_mlp_dim, cfg.text_proj_dim or cfg.text_dim,
-                                               r, cfg.video_qk_norm_eps)
-                                    for _ in range(cfg.video_depth))
+        self.blocks = nn.ModuleList(
+            VideoBlock(D, cfg.video_heads, cfg.video_mlp_dim, cfg.text_proj_dim or cfg.text_dim, r,
+                       cfg.video_qk_norm_eps) for _ in range(cfg.video_depth))
         self.final_mod = Modulation(D, 2, r)
         self.final_linear = nn.Linear(D, p * p * C, bias=False)
         self._grids = {}  # rotary and absolute-position tables per token grid (not parameters)
@@ -504,7 +646,8 @@ class VideoDiT(nn.Module):
         for block in self.blocks:
             modulations += [block.mod_self, block.mod_cross, block.mod_mlp]
         for mod in modulations:
-            out_layer = mod.proj if isinstance(mod.proj, nn.Linear) else mod.proj[1]  # LoRA: the up-projection
+            # LoRA: the up-projection
+            out_layer = mod.proj if isinstance(mod.proj, nn.Linear) else mod.proj[1]
             nn.init.zeros_(out_layer.weight)
         if self.t_shared is not None:
             nn.init.zeros_(self.t_shared.weight)
@@ -522,16 +665,16 @@ class VideoDiT(nn.Module):
     def rope(self, T, h, w, device):
         key = (T, h, w, str(device))
         if key not in self._grids:
-            with torch.inference_mode(False):  # a cached inference tensor would break later training
-                self._grids[key] = rope_3d(T, h, w, self.blocks[0].self_attn.head_dim, self.theta, device,
-                                           self.rope_scale, self.rope_pairs)
+            with torch.inference_mode(False):  # a cached inference tensor breaks later training
+                self._grids[key] = rope_3d(T, h, w, self.blocks[0].self_attn.head_dim, self.theta,
+                                           device, self.rope_scale, self.rope_pairs)
         return self._grids[key]
 
     def forward(self, x, tau, text, stop_after=None, padding_mask=None):
         """x (B, C, T, H, W) latents with frame 0 = conditioning frame; tau (B, T) per-frame
         timesteps; text (B, S, D_text). Returns the velocity (B, C, T, H, W), or, when
         `stop_after` is a block index, that block's output tokens (B, T*h*w, D) without running
-        the later blocks (the early exit of the extraction pass, DESIGN 3.5). padding_mask
+        the later blocks (the early exit of the extraction pass, §3.5). padding_mask
         (B or 1, 1, H, W), 1 on padded latent pixels, with video_padding_mask (default: zeros,
         nothing padded, as Cosmos-Predict2.5's pipeline passes)."""
         B, C, T, H, W = x.shape
@@ -543,19 +686,21 @@ class VideoDiT(nn.Module):
         if self.padding_mask:  # the same padding-mask channel on every frame
             pad = torch.zeros(B, 1, H, W, dtype=x.dtype, device=x.device)
             if padding_mask is not None:
-                pad = pad + _check_tensor("padding_mask", padding_mask, (None, 1, H, W)).to(x.dtype)
+                pad = pad + check_tensor("padding_mask", padding_mask, (None, 1, H, W)).to(x.dtype)
             x = torch.cat([x, pad[:, :, None].expand(B, 1, T, H, W)], dim=1)  # (B, C+2, T, H, W)
         elif padding_mask is not None:
-            raise ValueError("padding_mask: this config has no padding-mask channel (video_padding_mask=False)")
+            raise ValueError("padding_mask: this config has no padding-mask channel "
+                             "(video_padding_mask=False)")
         Cin = x.shape[1]
         x = x.reshape(B, Cin, T, h, p, w, p).permute(0, 2, 3, 5, 1, 4, 6)  # (B, T, h, w, Cin, p, p)
         x = self.patch_embed(x.reshape(B, T * h * w, Cin * p * p))  # (B, N, D)
         if self.abs_pos_embed:
-            # Departure from Cosmos-Predict2.5 (rotary positions only): the action DiT reads h through
-            # cross-attention without positions, so a model trained from scratch in minutes needs the
-            # tokens themselves to say where they are. Same rows/columns in every frame.
+            # Departure from Cosmos-Predict2.5 (rotary positions only): the action DiT reads h
+            # through cross-attention without positions, so a model trained from scratch in
+            # minutes needs the tokens themselves to say where they are. Same rows/columns in
+            # every frame.
             pos = self.pos_embed(h, w, x.device)  # (h*w, D)
-            x = (x.view(B, T, h * w, -1) + pos).view(B, T * h * w, -1)  # (B, T, h*w, D) -> (B, N, D)
+            x = (x.view(B, T, h * w, -1) + pos).view(B, T * h * w, -1)  # (B, T, hw, D) -> (B, N, D)
         # One conditioning vector per frame from a sinusoid of time_scale * tau. Cosmos-Predict2.5
         # feeds sigma in [0, 1] itself (time_scale 1, the `paper` preset); with a max period of
         # 10 000 the embeddings of tau = 0.995 and 0.5 then have cosine 0.99, which a pretrained
@@ -563,7 +708,8 @@ class VideoDiT(nn.Module):
         if self.t_norm is None:
             c = self.t_embed(self.time_scale * tau)  # (B, T, D)
         else:  # Cosmos-Predict2.5: the sinusoid itself is as wide as the model
-            emb = timestep_embedding(self.time_scale * tau, self.t_embed.freq_dim).to(x.dtype)  # (B, T, D)
+            emb = timestep_embedding(self.time_scale * tau, self.t_embed.freq_dim)  # (B, T, D)
+            emb = emb.to(x.dtype)
             c, shared = self.t_norm(emb), self.t_embed.mlp(emb)  # (B, T, D), (B, T, 3D)
         if self.text_adaln is not None:
             c = c + self.text_adaln(text.mean(1))[:, None]  # (B, 1, D): the same for every frame
@@ -575,7 +721,7 @@ class VideoDiT(nn.Module):
         rope = self.rope(T, h, w, x.device)
         for i, block in enumerate(self.blocks):
             x = block(x, c, shared, text, rope)
-            if i == stop_after:  # departure from the release, which runs every block and discards the rest
+            if i == stop_after:  # departure: the release runs every block and discards the rest
                 return x
         shift, scale = self.final_mod(c, shared)
         x = self.final_linear(modulate(x, shift, scale))  # (B, N, p*p*C)
@@ -584,7 +730,7 @@ class VideoDiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# The action DiT (DESIGN 3.6).
+# The action DiT (§3.6).
 
 class ActionDiT(nn.Module):
     """GR00T-N1.5-style flow-matching action head: [state, K noisy actions] -> velocity (B, K, A).
@@ -612,7 +758,8 @@ class ActionDiT(nn.Module):
         self.t_embed = TimestepMLP(D, shift=cfg.action_time_shift)
         self.blocks = nn.ModuleList(
             ActionBlock(D, cfg.action_heads, cfg.action_mlp_dim,
-                        context_dim=cfg.video_width if i % 2 == 0 else None, dropout=cfg.action_dropout)
+                        context_dim=cfg.video_width if i % 2 == 0 else None,
+                        dropout=cfg.action_dropout)
             for i in range(cfg.action_depth))
         self.final_mod = nn.Linear(D, 2 * D)
         self.proj_out = nn.Linear(D, Hd)
@@ -656,7 +803,8 @@ class ActionDiT(nn.Module):
         state_token = self.state_encoder(state)[:, None]  # (B, 1, D)
         mods = [linear(c)[:, :, None].chunk(2, dim=-1)  # (shift, scale), (S, B, 1, D) each
                 for linear in [*(block.mod for block in self.blocks), self.final_mod]]
-        return [dict(time_mix=time_mix[i], state=state_token, mods=[(shift[i], scale[i]) for shift, scale in mods])
+        return [dict(time_mix=time_mix[i], state=state_token,
+                     mods=[(shift[i], scale[i]) for shift, scale in mods])
                 for i in range(taus.shape[0])]
 
     def forward(self, actions, tau, state, h=None, kv=None, cond=None, pre=None):
@@ -670,7 +818,8 @@ class ActionDiT(nn.Module):
             pre = self.step_inputs(tau[None], state, cond)[0]
         K = actions.shape[1]
         # action_mix of the concatenation [W1 a, sinusoid(time)] (B, K, 2D), as two terms
-        mix = F.linear(self.action_in(actions), self.action_mix.weight[:, : self.width]) + pre["time_mix"][:, None]
+        mix = F.linear(self.action_in(actions), self.action_mix.weight[:, : self.width])
+        mix = mix + pre["time_mix"][:, None]  # (B, K, D)
         a = self.action_out(F.silu(mix)) + self.pos_embed[:K]  # (B, K, D)
         x = torch.cat([pre["state"], a], dim=1)  # (B, 1+K, D)
         for block, block_kv, (shift, scale) in zip(self.blocks, kv, pre["mods"]):
@@ -681,12 +830,14 @@ class ActionDiT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Flow-matching pieces shared by both branches: the Euler sampler, the action-time draw, the masked MSE.
+# Flow-matching pieces shared by both branches: the Euler sampler, the action-time draw, the
+# masked MSE.
 
 def euler_times(num_steps, B, device=None):
     """The fixed schedule of euler_sample: tau = 1, 1 - 1/n, ..., 1/n (for n = 4: 1, .75, .5, .25),
     each repeated for the batch -> (n, B)."""
-    return torch.tensor([1.0 - i / num_steps for i in range(num_steps)], device=device)[:, None].expand(-1, B)
+    taus = torch.tensor([1.0 - i / num_steps for i in range(num_steps)], device=device)
+    return taus[:, None].expand(-1, B)
 
 
 def euler_sample(velocity, x, num_steps):
@@ -698,7 +849,7 @@ def euler_sample(velocity, x, num_steps):
 
 
 def sample_action_time(n, generator=None, device=None):
-    """tau_a = s / 0.999 with s ~ Beta(1.5, 1): more weight on noisy samples (GR00T, DESIGN 3.6).
+    """tau_a = s / 0.999 with s ~ Beta(1.5, 1): more weight on noisy samples (GR00T, §3.6).
     Beta(1.5, 1) is sampled by inversion: its CDF is s^1.5, so s = u^(1/1.5)."""
     u = torch.rand(n, generator=generator, device=device)
     return u.pow(1 / 1.5) / 0.999
@@ -711,7 +862,7 @@ def masked_mse(pred, target, mask):
 
 
 # ----------------------------------------------------------------------------------------------
-# The joint model: dual flow matching (DESIGN 3.4-3.7) and inference (DESIGN 3.8).
+# The joint model: dual flow matching (§3.4-3.7) and inference (§3.8).
 
 class DiT4DiT(nn.Module):
     """The joint model: tokenizer and text boundaries, video DiT, action DiT; training loss
@@ -723,7 +874,8 @@ class DiT4DiT(nn.Module):
         _check_model_parts(config, tokenizer)
         self.config = config
         self.tokenizer = tokenizer
-        self.text_encoder = (ByteTextEncoder(config.text_dim, config.text_depth, config.text_max_len)
+        self.text_encoder = (ByteTextEncoder(config.text_dim, config.text_depth,
+                                             config.text_max_len)
                              if config.text_encoder == "bytes" else None)
         self.video_dit = VideoDiT(config)
         self.action_dit = ActionDiT(config)
@@ -742,21 +894,21 @@ class DiT4DiT(nn.Module):
         out = self.video_dit(x, taus, text, stop_after=stop_after)
         if stop_after is not None or self.config.video_prediction == "velocity":
             return out
-        # x0-prediction (toy departure, after Li & He 2025, "JiT"): a pixel patch holds more numbers
-        # than a token is wide, so the network predicts the clean latents, which it can, instead of
-        # eps - x0, which it cannot; "x0_residual" predicts them as a change from the conditioning
-        # frame (a fresh model then imagines a still scene). The loss and the sampler stay in
-        # velocity space: v = (x_tau - x0_hat) / tau, tau floored at X0_MIN_TAU.
-        x0_hat = out + cond if self.config.video_prediction == "x0_residual" else out
+        # "x0_residual" (toy departure, after Li & He 2025, "JiT"): a pixel patch holds more numbers
+        # than a token is wide, so the network predicts the clean latents, as a change from the
+        # conditioning frame (a fresh model imagines a still scene), instead of eps - x0. The loss
+        # and the sampler stay in velocity space: v = (x_tau - x0_hat) / max(tau, X0_MIN_TAU).
+        x0_hat = out + cond
         return (x - x0_hat) / taus.clamp_min(X0_MIN_TAU)[:, None, :, None, None]
 
     def future_noise(self, cond, generator=None):
-        """Pure noise for every future latent frame, like cond (B, C, 1, h, w) -> (B, C, T-1, h, w)."""
+        """Pure noise for every future latent frame: cond (B, C, 1, h, w) -> (B, C, T-1, h, w)."""
         B, C, _, h, w = cond.shape
         T_future = self.tokenizer.latent_frames(1 + self.config.num_future_frames) - 1
-        return torch.randn(B, C, T_future, h, w, generator=generator, device=cond.device, dtype=cond.dtype)
+        return torch.randn(B, C, T_future, h, w, generator=generator, device=cond.device,
+                           dtype=cond.dtype)
 
-    # -- training: the dual flow-matching loss (DESIGN 3.4-3.7) ---------------------------------
+    # -- training: the dual flow-matching loss (§3.4-3.7) ---------------------------------
     def video_flow_loss(self, latents, text, tau_v, noise):
         """Flow-matching loss of the video DiT. latents (B, C, T, h, w), frame 0 conditioning;
         tau_v (B,); noise like latents. The conditioning frame stays clean and is not scored."""
@@ -767,7 +919,8 @@ class DiT4DiT(nn.Module):
 
     def action_flow_loss(self, h, state, actions, mask, tau_a, noise, cond=None):
         """Flow-matching loss of the action DiT. h (B, N, D_video), state (B, P), actions
-        (B, K, A), mask (B, K, A) (0 on padded steps and dims); tau_a (B*R,) and noise (B*R, K, A): R draws per sample that
+        (B, K, A), mask (B, K, A) (0 on padded steps and dims); tau_a (B*R,) and noise
+        (B*R, K, A): R draws per sample that
         share h and state (released: R = 4); cond (B, D_action) or None, see action_context."""
         R = tau_a.shape[0] // actions.shape[0]
         kv = [None if p is None else (p[0].repeat_interleave(R, 0), p[1].repeat_interleave(R, 0))
@@ -775,11 +928,12 @@ class DiT4DiT(nn.Module):
         a0 = actions.repeat_interleave(R, 0)  # (B*R, K, A)
         tau = tau_a[:, None, None]
         cond = None if cond is None else cond.repeat_interleave(R, 0)
-        v_hat = self.action_dit((1 - tau) * a0 + tau * noise, tau_a, state.repeat_interleave(R, 0), kv=kv, cond=cond)
+        v_hat = self.action_dit((1 - tau) * a0 + tau * noise, tau_a, state.repeat_interleave(R, 0),
+                                kv=kv, cond=cond)
         return masked_mse(v_hat, noise - a0, mask.repeat_interleave(R, 0))
 
     def _extract(self, cond, text, generator):
-        """The extraction pass (DESIGN 3.5): clean conditioning latent cond (B, C, 1, h, w), all
+        """The extraction pass (§3.5): clean conditioning latent cond (B, C, 1, h, w), all
         future frames fresh noise (no ground truth) at tau_f, and an early exit after block
         extract_layer (the release runs every block and discards the rest) -> h (B, N, D_video)."""
         tau_f = torch.full((cond.shape[0],), self.config.tau_f, device=cond.device)
@@ -792,7 +946,8 @@ class DiT4DiT(nn.Module):
         all of them, or with feature_frames="conditioning" (toy departure) the first frame's."""
         if self.config.feature_frames == "all":
             return h
-        return h[:, : cond.shape[-2] * cond.shape[-1] // self.config.patch_size ** 2]  # (B, h*w, D_video)
+        n = cond.shape[-2] * cond.shape[-1] // self.config.patch_size ** 2  # tokens of one frame
+        return h[:, :n]  # (B, h*w, D_video)
 
     def action_context(self, h, text):
         """What the action DiT reads: the features h as cross-attention context, and with
@@ -803,10 +958,10 @@ class DiT4DiT(nn.Module):
         return torch.cat([h, self.text_to_context(text)], dim=1), self.text_to_cond(text.mean(1))
 
     def loss(self, batch, generator=None):
-        """Total training loss L = L_action + lambda * L_video (tri-timestep scheme, DESIGN 3.7).
+        """Total training loss L = L_action + lambda * L_video (tri-timestep scheme, §3.7).
         Returns dict(loss, video_loss, action_loss); video_loss is 0 when action_only."""
         cfg = self.config
-        video, state, actions, mask, text = _check_batch(self, batch)
+        video, state, actions, mask, text = check_batch(self, batch)
         B, dev = video.shape[0], video.device
         latents = self.tokenizer.encode(video)  # (B, C, T, h, w)
         text = self.encode_text(text)  # (B, S, D_text)
@@ -828,18 +983,20 @@ class DiT4DiT(nn.Module):
         # 3. Action flow matching: R draws of (eps, tau_a ~ Beta(1.5, 1)/0.999) per sample.
         R = cfg.repeat
         tau_a = sample_action_time(B * R, generator, dev)
-        noise_a = torch.randn(B * R, *actions.shape[1:], generator=generator, device=dev, dtype=actions.dtype)
+        noise_a = torch.randn(B * R, *actions.shape[1:], generator=generator, device=dev,
+                              dtype=actions.dtype)
         context, cond = self.action_context(h, text)
         action_loss = self.action_flow_loss(context, state, actions, mask, tau_a, noise_a, cond)
         loss = action_loss + cfg.video_loss_weight * video_loss
         return dict(loss=loss, video_loss=video_loss, action_loss=action_loss)
 
-    # -- inference (DESIGN 3.8) -------------------------------------------------------------------
+    # -- inference (§3.8) -------------------------------------------------------------------
     def encode_observation(self, obs, instruction):
         """The inputs of every inference entry point, checked: obs (B, 3, H, W) in [-1, 1] and
-        instruction (list[str] or (B, S, D_text)) -> (cond latent (B, C, 1, h, w), text (B, S, D_text))."""
-        _check_frames(self, "obs", obs, time_axis=False)
-        _check_text(instruction, obs.shape[0])
+        instruction (list[str] or (B, S, D_text)) -> (cond latent (B, C, 1, h, w),
+        text (B, S, D_text))."""
+        check_frames(self, "obs", obs, time_axis=False)
+        check_text(instruction, obs.shape[0])
         return self.tokenizer.encode(obs[:, :, None]), self.encode_text(instruction)
 
     def extract_features(self, obs, text_tokens, generator=None):
@@ -855,697 +1012,44 @@ class DiT4DiT(nn.Module):
         cfg = self.config
         cond_latent, text = self.encode_observation(obs, instruction)
         B = obs.shape[0]
-        _check_tensor("state", state, (B, cfg.state_dim), obs.dtype)
+        check_tensor("state", state, (B, cfg.state_dim), obs.dtype)
         h = self._extract(cond_latent, text, generator)  # one video pass, early exit
         context, cond = self.action_context(h, text)
         kv = self.action_dit.context_kv(context)  # cross-attention K/V, computed once for all steps
         # the time embeddings, modulations and state token of the whole fixed schedule, once
-        steps = iter(self.action_dit.step_inputs(euler_times(cfg.num_action_steps, B, obs.device), state, cond))
-        a = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=generator, device=obs.device)
-        a = a * cfg.action_noise_scale  # drawn even at scale 0, so the generator's stream does not depend on it
+        taus = euler_times(cfg.num_action_steps, B, obs.device)
+        steps = iter(self.action_dit.step_inputs(taus, state, cond))
+        a = torch.randn(B, cfg.action_horizon, cfg.action_dim, generator=generator,
+                        device=obs.device)
+        a = a * cfg.action_noise_scale  # drawn even at scale 0: the generator's stream is the same
         a = euler_sample(lambda x, tau: self.action_dit(x, tau, state, kv=kv, pre=next(steps)), a,
                          cfg.num_action_steps)
         return a.clamp(-1, 1)
 
     @torch.no_grad()
     def imagine_video(self, obs, instruction, generator=None, num_steps=None):
-        """Full video sampler for visualization: obs (B, 3, H, W) -> video (B, 3, 1+F, H, W) in [-1, 1]
+        """Full video sampler for visualization: obs (B, 3, H, W) -> video (B, 3, 1+F, H, W) in
+        [-1, 1]
         whose frame 0 is the observation."""
         cond, text = self.encode_observation(obs, instruction)
 
-        def velocity(future, tau):  # only the future frames move; the conditioning frame stays clean
+        def velocity(future, tau):  # only the future frames move; the conditioning one stays clean
             return self.video_forward(cond, future, tau, text)[:, :, 1:]
 
-        future = euler_sample(velocity, self.future_noise(cond, generator), num_steps or self.config.num_video_steps)
+        future = euler_sample(velocity, self.future_noise(cond, generator),
+                              num_steps or self.config.num_video_steps)
         return self.tokenizer.decode(torch.cat([cond, future], dim=2)).clamp(-1, 1)
 
-    # -- boundary: text features --------------------------------------------------------------------
+    # -- boundary: text features -----------------------------------------------------------------
     def encode_text(self, instructions):
-        """list[str] (byte encoder) or precomputed embeddings (B, S, text_dim) -> (B, S, text_dim)."""
+        """list[str] (byte encoder) or embeddings (B, S, text_dim) -> (B, S, text_dim)."""
         if isinstance(instructions, torch.Tensor):
-            return _check_tensor("instruction", instructions, (None, None, self.config.text_dim), _model_dtype(self))
-        if not isinstance(instructions, (list, tuple)) or not all(isinstance(s, str) for s in instructions):
+            return check_tensor("instruction", instructions, (None, None, self.config.text_dim),
+                                 model_dtype(self))
+        if not (isinstance(instructions, (list, tuple))
+                and all(isinstance(s, str) for s in instructions)):
             raise ValueError("instruction: expected a list of strings or a (B, S, text_dim) tensor")
         if self.text_encoder is None:
             raise ValueError("instruction: this config takes precomputed text embeddings "
                              "(text_encoder='embeddings'); pass a (B, S, text_dim) tensor")
         return self.text_encoder(list(instructions))
-
-
-# ----------------------------------------------------------------------------------------------
-# Boundaries: the video tokenizer and the text encoder (DESIGN 3.2, 3.3).
-
-class PixelTokenizer(nn.Module):
-    """The default video tokenizer: latents are the pixels in [-1, 1] (DESIGN 3.2).
-
-    A real VAE (the paper: Wan2.1, 16 channels, 8x spatial, 4x temporal) plugs in with the same
-    interface: `channels`, `spatial_factor`, `latent_frames(T)`, `encode`, `decode`."""
-
-    channels = 3
-    spatial_factor = 1
-
-    def latent_frames(self, num_frames):
-        return num_frames
-
-    def encode(self, video):  # (B, 3, T, H, W) -> (B, C, T', H/s, W/s)
-        return video
-
-    def decode(self, latents):  # (B, C, T', h, w) -> (B, 3, T, H, W)
-        return latents.clamp(-1, 1)
-
-
-class ByteTextEncoder(nn.Module):
-    """A small trainable text encoder over UTF-8 bytes (the paper uses a frozen 7B LM, DESIGN 3.3).
-
-    Instructions are truncated / padded to `max_len` bytes, so one instruction always gives the
-    same features whatever the batch. The pad bytes stay visible to the video DiT's
-    cross-attention (the attention op takes no mask); they are a learned constant suffix."""
-
-    PAD = 256
-
-    def __init__(self, dim, depth, max_len):
-        super().__init__()
-        self.max_len = max_len
-        self.embed = nn.Embedding(257, dim)
-        self.pos = nn.Parameter(torch.zeros(max_len, dim))
-        heads = max(1, dim // 32)
-        self.blocks = nn.ModuleList(nn.ModuleList([nn.LayerNorm(dim), Attention(dim, heads, bias=True),
-                                                   nn.LayerNorm(dim), MLP(dim, 4 * dim, bias=True)])
-                                    for _ in range(depth))
-        self.norm = nn.LayerNorm(dim)
-        nn.init.normal_(self.pos, std=0.02)
-        nn.init.normal_(self.embed.weight, std=0.02)
-
-    def tokenize(self, texts):
-        ids = torch.full((len(texts), self.max_len), self.PAD, dtype=torch.long)
-        for i, text in enumerate(texts):
-            b = list(text.encode("utf-8"))[: self.max_len]
-            ids[i, : len(b)] = torch.tensor(b, dtype=torch.long)
-        return ids  # (B, S)
-
-    def forward(self, texts):
-        x = self.embed(self.tokenize(texts).to(self.pos.device)) + self.pos  # (B, S, D_text)
-        for ln1, attn, ln2, mlp in self.blocks:
-            x = x + attn(ln1(x))
-            x = x + mlp(ln2(x))
-        return self.norm(x)
-
-
-# ----------------------------------------------------------------------------------------------
-# Boundary: frames <-> video tensors, the one place where simulator uint8 HWC frames become
-# model tensors.
-
-def frames_to_video(frames):
-    """uint8 frames (B, T, H, W, 3), numpy or torch -> float32 video (B, 3, T, H, W) in [-1, 1]."""
-    if isinstance(frames, np.ndarray):
-        frames = torch.from_numpy(frames)
-    if not isinstance(frames, torch.Tensor) or frames.dtype != torch.uint8:
-        raise ValueError(f"frames: expected uint8 array/tensor, got {getattr(frames, 'dtype', type(frames))}")
-    if frames.ndim != 5 or frames.shape[-1] != 3:
-        raise ValueError(f"frames: expected shape (B, T, H, W, 3), got {tuple(frames.shape)}")
-    video = frames.permute(0, 4, 1, 2, 3).float()  # (B, 3, T, H, W)
-    return video / 127.5 - 1.0
-
-
-def video_to_frames(video):
-    """float video (B, 3, T, H, W) in [-1, 1] -> uint8 numpy frames (B, T, H, W, 3)."""
-    if not isinstance(video, torch.Tensor) or video.ndim != 5 or video.shape[1] != 3:
-        raise ValueError(f"video: expected a tensor (B, 3, T, H, W), got {getattr(video, 'shape', type(video))}")
-    pixels = ((video.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return pixels.permute(0, 2, 3, 4, 1).cpu().numpy()  # (B, T, H, W, 3)
-
-
-# ----------------------------------------------------------------------------------------------
-# Boundary: input checks of the public entry points (ValueError naming the argument).
-
-def _dtype_name(dtype):
-    return str(dtype).removeprefix("torch.")
-
-
-def _check_tensor(name, x, shape, dtype=None):
-    """shape: tuple of ints or None (any size); dtype: the model's dtype, which x must have
-    (None: any floating dtype). Raises ValueError naming `name`."""
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating-point tensor, got {x.dtype}")
-    if dtype is not None and x.dtype != dtype:
-        raise ValueError(f"{name}: expected {_dtype_name(dtype)} like the model, got {_dtype_name(x.dtype)}")
-    want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-    if x.ndim != len(shape) or any(s is not None and s != d for s, d in zip(shape, x.shape)):
-        raise ValueError(f"{name}: expected shape {want}, got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name}: contains NaN or inf")
-    return x
-
-
-def _model_dtype(model):
-    return next(model.parameters()).dtype
-
-
-# Every field of DiT4DiTConfig: its type and the values it may take, as (type, test, what the
-# message says). int means an int and not a bool; float means a finite number (an int is fine,
-# a bool is not); bool means True or False. A new config field needs a row here (_check_config
-# refuses a field without one). Rules between fields follow in _check_config.
-_POSITIVE_INT = (int, lambda v: v >= 1, "an int >= 1")
-_NON_NEGATIVE_INT = (int, lambda v: v >= 0, "an int >= 0")
-_BOOL = (bool, lambda v: True, "True or False")
-CONFIG_FIELDS = {
-    "image_size": _POSITIVE_INT, "num_future_frames": _POSITIVE_INT, "action_horizon": _POSITIVE_INT,
-    "action_dim": _POSITIVE_INT, "state_dim": _POSITIVE_INT, "latent_channels": _POSITIVE_INT,
-    "text_encoder": (str, lambda v: v in ("bytes", "embeddings"), "'bytes' or 'embeddings'"),
-    "text_dim": _POSITIVE_INT, "text_depth": _NON_NEGATIVE_INT, "text_max_len": _POSITIVE_INT,
-    "text_proj_dim": _NON_NEGATIVE_INT,
-    "patch_size": _POSITIVE_INT, "video_width": _POSITIVE_INT, "video_depth": _POSITIVE_INT,
-    "video_heads": _POSITIVE_INT, "video_mlp_dim": _POSITIVE_INT, "adaln_lora_rank": _NON_NEGATIVE_INT,
-    "rope_theta": (float, lambda v: v > 0, "a finite number > 0"),  # 0 makes every rotary angle NaN
-    "video_time_embed": (str, lambda v: v in ("mlp", "cosmos"), "'mlp' or 'cosmos'"),
-    "rope_pairs": (str, lambda v: v in ("interleaved", "half"), "'interleaved' or 'half'"),
-    "rope_scale": (tuple, lambda v: len(v) == 3 and all(_has_type(s, float) and s > 0 for s in v),
-                   "three finite numbers > 0 (t, h, w)"),
-    "video_qk_norm_eps": (float, lambda v: 0 < v < 1, "a number in (0, 1)"),
-    "video_padding_mask": _BOOL,
-    "abs_pos_embed": _BOOL,
-    "video_prediction": (str, lambda v: v in ("velocity", "x0", "x0_residual"), "'velocity', 'x0' or 'x0_residual'"),
-    "video_text_adaln": _BOOL, "action_text": _BOOL,
-    "feature_frames": (str, lambda v: v in ("all", "conditioning"), "'all' or 'conditioning'"),
-    "video_time_scale": (float, lambda v: v > 0, "a finite number > 0"),
-    "action_width": _POSITIVE_INT, "action_depth": _POSITIVE_INT, "action_heads": _POSITIVE_INT,
-    "action_mlp_dim": _POSITIVE_INT,
-    "action_dropout": (float, lambda v: 0 <= v < 1, "a number in [0, 1)"),
-    "action_hidden_dim": _NON_NEGATIVE_INT,
-    "action_max_len": _NON_NEGATIVE_INT,  # and 0 or >= action_horizon (below)
-    "action_time_shift": (int, lambda v: v in (0, 1), "0 or 1"),
-    "extract_layer": _NON_NEGATIVE_INT,  # and < video_depth (below)
-    "tau_f": (float, lambda v: 0 < v <= 1, "a number in (0, 1]"),
-    "detach_features": _BOOL,  # None is resolved by DiT4DiTConfig.__post_init__ before the check
-    "action_only": _BOOL,
-    "repeat": _POSITIVE_INT,
-    "video_loss_weight": (float, lambda v: v >= 0, "a finite number >= 0"),
-    "num_action_steps": _POSITIVE_INT, "num_video_steps": _POSITIVE_INT,
-    "action_noise_scale": (float, lambda v: v >= 0, "a finite number >= 0"),
-}
-
-
-def _has_type(value, kind):
-    if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, kind)
-
-
-def _check_config(cfg):
-    """Field types and ranges of a DiT4DiTConfig (CONFIG_FIELDS), then the rules between fields.
-    ValueError "config field NAME=VALUE (TYPE): must be ..." naming the first bad field."""
-    for field in dataclasses.fields(cfg):
-        if field.name not in CONFIG_FIELDS:
-            raise ValueError(f"config field {field.name} has no row in dit4dit.CONFIG_FIELDS (its type and range)")
-        kind, test, allowed = CONFIG_FIELDS[field.name]
-        value = getattr(cfg, field.name)
-        if not (_has_type(value, kind) and test(value)):
-            raise ValueError(f"config field {field.name}={value!r} ({type(value).__name__}): must be {allowed}")
-    if cfg.extract_layer >= cfg.video_depth:
-        raise ValueError(f"config field extract_layer={cfg.extract_layer} is out of range for "
-                         f"video_depth={cfg.video_depth} (0 .. {cfg.video_depth - 1})")
-    for name in ("video", "action"):
-        width, heads = getattr(cfg, f"{name}_width"), getattr(cfg, f"{name}_heads")
-        if width % heads:
-            raise ValueError(f"{name}_width={width} is not divisible by {name}_heads={heads}")
-    hd = cfg.video_width // cfg.video_heads
-    if hd < 6 or hd % 2:
-        raise ValueError(f"video head dim {hd} must be even and >= 6 (3D rotary split)")
-    if cfg.rope_scale != (1, 1, 1) and hd < 12:
-        raise ValueError(f"config field rope_scale={cfg.rope_scale}: NTK scaling needs >= 4 rotary channels per "
-                         f"axis, a video head dim >= 12 (got {hd})")
-    if cfg.video_time_embed == "cosmos" and cfg.adaln_lora_rank == 0:
-        raise ValueError("config field video_time_embed='cosmos' needs adaln_lora_rank > 0 (Cosmos's shared "
-                         "modulation term is the LoRA's)")
-    if cfg.action_max_len and cfg.action_max_len < cfg.action_horizon:
-        raise ValueError(f"config field action_max_len={cfg.action_max_len} is below action_horizon="
-                         f"{cfg.action_horizon} (the position table needs a row per action token)")
-    if cfg.image_size % cfg.patch_size:
-        raise ValueError(f"image_size={cfg.image_size} is not a multiple of patch_size={cfg.patch_size}")
-    if cfg.text_encoder == "bytes" and cfg.text_dim % max(1, cfg.text_dim // 32):
-        raise ValueError(f"text_dim={cfg.text_dim} is not divisible by the byte text encoder's "
-                         f"{cfg.text_dim // 32} heads (text_dim // 32)")
-
-
-def _check_model_parts(config, tokenizer):
-    if not isinstance(config, DiT4DiTConfig):
-        raise ValueError(f"config: expected a DiT4DiTConfig, got {type(config).__name__}")
-    _check_config(config)  # again: a config may have been changed since it was made
-    if getattr(tokenizer, "channels", None) != config.latent_channels:
-        raise ValueError(f"tokenizer: gives {getattr(tokenizer, 'channels', None)} latent channels but "
-                         f"config.latent_channels={config.latent_channels} (a VAE tokenizer is needed?)")
-    f = getattr(tokenizer, "spatial_factor", 1) * config.patch_size
-    if config.image_size % f:
-        raise ValueError(f"image_size={config.image_size} is not a multiple of the patch in pixels ({f} = "
-                         f"tokenizer spatial factor x patch_size)")
-
-
-def _check_frames(model, name, x, time_axis):
-    """Video (B, 3, 1+F, H, W) when time_axis, else one frame (B, 3, H, W): B >= 1, H = W =
-    config.image_size, the model's dtype, pixel values in [-1, 1] (frames_to_video's range)."""
-    cfg = model.config
-    shape = (None, 3, 1 + cfg.num_future_frames, None, None) if time_axis else (None, 3, None, None)
-    _check_tensor(name, x, shape, _model_dtype(model))
-    H, W = x.shape[-2:]
-    if (H, W) != (cfg.image_size, cfg.image_size):
-        raise ValueError(f"{name}: frames are {H}x{W} pixels, but the model was configured for "
-                         f"{cfg.image_size}x{cfg.image_size} (config image_size={cfg.image_size})")
-    if x.shape[0] == 0:
-        raise ValueError(f"{name}: empty batch (B = 0)")
-    low, high = x.aminmax()
-    if low < -1 or high > 1:
-        raise ValueError(f"{name}: pixel values must lie in [-1, 1] (frames_to_video converts uint8 frames), "
-                         f"got values in [{low.item():.4g}, {high.item():.4g}]")
-    return x
-
-
-def _check_text(text, B):
-    if isinstance(text, str) or not hasattr(text, "__len__"):
-        raise ValueError("instruction: expected a list of strings or a (B, S, text_dim) tensor")
-    if len(text) != B:
-        raise ValueError(f"instruction: expected {B} entries (one per sample), got {len(text)}")
-
-
-def _check_batch(model, batch):
-    """The training batch of DiT4DiT.loss -> (video, state, actions, mask (B, K, A), text)."""
-    cfg = model.config
-    if not isinstance(batch, dict):
-        raise ValueError(f"batch: expected a dict, got {type(batch).__name__}")
-    for key in ("video", "state", "actions"):
-        if key not in batch:
-            raise ValueError(f"batch: missing key {key!r}")
-    video = _check_frames(model, "video", batch["video"], time_axis=True)
-    B, dtype = video.shape[0], video.dtype
-    state = _check_tensor("state", batch["state"], (B, cfg.state_dim), dtype)
-    actions = _check_tensor("actions", batch["actions"], (B, cfg.action_horizon, cfg.action_dim), dtype)
-    mask = batch.get("action_mask")
-    K, A = cfg.action_horizon, cfg.action_dim
-    if mask is None:
-        mask = torch.ones(B, K, A, device=actions.device)
-    else:
-        # (A,) or (B, A): which action dims are real; (B, K, A): also which steps of the chunk are
-        # real (steps past an episode's end are padding and must not be scored)
-        if not isinstance(mask, torch.Tensor) or mask.shape not in ((A,), (B, A), (B, K, A)):
-            raise ValueError(f"action_mask: expected shape ({A},), ({B}, {A}) or ({B}, {K}, {A}), "
-                             f"got {tuple(getattr(mask, 'shape', ()))}")
-        mask = mask.to(actions.dtype)
-        mask = mask.expand(B, K, A) if mask.ndim == 3 else mask.expand(B, A)[:, None].expand(B, K, A)
-        if not torch.isfinite(mask).all():
-            raise ValueError("action_mask: contains NaN or inf")
-        if ((mask < 0) | (mask > 1)).any():
-            raise ValueError("action_mask: values must lie in [0, 1] (1 = a real action, 0 = padding)")
-    if ("instruction" in batch) == ("text" in batch):
-        raise ValueError("batch: give exactly one of 'instruction' (list of str) or 'text' (B, S, D_text)")
-    text = batch.get("instruction", batch.get("text"))
-    _check_text(text, B)
-    return video, state, actions, mask, text
-
-
-# ----------------------------------------------------------------------------------------------
-# Boundary: normalization statistics of states and actions (DESIGN 3.1).
-
-class Normalizer:
-    """Per-dimension min-max normalization to [-1, 1] (DESIGN 3.1); works on numpy and torch.
-    Values outside the fitted range map outside [-1, 1] (no clipping)."""
-
-    def __init__(self, low, high):
-        self.low = torch.as_tensor(low, dtype=torch.float32)
-        self.high = torch.as_tensor(high, dtype=torch.float32)
-        if self.low.shape != self.high.shape or self.low.ndim != 1:
-            raise ValueError(f"low/high: expected two (D,) vectors, got {tuple(self.low.shape)} "
-                             f"and {tuple(self.high.shape)}")
-
-    @classmethod
-    def fit(cls, x):
-        x = torch.as_tensor(np.asarray(x), dtype=torch.float32)
-        if x.ndim < 1 or x.numel() == 0 or not torch.isfinite(x).all():
-            raise ValueError(f"x: expected a finite, non-empty array (..., D), got shape {tuple(x.shape)}")
-        x = x.reshape(-1, x.shape[-1])  # (M, D)
-        low, high = x.min(0).values, x.max(0).values
-        flat = high - low < 1e-6  # a constant dim maps to 0 instead of dividing by zero
-        return cls(torch.where(flat, low - 1, low), torch.where(flat, high + 1, high))
-
-    def _apply(self, x, fn):
-        if isinstance(x, torch.Tensor):
-            return fn(x, self.low.to(x.device, x.dtype), self.high.to(x.device, x.dtype))
-        out = fn(torch.as_tensor(np.asarray(x, dtype=np.float32)), self.low, self.high)
-        return out.numpy()
-
-    def normalize(self, x):
-        return self._apply(x, lambda v, lo, hi: 2 * (v - lo) / (hi - lo) - 1)
-
-    def unnormalize(self, x):
-        return self._apply(x, lambda v, lo, hi: (v + 1) / 2 * (hi - lo) + lo)
-
-    def state_dict(self):
-        return {"low": self.low.clone(), "high": self.high.clone()}
-
-    @classmethod
-    def from_state_dict(cls, d):
-        if not isinstance(d, dict) or set(d) != {"low", "high"}:
-            got = sorted(d) if isinstance(d, dict) else type(d).__name__
-            raise ValueError(f"normalizer state: expected keys 'low' and 'high', got {got}")
-        return cls(d["low"], d["high"])
-
-
-# ----------------------------------------------------------------------------------------------
-# Boundary: files. One atomic write for every file that must never be seen half-written, and
-# the one owner of the checkpoint layout (train_toy.py writes and resumes, eval_sim.py loads).
-
-def _temp_path(path, pid):
-    return os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.tmp{pid}")
-
-
-def atomic_write(path, write, mode="wb"):
-    """Write a file all at once or not at all: write(f) fills a temporary file opened with `mode`
-    in path's folder, `.NAME.tmpPID` (named with this process's id, so concurrent writers do not
-    collide), which then replaces path with os.replace. On any error the temporary file is
-    removed and a previous file at path is left intact; one left by a killed process is removed
-    by remove_stale_temp_files."""
-    path = os.fspath(path)
-    tmp = _temp_path(path, os.getpid())
-    try:
-        with open(tmp, mode) as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _process_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists, under another user
-        return True
-    return True
-
-
-def remove_stale_temp_files(folder):
-    """Remove atomic_write's temporary files in `folder` whose process is gone (a `kill -9`
-    during a write leaves one behind). Returns the paths removed."""
-    removed = []
-    for name in os.listdir(folder):
-        match = re.fullmatch(r"\..+\.tmp(\d+)", name)
-        if match and not _process_alive(int(match.group(1))):
-            try:
-                os.remove(os.path.join(folder, name))
-                removed.append(os.path.join(folder, name))
-            except FileNotFoundError:  # another process cleaned it first
-                pass
-    return removed
-
-
-CHECKPOINT_KEYS = ("model", "config", "state_normalizer", "action_normalizer")
-
-
-def checkpoint_sha256(payload):
-    """The content hash of a checkpoint payload (every entry but "sha256" itself): sha256 over
-    the keys in order, each tensor's dtype, shape and bytes, and the repr of every other value.
-    A byte changed anywhere in the numbers or the settings changes it."""
-    digest = hashlib.sha256()
-
-    def feed(x):
-        if isinstance(x, torch.Tensor):
-            t = x.detach().cpu().contiguous()
-            digest.update(f"T{_dtype_name(t.dtype)}{tuple(t.shape)}".encode())
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())
-        elif isinstance(x, dict):
-            digest.update(f"D{len(x)}".encode())
-            for key, value in x.items():
-                feed(key)
-                feed(value)
-        elif isinstance(x, (list, tuple)):
-            digest.update(f"L{len(x)}".encode())
-            for value in x:
-                feed(value)
-        else:
-            digest.update(f"{type(x).__name__}:{x!r};".encode())
-
-    feed({k: v for k, v in payload.items() if k != "sha256"})
-    return digest.hexdigest()
-
-
-def save_checkpoint(path, model, state_normalizer, action_normalizer, **extra):
-    """Write a checkpoint atomically: {"model": model.state_dict(), "config": the DiT4DiTConfig
-    as a dict, "state_normalizer", "action_normalizer": Normalizer.state_dict(), **extra,
-    "sha256": checkpoint_sha256 of all that} (train_toy.py adds step, optimizer, scheduler,
-    args, experiment). Tensors and plain Python values only, so load_checkpoint reads it back
-    with torch.load(weights_only=True)."""
-    payload = {"model": model.state_dict(), "config": dataclasses.asdict(model.config),
-               "state_normalizer": state_normalizer.state_dict(),
-               "action_normalizer": action_normalizer.state_dict(), **extra}
-    payload["sha256"] = checkpoint_sha256(payload)
-    atomic_write(path, lambda f: torch.save(payload, f))
-
-
-def load_checkpoint(path):
-    """The payload dict of a checkpoint written by save_checkpoint, on the CPU, read with
-    torch.load(weights_only=True) and verified: its content hash, its keys, the config (known
-    fields, types and ranges), the normalizer sizes against the config and the weights against
-    the model the config builds. FileNotFoundError, IsADirectoryError or ValueError (one line)
-    naming the file. A checkpoint written before checkpoints held a hash loads with a warning."""
-    path = os.fspath(path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"checkpoint {path} is a directory, expected a checkpoint file "
-                                f"(such as {os.path.join(path, 'checkpoint.pt')})")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated zip, not a torch file, or an object weights_only refuses
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ValueError(f"checkpoint {path} is truncated or not a dit4dit checkpoint: {reason}") from err
-    if not isinstance(payload, dict):
-        raise ValueError(f"checkpoint {path} holds a {type(payload).__name__}, expected a dict")
-    missing = [k for k in CHECKPOINT_KEYS if k not in payload]
-    if missing:
-        raise ValueError(f"checkpoint {path}: missing keys {missing}")
-    if "sha256" not in payload:
-        log.warning("checkpoint %s has no content hash (written before dit4dit stored one): not verified", path)
-    elif payload["sha256"] != checkpoint_sha256(payload):
-        raise ValueError(f"checkpoint {path} is corrupt: its content does not match the sha256 stored when it "
-                         f"was written (bytes changed on disk or in a copy)")
-    try:
-        _check_checkpoint_contents(payload)
-    except ValueError as err:
-        raise ValueError(f"checkpoint {path}: {err}") from err
-    return payload
-
-
-def _config_from_dict(d):
-    if not isinstance(d, dict):
-        raise ValueError(f"config: expected a dict of DiT4DiTConfig fields, got {type(d).__name__}")
-    unknown = sorted(set(d) - {f.name for f in dataclasses.fields(DiT4DiTConfig)})
-    if unknown:
-        raise ValueError(f"unknown config field(s) {unknown} (written by another version of dit4dit.py?)")
-    return DiT4DiTConfig(**d)
-
-
-def _check_checkpoint_contents(payload):
-    """What model_from_checkpoint needs, checked before any model is built: a valid config,
-    normalizers of its sizes, and weights with exactly the names and shapes of DiT4DiT(config)."""
-    config = _config_from_dict(payload["config"])
-    for name, size in (("state_normalizer", config.state_dim), ("action_normalizer", config.action_dim)):
-        try:
-            norm = Normalizer.from_state_dict(payload[name])
-        except (ValueError, TypeError) as err:
-            raise ValueError(f"{name}: {err}") from None
-        if norm.low.shape != (size,):
-            raise ValueError(f"{name} has {norm.low.numel()} entries but config.{name.split('_')[0]}_dim={size}")
-    weights = payload["model"]
-    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise ValueError("model: expected a state dict of tensors")
-    tokenizer = PixelTokenizer()  # the weights do not depend on the tokenizer, only its channel count
-    tokenizer.channels = config.latent_channels
-    with torch.device("meta"):  # names and shapes only: nothing is allocated
-        expected = {k: v.shape for k, v in DiT4DiT(config, tokenizer).state_dict().items()}
-    got = {k: v.shape for k, v in weights.items() if not k.startswith("tokenizer.")}
-    missing, unexpected = sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
-    reshaped = [f"{k} {tuple(got[k])} (config: {tuple(expected[k])})"
-                for k in expected if k in got and got[k] != expected[k]]
-    if missing or unexpected or reshaped:
-        parts = [f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", reshaped)) if items]
-        raise ValueError(f"the weights do not fit the config: {'; '.join(parts)}")
-
-
-def model_from_checkpoint(payload):
-    """(model, state_normalizer, action_normalizer) rebuilt from a load_checkpoint payload: a
-    DiT4DiT of the saved config (default tokenizer) holding the saved weights, on the CPU."""
-    model = DiT4DiT(_config_from_dict(payload["config"]))
-    model.load_state_dict(payload["model"])
-    return (model, Normalizer.from_state_dict(payload["state_normalizer"]),
-            Normalizer.from_state_dict(payload["action_normalizer"]))
-
-
-# ----------------------------------------------------------------------------------------------
-# Boundary: released weights. Cosmos-Predict2.5 as diffusers' CosmosTransformer3DModel holds it
-# -> VideoDiT (README, "Running with the released weights"). diffusers is not imported: the
-# converter reads a state dict and the model's config (a dict, e.g. `model.config`).
-
-# The fields of a VideoDiT that is Cosmos's computation, whatever the size.
-COSMOS_FIXED_FIELDS = dict(video_time_embed="cosmos", rope_pairs="half", rope_theta=10000.0,
-                           video_qk_norm_eps=1e-5, abs_pos_embed=False, video_time_scale=1.0,
-                           video_text_adaln=False, video_prediction="velocity")
-
-# One block's weights: our name -> diffusers' name (both under the block's prefix).
-COSMOS_BLOCK_NAMES = {
-    "mod_self.proj.0": "norm1.linear_1", "mod_self.proj.1": "norm1.linear_2",
-    "mod_cross.proj.0": "norm2.linear_1", "mod_cross.proj.1": "norm2.linear_2",
-    "mod_mlp.proj.0": "norm3.linear_1", "mod_mlp.proj.1": "norm3.linear_2",
-    **{f"{ours}.{a}": f"{theirs}.{b}" for ours, theirs in (("self_attn", "attn1"), ("cross_attn", "attn2"))
-       for a, b in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("out", "to_out.0"),
-                    ("q_norm", "norm_q"), ("k_norm", "norm_k"))},
-    "mlp.fc1": "ff.net.0.proj", "mlp.fc2": "ff.net.2",
-}
-
-
-def cosmos_video_config(cosmos_config):
-    """The DiT4DiTConfig fields of the VideoDiT that is a diffusers CosmosTransformer3DModel of
-    this config (a dict with its constructor arguments, e.g. `model.config` or its config.json):
-    sizes from the config, the Cosmos switches fixed (COSMOS_FIXED_FIELDS). Use them as overrides:
-    make_config("paper", **cosmos_video_config(cfg)). ValueError names a key that is missing or a
-    Cosmos feature VideoDiT does not have (text-to-world input without a condition mask, learned
-    absolute positions, temporal patches, ControlNet, image context)."""
-    def get(key, default=KeyError):
-        if key in cosmos_config:
-            return cosmos_config[key]
-        if default is KeyError:
-            raise ValueError(f"cosmos config: missing key {key!r}")
-        return default
-
-    C, heads, hd = get("out_channels"), get("num_attention_heads"), get("attention_head_dim")
-    if get("in_channels") != C + 1:
-        raise ValueError(f"cosmos config: in_channels={get('in_channels')} must be out_channels + 1 = {C + 1} (the "
-                         f"condition-mask channel of Cosmos's video-to-world models, which VideoDiT always has)")
-    patch = tuple(get("patch_size"))
-    if len(patch) != 3 or patch[0] != 1 or patch[1] != patch[2]:
-        raise ValueError(f"cosmos config: patch_size={patch} must be (1, p, p)")
-    if get("extra_pos_embed_type") is not None:
-        raise ValueError(f"cosmos config: extra_pos_embed_type={get('extra_pos_embed_type')!r} (learned absolute "
-                         f"positions) is not supported; Cosmos-Predict2.5 uses None")
-    for key in ("controlnet_block_every_n", "img_context_dim_in"):
-        if get(key, None):
-            raise ValueError(f"cosmos config: {key}={get(key)!r} (Cosmos-Transfer) is not supported")
-    width = heads * hd
-    fields = dict(latent_channels=C, video_width=width, video_heads=heads, video_depth=get("num_layers"),
-                  video_mlp_dim=int(width * get("mlp_ratio")), patch_size=patch[1],
-                  adaln_lora_rank=get("adaln_lora_dim"), rope_scale=tuple(float(v) for v in get("rope_scale")),
-                  video_padding_mask=bool(get("concat_padding_mask")), **COSMOS_FIXED_FIELDS)
-    if get("use_crossattn_projection", False):
-        if get("encoder_hidden_states_channels") != get("text_embed_dim"):
-            raise ValueError(f"cosmos config: encoder_hidden_states_channels={get('encoder_hidden_states_channels')} "
-                             f"must equal text_embed_dim={get('text_embed_dim')} (the cross-attention reads the "
-                             f"projected text)")
-        fields.update(text_dim=get("crossattn_proj_in_channels"), text_proj_dim=get("text_embed_dim"))
-    else:
-        fields.update(text_dim=get("text_embed_dim"), text_proj_dim=0)
-    return fields
-
-
-def cosmos_names(config):
-    """Our VideoDiT's state-dict keys -> the diffusers CosmosTransformer3DModel keys they come from."""
-    names = {"patch_embed.weight": "patch_embed.proj.weight",
-             "t_embed.fc1.weight": "time_embed.t_embedder.linear_1.weight",
-             "t_embed.fc2.weight": "time_embed.t_embedder.linear_2.weight",
-             "t_norm.weight": "time_embed.norm.weight"}
-    if config.text_proj_dim:
-        names.update({"text_proj.weight": "crossattn_proj.0.weight", "text_proj.bias": "crossattn_proj.0.bias"})
-    for i in range(config.video_depth):
-        names.update({f"blocks.{i}.{ours}.weight": f"transformer_blocks.{i}.{theirs}.weight"
-                      for ours, theirs in COSMOS_BLOCK_NAMES.items()})
-    names.update({"final_mod.proj.0.weight": "norm_out.linear_1.weight",
-                  "final_mod.proj.1.weight": "norm_out.linear_2.weight", "final_linear.weight": "proj_out.weight"})
-    return names
-
-
-def video_dit_state_from_cosmos(state_dict, cosmos_config, config):
-    """The state dict of our VideoDiT(config) holding the weights of a diffusers
-    CosmosTransformer3DModel: state_dict its `state_dict()` (any dtype; the tensors are not
-    copied where no layout changes), cosmos_config its config (see cosmos_video_config), config
-    the DiT4DiTConfig the weights are for. Load the result with
-    `model.video_dit.load_state_dict(...)`.
-
-    Every tensor keeps its layout except the output projection: Cosmos orders its output rows
-    (patch row, patch column, patch frame, channel), VideoDiT (channel, patch row, patch column).
-    ValueError names the first config field that differs from the Cosmos model's, or the keys
-    that are missing, unexpected, or of the wrong shape."""
-    for name, value in cosmos_video_config(cosmos_config).items():
-        if getattr(config, name) != value:
-            raise ValueError(f"config field {name}={getattr(config, name)!r} does not match the Cosmos model "
-                             f"({value!r} from its config)")
-    names = cosmos_names(config)
-    with torch.device("meta"):  # names and shapes only
-        shapes = {k: v.shape for k, v in VideoDiT(config).state_dict().items()}
-    missing = [theirs for theirs in names.values() if theirs not in state_dict]
-    unexpected = sorted(set(state_dict) - set(names.values()))
-    if missing or unexpected:
-        parts = [f"{label} {items[:3]}{' ...' if len(items) > 3 else ''}"
-                 for label, items in (("missing", missing), ("unexpected", unexpected)) if items]
-        raise ValueError(f"cosmos state dict: {'; '.join(parts)}")
-    out = {}
-    for ours, theirs in names.items():
-        tensor = state_dict[theirs]
-        if tuple(tensor.shape) != tuple(shapes[ours]):
-            raise ValueError(f"cosmos state dict: {theirs} has shape {tuple(tensor.shape)}, but {ours} of this "
-                             f"config needs {tuple(shapes[ours])}")
-        if ours == "final_linear.weight":
-            p, C = config.patch_size, config.latent_channels
-            tensor = tensor.unflatten(0, (p, p, C)).permute(2, 0, 1, 3).reshape(C * p * p, -1)  # rows (p, p, C) -> (C, p, p)
-        out[ours] = tensor
-    return out
-
-
-# ----------------------------------------------------------------------------------------------
-# Presets: the fields each named configuration sets; the others keep DiT4DiTConfig's defaults.
-
-PRESETS = {
-    # Unit tests: a forward takes milliseconds.
-    "tiny": dict(image_size=16, num_future_frames=2, action_horizon=4, action_dim=2, state_dim=3,
-                 text_dim=16, text_depth=1, text_max_len=16, patch_size=4,
-                 video_width=64, video_depth=2, video_heads=4, video_mlp_dim=128,
-                 action_width=32, action_depth=2, action_heads=2, action_mlp_dim=64,
-                 extract_layer=0, repeat=2, num_video_steps=4),
-    # CPU training in minutes on the toy suite (64x64 RGB; A and P are overridden from the data).
-    # Sized by compute: patch 16 gives 16 tokens a frame (a batch of 32 is 32 x 3 x 16 = 1536
-    # video tokens); x0-prediction makes such large pixel patches learnable (see video_forward).
-    # extract_layer 1 is the second of four blocks (the paper takes ~60% depth, 18 of 28). The
-    # departures (README, "Where this reference departs") are what made the policy learn the
-    # suite from scratch in minutes; detach_features=False is the paper's gradient path.
-    "toy": dict(patch_size=16, video_prediction="x0_residual", video_text_adaln=True, action_text=True,
-                feature_frames="conditioning", detach_features=False, action_noise_scale=0.0),
-    # The published model (DESIGN 3.9) with RoboCasa-GR1 data: chunk 16 with 8 future frames
-    # (LIBERO would be chunk 8 with 4 frames). A and P are GR00T's padded maxima. The video DiT is
-    # Cosmos-Predict2.5-2B parameter for parameter (video_dit_state_from_cosmos loads its weights)
-    # and the action DiT is the released head's shapes. Latents come from a Wan2.1 VAE (16
-    # channels, 8x spatial) and text from a frozen LM (Qwen2.5-VL-7B's 28 layers x 3584,
-    # standardized and stacked: 100 352-d features), both outside this module: pass tokenizer=
-    # and text embeddings.
-    "paper": dict(image_size=256, num_future_frames=8, action_horizon=16, action_dim=32, state_dim=64,
-                  latent_channels=16, text_encoder="embeddings", text_dim=100352, text_proj_dim=1024,
-                  patch_size=2, video_width=2048, video_depth=28, video_heads=16, video_mlp_dim=8192,
-                  adaln_lora_rank=256, video_time_embed="cosmos", rope_pairs="half", rope_scale=(1.0, 3.0, 3.0),
-                  video_qk_norm_eps=1e-5, video_padding_mask=True, abs_pos_embed=False, video_time_scale=1.0,
-                  action_width=768, action_depth=16, action_heads=12, action_mlp_dim=3072,
-                  action_dropout=0.2, action_hidden_dim=2560, action_max_len=1024, action_time_shift=1,
-                  extract_layer=17, tau_f=0.995, repeat=4, num_action_steps=4, num_video_steps=35),
-}
-
-
-def make_config(preset, **overrides):
-    """The DiT4DiTConfig of PRESETS[preset] with fields replaced; ValueError names an unknown
-    preset or field (or a contradiction, see DiT4DiTConfig.__post_init__)."""
-    if preset not in PRESETS:
-        raise ValueError(f"preset: unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    fields = {f.name for f in dataclasses.fields(DiT4DiTConfig)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"overrides: unknown config field(s) {unknown}")
-    return DiT4DiTConfig(**{**PRESETS[preset], **overrides})

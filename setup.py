@@ -82,9 +82,10 @@ setup(
     version="0.1.0",
     description="A compact reference implementation of DiT4DiT (video DiT + action DiT, dual flow matching)",
     py_modules=["dit4dit", "train_toy", "eval_sim"],
-    packages=["kernels"],
+    packages=["kernels", "bridges", "suites", "bench"],
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "pillow", "tqdm", "gymnasium>=1.0", "mujoco>=3.2"],
+    extras_require={"metaworld": ["metaworld==3.1.1"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_class()},
 )

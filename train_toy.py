@@ -7,8 +7,8 @@
     python train_toy.py --suite metaworld --tasks drawer-open-v3 button-press-topdown-v3 --demos-per-task 10
     torchrun --nproc_per_node=2 train_toy.py --steps 1000   # DistributedDataParallel
 
-Data (DESIGN.md §3.1, §6). Scripted experts from eval_sim.py collect demos, cached as one
-compressed .npz per episode under `<run parent>/demos/<task>_<size>px/` and reused on the next
+Data (docs/design.md §3.1, §6). The suites' scripted experts collect demos (eval_sim.py), cached
+as one compressed .npz per episode (bridges/episodes.py) under `<run parent>/demos/<task>_<size>px/` and reused on the next
 run; `--data DIR` trains on episodes saved in the same format instead. One training sample is
     o_t, o_{t+s}, ..., o_{t+F·s}    current frame + F future frames, s = K / F (the chunk's span)
     s_t                             proprioceptive state, min-max normalized to [-1, 1]
@@ -48,10 +48,16 @@ from tqdm import tqdm
 
 import dit4dit
 import eval_sim
+import suites
+from bridges.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from bridges.episodes import load_episode, save_episode
+from bridges.files import atomic_write, remove_stale_temp_files
+from bridges.frames import frames_to_video
+from bridges.normalizer import Normalizer
 
 # ----------------------------------------------------------------------------------------------
 # Defaults: the budget of `python train_toy.py` on a 2-core laptop CPU. 3000 steps fit in 15
-# minutes; `push` needs about 6000 (README, Results), so the default takes about 25. Tune here.
+# minutes; `push` needs about 6000 (docs/results.md), so the default takes about 25. Tune here.
 PRESET = "toy"
 STEPS = 6000               # optimizer steps
 BATCH_SIZE = 32            # samples per step per process (before gradient accumulation)
@@ -69,8 +75,6 @@ DEMO_WORKERS = min(4, os.cpu_count() or 1)  # processes rendering demos (one per
 EVERY_PAD = True           # each layout demonstrated toward every pad (see collect_demos)
 DEMO_NOISE = 0.3           # toy suite: std of the noise added to the expert's executed commands (DART; see
                            # eval_sim.collect_episode); the demos record the expert's clean commands
-RECOVERY_DEMOS = 0.0       # toy suite: fraction of push layouts demonstrated from a start beside or past the
-                           # puck (collect_demos); off: 0.25 measured no gain (README, Results)
 EVAL_EPISODES = 25         # per task: 2 tasks x 25 = the 50 evaluation episodes
 GIF_EPISODES = 2           # rollout GIFs written per task
 CKPT_EVERY = 500
@@ -128,9 +132,7 @@ def seed_everything(seed):
 # ----------------------------------------------------------------------------------------------
 # Demonstrations on disk
 
-DEMO_FORMAT = 4  # bumped when the suite's episodes change (2: state (x, y) without velocity;
-                 # 3: push starts behind the puck, the push expert blends instead of switching;
-                 # 4: the push expert lines up further behind the puck and goes around it wider)
+DEMO_FORMAT = 4  # in the cache folder's name: bumped whenever a suite's episodes change
 
 
 def demo_cache_dir(cache_root, task, image_size, noise=0.0):
@@ -138,35 +140,28 @@ def demo_cache_dir(cache_root, task, image_size, noise=0.0):
 
 
 def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, every_pad=EVERY_PAD, suite="toy",
-                  noise=0.0, recovery=0.0):
+                  noise=0.0):
     """Scripted-expert demos for each task, one .npz per episode; files already present are reused.
 
     demos_per_task layouts (demo seeds) per task. every_pad: each layout is demonstrated toward
     every pad, one episode per pad ("move to the red pad", "... the blue pad", ...), so the same
     first frame comes with as many different action chunks as there are pads and only the
     instruction tells them apart; otherwise one episode per layout, toward the pad its seed names.
-    suite: eval_sim's suite the tasks belong to; Meta-World has no pads (one episode per seed).
+    suite: the suite the tasks belong to; Meta-World has no pads (one episode per seed).
     noise: std of the noise on the executed commands (eval_sim.collect_episode; 0: none).
-    recovery: the fraction of the toy suite's push layouts whose end-effector starts anywhere
-    around the puck instead of behind it (eval_sim.collect_episode's `recovery`), spread evenly
-    over the layouts; other tasks ignore it. Those episodes are cached as seed_*_recovery.npz.
     Demos the expert failed are kept on disk (so the cache is complete) but not returned.
-    Returns the list of successful episodes (dicts in eval_sim's episode format).
+    Returns the list of successful episodes (dicts in bridges/episodes.py's format).
     """
-    S = eval_sim.get_suite(suite)
-    if not 0 <= recovery <= 1:
-        raise ValueError(f"recovery: expected a fraction in [0, 1], got {recovery}")
-    jobs = [(task, seed, target, recovery_layout(suite, task, i, recovery))
-            for task in tasks for i, seed in enumerate(S.demo_seeds(task, demos_per_task))
+    S = suites.get_suite(suite)
+    jobs = [(task, seed, target) for task in tasks for seed in S.demo_seeds(task, demos_per_task)
             for target in (range(S.TASKS[task].num_pads) if every_pad and suite == "toy" else [None])]
     paths = [os.path.join(demo_cache_dir(cache_root, task, image_size, noise),
-                          f"seed_{seed:06d}" + ("" if target is None else f"_pad{target}")
-                          + ("_recovery" if rec else "") + ".npz")
-             for task, seed, target, rec in jobs]
+                          f"seed_{seed:06d}" + ("" if target is None else f"_pad{target}") + ".npz")
+             for task, seed, target in jobs]
     missing = [(job, path) for job, path in zip(jobs, paths) if not os.path.exists(path)]
     for folder in sorted({os.path.dirname(path) for _, path in missing}):
         os.makedirs(folder, exist_ok=True)
-        dit4dit.remove_stale_temp_files(folder)
+        remove_stale_temp_files(folder)
     workers = max(1, min(DEMO_WORKERS, len(missing)))
     bar = tqdm(total=len(missing), desc="demos", unit="ep", disable=not progress or not missing)
     if workers == 1:
@@ -184,7 +179,7 @@ def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, 
     bar.close()
     episodes, failed = [], 0
     for path in paths:
-        episode = eval_sim.load_episode(path)
+        episode = load_episode(path)
         if episode["success"]:
             episodes.append({**episode, "path": path})
         else:
@@ -196,30 +191,22 @@ def collect_demos(tasks, demos_per_task, image_size, cache_root, progress=True, 
     return episodes
 
 
-def recovery_layout(suite, task, index, fraction):
-    """Whether the index-th demo layout of `task` starts from a recovery state: toy push only,
-    round(fraction * n) of the first n layouts for every n (spread evenly)."""
-    if suite != "toy" or not eval_sim.get_task(task).has_puck:
-        return False
-    return math.floor((index + 1) * fraction + 0.5) > math.floor(index * fraction + 0.5)
-
-
-def _collect_demo(task, seed, target, recovery, image_size, suite, noise, path):
+def _collect_demo(task, seed, target, image_size, suite, noise, path):
     """One scripted-expert episode written to `path` (atomically): collect_demos' unit of work."""
     torch.set_num_threads(1)
-    eval_sim.save_episode(path, eval_sim.collect_episode(task, seed, image_size, target=target, suite=suite,
-                                                         noise=noise, recovery=recovery))
+    save_episode(path, eval_sim.collect_episode(task, seed, image_size, target=target, suite=suite,
+                                                noise=noise))
 
 
 def load_episodes(data_dir, progress=True):
-    """The successful episodes among `DIR/**/*.npz` (eval_sim's episode format), in sorted path
-    order. A corrupt file raises eval_sim's ValueError naming it."""
+    """The successful episodes among `DIR/**/*.npz` (bridges/episodes.py's format), in sorted
+    path order. A corrupt file raises a ValueError naming it."""
     if not os.path.isdir(data_dir):
         raise FileNotFoundError(f"--data: {data_dir!r} is not a directory")
     paths = sorted(glob.glob(os.path.join(data_dir, "**", "*.npz"), recursive=True))
     if not paths:
         raise FileNotFoundError(f"--data: no episode files (*.npz) under {data_dir!r}")
-    episodes = [{**eval_sim.load_episode(p), "path": p}
+    episodes = [{**load_episode(p), "path": p}
                 for p in tqdm(paths, desc="episodes", unit="ep", disable=not progress)]
     successful = [ep for ep in episodes if ep["success"]]
     if not successful:
@@ -255,11 +242,11 @@ def check_episodes(episodes):
 # Dataset: episodes -> training samples
 
 class EpisodeDataset:
-    """Every time step t of every episode is one sample (DESIGN §3.1).
+    """Every time step t of every episode is one sample (docs/design.md §3.1).
 
     All frames stay in memory as one uint8 tensor (N_total, H, W, 3); states and actions are
     normalized once at construction. `batch(indices)` gathers a whole batch with tensor indexing
-    and converts frames to video with dit4dit.frames_to_video, so there is no per-sample Python
+    and converts frames to video with frames_to_video, so there is no per-sample Python
     work and no DataLoader workers.
     """
 
@@ -346,7 +333,7 @@ class EpisodeDataset:
     def batch(self, indices, device=None):
         """A model batch (the keys DiT4DiT.loss reads) for a 1-D index tensor."""
         sample = self.gather(indices)
-        batch = {"video": dit4dit.frames_to_video(sample["frames"]),                # (B, 3, 1+F, H, W)
+        batch = {"video": frames_to_video(sample["frames"]),                # (B, 3, 1+F, H, W)
                  "state": sample["state"], "actions": sample["actions"],
                  "action_mask": sample["action_mask"], "instruction": sample["instruction"]}
         if device is not None:
@@ -394,7 +381,7 @@ ACTION_PREFIXES = ("action_dit.",)  # parameter-name prefixes trained at the act
 
 def param_groups(model, lr_video, lr_action, weight_decay=WEIGHT_DECAY):
     """AdamW groups: the action DiT at lr_action, everything else (video DiT, text encoder) at
-    lr_video (DESIGN §3.9: 1e-5 video / 1e-4 action at paper scale); no decay on 1-D params."""
+    lr_video (docs/design.md §3.9: 1e-5 video / 1e-4 action at paper scale); no decay on 1-D params."""
     groups = {(name, decay): [] for name in ("video", "action") for decay in (True, False)}
     for pname, p in model.named_parameters():
         if not p.requires_grad:
@@ -502,26 +489,26 @@ def read_log(path, upto_step=None):
 
 
 def write_log(path, rows):
-    dit4dit.atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows), mode="w")
+    atomic_write(path, lambda f: f.writelines(json.dumps(r) + "\n" for r in rows), mode="w")
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints (layout: dit4dit.save_checkpoint; this script adds the training state)
+# Checkpoints (layout: bridges/checkpoint.py; this script adds the training state)
 
 def save_training_checkpoint(path, model, optimizer, scheduler, step, state_normalizer, action_normalizer, args,
                              average=None, experiment=None, changes=()):
     """With a weight average: "model" holds the averaged weights (what eval_sim.py and
-    dit4dit.model_from_checkpoint load) and "training_weights" the optimizer's (what --resume
+    model_from_checkpoint load) and "training_weights" the optimizer's (what --resume
     continues from)."""
     extra = dict(step=step, optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict(),
                  args={k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items()},
                  experiment=experiment, changes=list(changes))
     if average is None:
-        dit4dit.save_checkpoint(path, model, state_normalizer, action_normalizer, **extra)
+        save_checkpoint(path, model, state_normalizer, action_normalizer, **extra)
         return
     training_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     with average.applied(model):
-        dit4dit.save_checkpoint(path, model, state_normalizer, action_normalizer,
+        save_checkpoint(path, model, state_normalizer, action_normalizer,
                                 training_weights=training_weights, **extra)
 
 
@@ -566,8 +553,7 @@ TRAINING_KEYS = ("step", "optimizer", "scheduler", "args")  # what this script a
 # (--allow-changes continues with the new values and writes them into train_log.jsonl).
 
 EXPERIMENT_FLAGS = ("preset", "steps", "batch_size", "grad_accum", "lr_video", "lr_action", "warmup", "seed",
-                    "demos_per_task", "every_pad", "early_weight", "ema_decay", "demo_noise",
-                    "recovery_demos")
+                    "demos_per_task", "every_pad", "early_weight", "ema_decay", "demo_noise")
 
 
 def experiment_record(args, config, world=None, data=None, known=None):
@@ -579,7 +565,7 @@ def experiment_record(args, config, world=None, data=None, known=None):
     record = {f"--{name.replace('_', '-')}": a.get(name) for name in EXPERIMENT_FLAGS}
     if a.get("data"):
         record["--demos-per-task"] = record["--every-pad"] = None  # unused with --data
-    record["--tasks"] = sorted(a.get("tasks") or eval_sim.TASKS)
+    record["--tasks"] = sorted(a.get("tasks") or suites.get_suite("toy").TASKS)
     config = config if isinstance(config, dict) else dataclasses.asdict(config)
     record.update({f"config.{k}": v for k, v in config.items() if known is None or k in known})
     if world is not None:
@@ -623,7 +609,7 @@ def load_resume(args):
     """The verified checkpoint of --resume (dit4dit.load_checkpoint, plus this script's training
     state), checked against the flags before any data or folder is touched: a changed experiment
     (as far as the flags tell; the data follows in main) or a finished run is refused."""
-    ckpt = dit4dit.load_checkpoint(args.resume)  # errors name the file
+    ckpt = load_checkpoint(args.resume)  # errors name the file
     missing = [k for k in TRAINING_KEYS if k not in ckpt]
     if missing:
         raise ValueError(f"--resume: checkpoint {args.resume} holds no training state ({missing} missing): it "
@@ -713,7 +699,7 @@ def claim_out_folder(args):
         break
     else:
         raise FileExistsError(f"--out {args.out}: another run took the lock {path} first")
-    dit4dit.remove_stale_temp_files(args.out)
+    remove_stale_temp_files(args.out)
     if args.overwrite:
         for name in RUN_FILES:
             with contextlib.suppress(FileNotFoundError):
@@ -760,12 +746,11 @@ def load_data(args, tasks, proc):
         cache = args.demo_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "demos")
         if proc.is_main:
             collect_demos(tasks, args.demos_per_task, image_size, cache, every_pad=args.every_pad, suite=args.suite,
-                          noise=args.demo_noise, recovery=args.recovery_demos)
+                          noise=args.demo_noise)
             print(f"demos ready in {time.time() - t0:.1f} s ({cache})")
         barrier()
         episodes = collect_demos(tasks, args.demos_per_task, image_size, cache, progress=False,
-                                 every_pad=args.every_pad, suite=args.suite, noise=args.demo_noise,
-                                 recovery=args.recovery_demos)
+                                 every_pad=args.every_pad, suite=args.suite, noise=args.demo_noise)
     check_episodes(episodes)
     image_size = episodes[0]["frames"].shape[1]
     if args.image_size is not None and args.image_size != image_size:
@@ -784,7 +769,7 @@ def model_and_normalizers(config, args, episodes, resume):
     statistics (not a refit) in a model of `config` (the checkpoint's own unless --allow-changes
     changed it); else statistics fitted to the episodes and a model initialized from --seed."""
     if resume is not None:
-        model, state_normalizer, action_normalizer = dit4dit.model_from_checkpoint(resume)
+        model, state_normalizer, action_normalizer = model_from_checkpoint(resume)
         if "training_weights" in resume:  # "model" holds the weight average (see save_training_checkpoint)
             model.load_state_dict(resume["training_weights"])
         if model.config != config:  # only under --allow-changes (checked in main)
@@ -795,8 +780,8 @@ def model_and_normalizers(config, args, episodes, resume):
                 raise ValueError(f"--allow-changes: the weights of {args.resume} do not fit the changed config: "
                                  f"{str(err).splitlines()[-1].strip()}") from None
         return model, state_normalizer, action_normalizer
-    state_normalizer = dit4dit.Normalizer.fit(np.concatenate([e["state"] for e in episodes]))
-    action_normalizer = dit4dit.Normalizer.fit(np.concatenate([e["action"] for e in episodes]))
+    state_normalizer = Normalizer.fit(np.concatenate([e["state"] for e in episodes]))
+    action_normalizer = Normalizer.fit(np.concatenate([e["action"] for e in episodes]))
     seed_everything(args.seed)
     return dit4dit.DiT4DiT(config), state_normalizer, action_normalizer
 
@@ -912,7 +897,7 @@ def finish(args, proc, tasks, log_rows, training):
             "world_size": proc.world, "args": vars(args), "demo_seconds": round(training["demo_seconds"], 1),
             "total_seconds": round(time.time() - training["run_start"], 1),
         }
-        dit4dit.atomic_write(os.path.join(args.out, "report.json"),
+        atomic_write(os.path.join(args.out, "report.json"),
                              lambda f: json.dump(report, f, indent=2, default=str), mode="w")
         print(f"success {report['overall']['success_rate']:.1%} "
               f"(95% CI {report['overall']['ci95'][0]:.1%}-{report['overall']['ci95'][1]:.1%}) "
@@ -942,7 +927,7 @@ def main(args):
         check_out_folder(args)
 
     # --- data, and the experiment it makes (nothing is written into --out before this is checked)
-    tasks = args.tasks or list(eval_sim.TASKS)
+    tasks = args.tasks or list(suites.get_suite(args.suite).TASKS)
     episodes, demo_seconds = load_data(args, tasks, proc)
     config = data_config(args, episodes)
     record = experiment_record(args, config, proc.world, data_fingerprint(episodes))
@@ -1023,10 +1008,6 @@ def validate_args(args):
         args.demo_noise = DEMO_NOISE if args.suite == "toy" else 0.0
     if not (math.isfinite(args.demo_noise) and args.demo_noise >= 0):
         raise ValueError(f"--demo-noise must be a finite number >= 0, got {args.demo_noise}")
-    if not 0 <= args.recovery_demos <= 1:  # also refuses NaN
-        raise ValueError(f"--recovery-demos must be a fraction in [0, 1], got {args.recovery_demos}")
-    if args.recovery_demos and args.suite != "toy":
-        raise ValueError(f"--recovery-demos is for the toy suite's push task; --suite {args.suite} has no such start")
     if not 0 <= args.ema_decay < 1:
         raise ValueError(f"--ema-decay must be in [0, 1) (0: no weight average), got {args.ema_decay}")
     if args.warmup < 0:
@@ -1042,7 +1023,7 @@ def validate_args(args):
         raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
     if args.preset not in dit4dit.PRESETS:
         raise ValueError(f"--preset: unknown preset {args.preset!r}; choose from {sorted(dit4dit.PRESETS)}")
-    suite = eval_sim.get_suite(args.suite)  # Meta-World: a clear error when it is not installed
+    suite = suites.get_suite(args.suite)  # Meta-World: a clear error when it is not installed
     if args.suite != "toy" and not args.tasks:
         raise ValueError(f"--suite {args.suite}: name the tasks to train on with --tasks (e.g. reach-v3 push-v3)")
     for task in args.tasks or []:
@@ -1113,15 +1094,11 @@ def build_parser():
     p.add_argument("--demo-noise", type=float, default=None,
                    help="std of the noise added to the expert's executed commands while collecting demos; the "
                         f"demos record the clean commands (DART) (default {DEMO_NOISE} on the toy suite, 0 on Meta-World)")
-    p.add_argument("--recovery-demos", type=float, default=RECOVERY_DEMOS, metavar="FRACTION",
-                   help="fraction of the toy push layouts demonstrated from an end-effector start anywhere around "
-                        f"the puck (the expert goes around it) instead of behind it (default {RECOVERY_DEMOS:g}; "
-                        "toy suite only)")
     p.add_argument("--image-size", type=int, default=None, help="rendered frame size (default: the preset's)")
     p.add_argument("--tasks", nargs="+", default=None,
-                   help="tasks of the suite (default: all of eval_sim.TASKS; required with --suite metaworld)")
-    p.add_argument("--suite", default="toy", choices=eval_sim.SUITES,
-                   help="the toy suite (default) or Meta-World (pip install metaworld; see metaworld_suite.py)")
+                   help="tasks of the suite (default: all of the toy suite's; required with --suite metaworld)")
+    p.add_argument("--suite", default="toy", choices=suites.SUITES,
+                   help="the toy suite (default) or Meta-World (pip install metaworld; see suites/metaworld.py)")
     p.add_argument("--eval-episodes", type=int, default=EVAL_EPISODES,
                    help=f"evaluation episodes per task, 0 skips evaluation (default {EVAL_EPISODES})")
     p.add_argument("--threads", type=int, default=None,

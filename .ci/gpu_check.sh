@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU run of dit4dit (issue 14), from the repository root on a bare GPU machine whose
+# One prepared GPU run of dit4dit, from the repository root on a bare GPU machine whose
 # python3 has torch (CUDA build), nvcc and ninja; gymnasium and mujoco come as carried wheels.
 #   1. build kernels/_C for this GPU's architecture only, and print the build time;
 #   2. run the CUDA kernel tests (tests/test_kernels_cuda.py and the on-device half of
@@ -23,28 +23,21 @@
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
 #     gymnasium==1.4.0 farama-notifications==0.0.6 mujoco==3.3.7 pyopengl==3.1.10 glfw==2.11.0
-#   PYTHONPATH=. python .ci/gpu_bench.py make-data --out .gpu_data --demos-per-task 10
+#   PYTHONPATH=. python bench/gpu.py make-data --out .gpu_data --demos-per-task 10
 # Then the device call: carry [".whl", ".gpu_data"], timeout_s 540, command
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site
 #   .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash .ci/gpu_check.sh
 # (mujoco 3.3.7: one wheel, where 4.x needs three; training from --data renders nothing, and
 # without EGL libraries on the machine the training runs fall back to MUJOCO_GL=disable.)
 #
-# Run once, on an NVIDIA H200 on 2026-11-26 (torch 2.11.0+cu130; figures in the README's
-# "CUDA kernels on NVIDIA H200"): 390 s in all. The machine had no libEGL, so importing eval_sim
-# with MUJOCO_GL=egl failed ("'NoneType' object has no attribute 'eglQueryString'") and the three
-# training runs used MUJOCO_GL=disable. Two steps failed: one CUDA test (adaLN dx at D = 1;
-# kernels/csrc/cuda/adaln.cuh has been fixed since, not re-run on a GPU) and the CPU kernel
-# tests, which segfaulted inside test_adaln_bad_inputs_raise_clear_errors after 37 passing tests
-# (not reproduced with torch 2.14.1; see cpu_kernel_tests below). The log's first line named
-# commit 6ebd7df, the device copy's git HEAD, older than the files that ran.
+# The results of its runs, with their dates and machines: docs/kernels.md.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
 OUT="${OUT:-/tmp/dit4dit_gpu_check}"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 MUJOCO_GL="${MUJOCO_GL:-egl}" MAX_JOBS="${MAX_JOBS:-16}"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # .ci/gpu_bench.py imports dit4dit and kernels
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"  # bench/gpu.py imports dit4dit and kernels
 PY="${PY:-python3}"
 SMOKE="${GPU_CHECK_CPU_SMOKE:-0}"
 export OUT PY SMOKE
@@ -165,20 +158,20 @@ main() {
        "MUJOCO_GL=$MUJOCO_GL, EGL: $(ldconfig -p 2>/dev/null | grep -c 'libEGL.so') libEGL entries"
   [ -n "${GPU_CHECK_ONLY:-}" ] || rm -f "$RESULTS"
 
-  step env "env and ceilings" 60 "$PY" .ci/gpu_bench.py env "${smoke_flag[@]}" --json "$RESULTS"
-  step shapes "shapes" 30 "$PY" .ci/gpu_bench.py shapes --json "$RESULTS"
+  step env "env and ceilings" 60 "$PY" bench/gpu.py env "${smoke_flag[@]}" --json "$RESULTS"
+  step shapes "shapes" 30 "$PY" bench/gpu.py shapes --json "$RESULTS"
   step build "build" 270 bash -c build
   step tests "CUDA kernel tests" 150 bash -c cuda_tests
-  step ops "ops benchmark" 100 "$PY" .ci/gpu_bench.py ops "${smoke_flag[@]}" --json "$RESULTS" \
+  step ops "ops benchmark" 100 "$PY" bench/gpu.py ops "${smoke_flag[@]}" --json "$RESULTS" \
        $([ "$SMOKE" = 1 ] && echo --reps 3)
-  step predict "predict_action (paper preset)" 120 "$PY" .ci/gpu_bench.py predict "${smoke_flag[@]}" --presets paper toy \
+  step predict "predict_action (paper preset)" 120 "$PY" bench/gpu.py predict "${smoke_flag[@]}" --presets paper toy \
        --json "$RESULTS" $([ "$SMOKE" = 1 ] && echo --repeats 3)
-  step train "train_toy (toy preset)" 150 "$PY" .ci/gpu_bench.py train "${smoke_flag[@]}" --data "$DATA" --steps 100 \
+  step train "train_toy (toy preset)" 150 "$PY" bench/gpu.py train "${smoke_flag[@]}" --data "$DATA" --steps 100 \
        --with-torch-backend --timeout 70 --json "$RESULTS"
   step cputests "CPU kernel tests (tests/test_kernels.py)" 90 bash -c cpu_kernel_tests
 
   echo
-  "$PY" .ci/gpu_bench.py summary --json "$RESULTS"
+  "$PY" bench/gpu.py summary --json "$RESULTS"
   echo "total $(( $(date +%s) - START ))s"
   if (( ${#FAILED[@]} )); then
     printf 'FAILED: %s\n' "${FAILED[@]}"

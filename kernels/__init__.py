@@ -15,7 +15,7 @@ the op schemas and their CPU kernels (and CUDA kernels when built with CUDA). Th
   `reference_adaln_modulate`, `reference_residual_modulate`, `reference_qk_norm_rope` and
   `reference_attention`: one body
   per op, which dit4dit.py's
-  fallback runs and the tests and kernels/bench.py compare with.
+  fallback (kernels/dispatch.py) runs and the tests and bench/ops.py compare with.
 
 Ops (all shapes are (batch, ...), statistics float32, float64 for float64 inputs):
     dit4dit::adaln_modulate_fwd(x (B,N,D), shift (B,G,D), scale (B,G,D), eps) -> (y, mean (B,N), rstd (B,N))

@@ -2,7 +2,7 @@
 - dit4dit.py's fallback when the fused kernels are off (DIT4DIT_KERNELS=0, or not built),
 - the tests, which compare the kernels with it (fp32 at tight tolerance; for float16 and
   bfloat16 it computes in float32 and rounds the result, the error bar a kernel must meet),
-- the `reference` rows of kernels/bench.py.
+- the `reference` rows of bench/ops.py.
 
 It imports nothing from the extension, so it works whether or not kernels._C is built. Both
 bodies are the fast built-ins (F.layer_norm, F.scaled_dot_product_attention) rather than

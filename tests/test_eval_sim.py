@@ -10,15 +10,20 @@ import pytest
 import torch
 
 import eval_sim as es
+import suites
+from bridges import checkpoint, episodes
+from bridges.files import file_sha256
+from bridges.normalizer import Normalizer
+from suites import toy
 
 
 def test_same_seed_same_frames_and_states():
-    for task in es.TASKS:
+    for task in toy.TASKS:
         runs = []
         for _ in range(2):
-            env = es.make_env(task, image_size=32)
-            obs, _ = env.reset(seed=es.EVAL_SEEDS[3])
-            expert = es.scripted_expert(env)
+            env = toy.make_env(task, image_size=32)
+            obs, _ = env.reset(seed=suites.EVAL_SEEDS[3])
+            expert = toy.scripted_expert(env)
             frames, states = [obs["image"]], [obs["state"]]
             for _ in range(6):
                 obs, *_ = env.step(expert(obs))
@@ -29,42 +34,42 @@ def test_same_seed_same_frames_and_states():
         np.testing.assert_array_equal(runs[0][0], runs[1][0])
         np.testing.assert_array_equal(runs[0][1], runs[1][1])
         assert runs[0][2] == runs[1][2]
-        other = es.make_env(task, image_size=32)
-        obs, _ = other.reset(seed=es.EVAL_SEEDS[4])
+        other = toy.make_env(task, image_size=32)
+        obs, _ = other.reset(seed=suites.EVAL_SEEDS[4])
         assert not np.array_equal(obs["image"], runs[0][0][0])  # a different seed, a different scene
         other.close()
 
 
 def test_demo_and_eval_seeds_are_disjoint():
-    assert set(es.demo_seeds("push", 1000)).isdisjoint(es.eval_seeds("push", 1000))
-    assert es.DEMO_SEEDS.stop <= es.EVAL_SEEDS.start
+    assert set(toy.demo_seeds("push", 1000)).isdisjoint(toy.eval_seeds("push", 1000))
+    assert suites.DEMO_SEEDS.stop <= suites.EVAL_SEEDS.start
 
 
-@pytest.mark.parametrize("task", sorted(es.TASKS))
+@pytest.mark.parametrize("task", sorted(toy.TASKS))
 def test_expert_succeeds_on_eval_seeds(task):
-    for seed in es.eval_seeds(task, 10):
+    for seed in toy.eval_seeds(task, 10):
         ep = es.collect_episode(task, seed, image_size=32)
         assert ep["success"], f"{task} seed {seed}"
         T = len(ep["action"])
-        assert 1 <= T <= es.TASKS[task].max_steps
+        assert 1 <= T <= toy.TASKS[task].max_steps
         assert ep["frames"].shape == (T + 1, 32, 32, 3) and ep["frames"].dtype == np.uint8
-        assert ep["state"].shape == (T + 1, es.STATE_DIM) and ep["action"].shape == (T, es.ACTION_DIM)
+        assert ep["state"].shape == (T + 1, toy.STATE_DIM) and ep["action"].shape == (T, toy.ACTION_DIM)
         assert np.all(np.abs(ep["action"]) <= 1.0)
 
 
-@pytest.mark.parametrize("task", sorted(es.TASKS))
+@pytest.mark.parametrize("task", sorted(toy.TASKS))
 def test_one_layout_demonstrated_toward_every_pad(task):
     """collect_episode(target=i): the same layout (same first frame) toward each pad in turn, with
     the instruction naming that pad, and the expert succeeds on every one."""
-    seed = es.demo_seeds(task, 3)[2]
-    eps = [es.collect_episode(task, seed, image_size=32, target=i) for i in range(es.TASKS[task].num_pads)]
+    seed = toy.demo_seeds(task, 3)[2]
+    eps = [es.collect_episode(task, seed, image_size=32, target=i) for i in range(toy.TASKS[task].num_pads)]
     for ep in eps[1:]:
         np.testing.assert_array_equal(ep["frames"][0], eps[0]["frames"][0])
     assert len({ep["instruction"] for ep in eps}) == len(eps)
     assert all(ep["success"] for ep in eps)
     assert len({tuple(np.round(ep["action"][0], 3)) for ep in eps}) == len(eps)  # different first moves
     with pytest.raises(ValueError, match="options\\['target'\\]"):
-        es.make_env(task, image_size=32).reset(seed=seed, options={"target": 7})
+        toy.make_env(task, image_size=32).reset(seed=seed, options={"target": 7})
 
 
 def test_demo_noise_perturbs_the_execution_and_records_the_experts_commands(monkeypatch):
@@ -72,7 +77,7 @@ def test_demo_noise_perturbs_the_execution_and_records_the_experts_commands(monk
     the episode records the expert's clean command at every visited state, and the same call
     gives the same episode."""
     calls = {"expert": [], "executed": []}
-    make_env, make_expert = es.make_env, es.scripted_expert
+    make_env, make_expert = toy.make_env, toy.scripted_expert
 
     def recording_env(*args, **kwargs):
         env = make_env(*args, **kwargs)
@@ -84,8 +89,8 @@ def test_demo_noise_perturbs_the_execution_and_records_the_experts_commands(monk
         expert = make_expert(env)
         return lambda obs: (lambda a: (calls["expert"].append(a.copy()), a)[1])(expert(obs))
 
-    monkeypatch.setattr(es, "make_env", recording_env)
-    monkeypatch.setattr(es, "scripted_expert", recording_expert)
+    monkeypatch.setattr(toy, "make_env", recording_env)
+    monkeypatch.setattr(toy, "scripted_expert", recording_expert)
     clean = es.collect_episode("push", 3, image_size=16, target=0)
     np.testing.assert_array_equal(np.stack(calls["executed"]), clean["action"])  # no noise: executed as recorded
     diffs = []
@@ -105,55 +110,27 @@ def test_demo_noise_perturbs_the_execution_and_records_the_experts_commands(monk
                               clean["state"])
 
 
-def test_recovery_demo_starts_around_the_puck_and_the_expert_goes_around_it():
-    """collect_episode(recovery=True) (toy push): the same pads, puck and instruction as the seed's
-    layout, but the end-effector starts on RECOVERY_RING around the puck at any angle, in front of
-    it too, and the expert still pushes the puck onto the named pad."""
-    env = es.make_env("push", image_size=16)
-    alongs = []
-    for seed in range(12):
-        ep = es.collect_episode("push", seed, image_size=16, target=seed % 2, noise=0.3, recovery=True)
-        assert ep["success"], seed
-        normal = es.collect_episode("push", seed, image_size=16, target=seed % 2)
-        assert ep["instruction"] == normal["instruction"]
-        assert not np.array_equal(ep["state"][0], normal["state"][0])
-        env.reset(seed=seed, options={"target": seed % 2})
-        u = env.unwrapped
-        puck, goal = u.puck_pos(), u.target_pos()
-        rel = ep["state"][0] - puck
-        assert es.RECOVERY_RING[0] - 1e-6 <= np.linalg.norm(rel) <= es.RECOVERY_RING[1] + 1e-6
-        assert es.pad_under(ep["state"][0], u.pad_pos()) is None
-        alongs.append(rel @ (goal - puck) / np.linalg.norm(goal - puck))
-    assert max(alongs) > 0.02 and min(alongs) < -es.PUSH_START_BEHIND  # in front of the puck and behind it
-    again = es.collect_episode("push", 5, image_size=16, target=1, noise=0.3, recovery=True)
-    np.testing.assert_array_equal(again["state"], es.collect_episode("push", 5, image_size=16, target=1, noise=0.3,
-                                                                     recovery=True)["state"])
-    with pytest.raises(ValueError, match="recovery demos are for the toy suite's push task"):
-        es.collect_episode("reach", 0, image_size=16, recovery=True)
-    env.close()
-
-
 def test_push_starts_behind_the_puck_for_every_pad():
     # whichever pad is named, the end-effector starts behind the puck on the line from the pad
-    env = es.make_env("push", image_size=16)
+    env = toy.make_env("push", image_size=16)
     for seed in range(40):
         env.reset(seed=seed)
         u = env.unwrapped
         puck, ee = u.puck_pos(), u.ee_pos()
         for pad in u.pad_pos():
             along = (ee - puck) @ (pad - puck) / np.linalg.norm(pad - puck)
-            assert along <= -es.PUSH_START_BEHIND + 1e-9, (seed, along)
+            assert along <= -toy.PUSH_START_BEHIND + 1e-9, (seed, along)
     env.close()
 
 
 def test_push_expert_changes_its_action_smoothly_behind_the_puck():
     # No hard switch behind the puck: sliding the end-effector sideways across the push line in
     # 1 mm steps changes the command by a little each step, so position errors matter little.
-    env = es.make_env("push", image_size=16)
+    env = toy.make_env("push", image_size=16)
     env.reset(seed=0)
     u = env.unwrapped
     pads, puck = [[0.0, 0.2], [0.2, 0.15]], np.array([0.0, -0.05])
-    expert = es.scripted_expert(env)
+    expert = toy.scripted_expert(env)
     actions = []
     for side in np.arange(-0.06, 0.0605, 0.001):
         u.set_layout([side, -0.05 - 0.1], pads, ["red", "blue"], 0, puck=puck)  # 0.1 m behind, pushing +y
@@ -170,8 +147,8 @@ def test_push_expert_tolerates_a_misjudged_puck():
     at DEMO_FORMAT 4 (115/150 with the expert before it), so >= 54/60 here."""
     rng = np.random.default_rng(0)
     successes = 0
-    for seed in es.eval_seeds("push", 60):
-        env = es.make_env("push", image_size=16)
+    for seed in toy.eval_seeds("push", 60):
+        env = toy.make_env("push", image_size=16)
         env.reset(seed=seed)
         u = env.unwrapped
         error = rng.normal(0.0, 0.02, 2)
@@ -180,7 +157,7 @@ def test_push_expert_tolerates_a_misjudged_puck():
             task, ee_pos, target_pos = u.task, u.ee_pos, u.target_pos
             puck_pos = staticmethod(lambda: u.puck_pos() + error)
 
-        expert = es.scripted_expert(type("Wrapper", (), {"unwrapped": Misjudged})())
+        expert = toy.scripted_expert(type("Wrapper", (), {"unwrapped": Misjudged})())
         for _ in range(u.task.max_steps):
             _, _, terminated, truncated, info = env.step(expert())
             if terminated or truncated:
@@ -191,9 +168,9 @@ def test_push_expert_tolerates_a_misjudged_puck():
 
 
 def test_observation_holds_no_object_or_goal_position():
-    env = es.make_env("push", image_size=32)
+    env = toy.make_env("push", image_size=32)
     obs, _ = env.reset(seed=5)
-    assert set(obs) == {"image", "state"} and obs["state"].shape == (es.STATE_DIM,)
+    assert set(obs) == {"image", "state"} and obs["state"].shape == (toy.STATE_DIM,)
     u = env.unwrapped
     ee = u.ee_pos()
     a = u.set_layout(ee, [[-0.2, -0.2], [0.2, 0.2]], ["red", "blue"], 0, puck=[0.0, 0.1])
@@ -205,8 +182,8 @@ def test_observation_holds_no_object_or_goal_position():
 
 
 def test_success_on_hand_placed_states():
-    h = es.PAD_HALF
-    env = es.make_env("reach", image_size=32)
+    h = toy.PAD_HALF
+    env = toy.make_env("reach", image_size=32)
     env.reset(seed=0)
     u = env.unwrapped
     pads = [[-0.2, 0.0], [0.0, 0.2], [0.2, -0.1]]
@@ -219,7 +196,7 @@ def test_success_on_hand_placed_states():
     assert terminated and not truncated and info["success"] and reward == 1.0
     env.close()
 
-    env = es.make_env("push", image_size=32)
+    env = toy.make_env("push", image_size=32)
     env.reset(seed=0)
     u = env.unwrapped
     pads = [[-0.15, 0.0], [0.15, 0.0]]
@@ -232,15 +209,15 @@ def test_success_on_hand_placed_states():
     assert u.instruction == "push the puck onto the green pad"
     env.close()
     pads = np.array([[0.1 + h, 0.1 - h], [-0.2, -0.2]])
-    assert es.pad_under([0.1, 0.1], pads) == 0 and es.pad_under([-0.2, -0.2 + h + 0.001], pads) is None
+    assert toy.pad_under([0.1, 0.1], pads) == 0 and toy.pad_under([-0.2, -0.2 + h + 0.001], pads) is None
 
 
 def test_coming_onto_a_wrong_pad_ends_the_episode_as_a_failure():
-    env = es.make_env("reach", image_size=16)
+    env = toy.make_env("reach", image_size=16)
     env.reset(seed=0)
     u = env.unwrapped
     pads = [[-0.2, 0.0], [0.0, 0.2], [0.2, -0.1]]
-    u.set_layout([0.0, 0.2 - es.PAD_HALF - 0.01], pads, ["red", "green", "blue"], 0)  # just below pad 1
+    u.set_layout([0.0, 0.2 - toy.PAD_HALF - 0.01], pads, ["red", "green", "blue"], 0)  # just below pad 1
     obs, reward, terminated, truncated, info = env.step(np.array([0.0, 1.0], np.float32))  # onto pad 1
     assert u.pad_under() == 1
     assert terminated and not truncated and not info["success"] and info["wrong_pad"] and reward == 0.0
@@ -249,7 +226,7 @@ def test_coming_onto_a_wrong_pad_ends_the_episode_as_a_failure():
 
 def test_instruction_decides_the_goal():
     # the named pad is drawn after the layout: over seeds every pad index is named
-    env = es.make_env("reach", image_size=16)
+    env = toy.make_env("reach", image_size=16)
     targets = set()
     for seed in range(30):
         env.reset(seed=seed)
@@ -261,12 +238,12 @@ def test_instruction_decides_the_goal():
 
 def test_unknown_task_and_bad_image_size():
     with pytest.raises(ValueError, match="reach"):
-        es.make_env("fly")
+        toy.make_env("fly")
     with pytest.raises(ValueError, match="unknown task"):
         es.evaluate("expert", tasks=["fly"], episodes=1, out_dir="unused", progress=False)
     with pytest.raises(ValueError, match="image_size"):
-        es.make_env("reach", image_size=0)
-    env = es.make_env("reach", image_size=16)
+        toy.make_env("reach", image_size=0)
+    env = toy.make_env("reach", image_size=16)
     env.reset(seed=0)
     with pytest.raises(ValueError, match="action"):
         env.step(np.zeros(3))
@@ -274,11 +251,11 @@ def test_unknown_task_and_bad_image_size():
 
 
 def test_episode_round_trip_and_corrupt_files(tmp_path, damaged_copies):
-    ep = es.collect_episode("push", es.demo_seeds("push", 1)[0], image_size=16)
+    ep = es.collect_episode("push", toy.demo_seeds("push", 1)[0], image_size=16)
     path = tmp_path / "ep.npz"
-    es.save_episode(path, ep)
-    back = es.load_episode(path)
-    assert set(back) == set(es.EPISODE_KEYS)
+    episodes.save_episode(path, ep)
+    back = episodes.load_episode(path)
+    assert set(back) == set(episodes.EPISODE_KEYS)
     for k in ("frames", "state", "action"):
         np.testing.assert_array_equal(back[k], ep[k])
         assert back[k].dtype == ep[k].dtype
@@ -288,15 +265,15 @@ def test_episode_round_trip_and_corrupt_files(tmp_path, damaged_copies):
 
     for damaged in damaged_copies(path):  # truncated.npz, garbage.npz
         with pytest.raises(ValueError, match=damaged.name):
-            es.load_episode(damaged)
+            episodes.load_episode(damaged)
     no_action = tmp_path / "no_action.npz"
     np.savez_compressed(no_action, **{k: np.asarray(v) for k, v in ep.items() if k != "action"})
     with pytest.raises(ValueError, match="no_action.npz.*action"):
-        es.load_episode(no_action)
+        episodes.load_episode(no_action)
     with pytest.raises(FileNotFoundError, match="missing.npz"):
-        es.load_episode(tmp_path / "missing.npz")
+        episodes.load_episode(tmp_path / "missing.npz")
     with pytest.raises(ValueError, match="T\\+1"):
-        es.save_episode(tmp_path / "bad.npz", {**ep, "action": ep["action"][:-1]})
+        episodes.save_episode(tmp_path / "bad.npz", {**ep, "action": ep["action"][:-1]})
 
 
 def test_wilson_interval_known_values():
@@ -320,30 +297,30 @@ def _check_report(report, out_dir, tasks, n):
     assert len(on_disk["episodes"]) == n * len(tasks)
     for e in on_disk["episodes"]:
         assert set(e) >= {"task", "seed", "instruction", "success", "steps", "error"}
-        assert e["seed"] in es.EVAL_SEEDS
+        assert e["seed"] in suites.EVAL_SEEDS
     m = on_disk["manifest"]
     assert set(m) >= {"git_commit", "config", "packages", "seeds", "wall_seconds", "control_hz_achieved"}
-    assert m["seeds"] == {t: es.eval_seeds(t, n) for t in tasks}
+    assert m["seeds"] == {t: toy.eval_seeds(t, n) for t in tasks}
     return on_disk
 
 
 def test_evaluate_expert_report(tmp_path, monkeypatch):
     report = es.evaluate("expert", episodes=2, out_dir=str(tmp_path), gif_episodes=1, image_size=32, progress=False)
-    r = _check_report(report, tmp_path, list(es.TASKS), 2)
+    r = _check_report(report, tmp_path, list(toy.TASKS), 2)
     assert r["overall"]["success_rate"] == 1.0
     assert r["manifest"]["config"]["policy"] == "scripted_expert"
     gifs = sorted(os.listdir(tmp_path / "gifs"))
-    assert gifs == sorted(f"{t}_seed{es.EVAL_SEEDS[0]}.gif" for t in es.TASKS)
+    assert gifs == sorted(f"{t}_seed{suites.EVAL_SEEDS[0]}.gif" for t in toy.TASKS)
 
     # an environment error ends that episode as a failure with its error; the rest goes on
-    step = es.ToyTableEnv.step
+    step = toy.ToyTableEnv.step
 
     def broken_step(self, action):
-        if self.episode_seed == es.EVAL_SEEDS[1]:
+        if self.episode_seed == suites.EVAL_SEEDS[1]:
             raise RuntimeError("simulated physics blow-up")
         return step(self, action)
 
-    monkeypatch.setattr(es.ToyTableEnv, "step", broken_step)
+    monkeypatch.setattr(toy.ToyTableEnv, "step", broken_step)
     report = es.evaluate("expert", tasks=["reach"], episodes=3, out_dir=str(tmp_path / "err"), gif_episodes=0,
                          image_size=16, progress=False)
     errors = [e["error"] for e in report["episodes"]]
@@ -369,14 +346,13 @@ class StubModel(torch.nn.Module):
 
 
 def test_model_policy_receding_horizon_and_conversions():
-    dit4dit = pytest.importorskip("dit4dit")
     model = StubModel(image_size=16, K=4)
-    state_norm = dit4dit.Normalizer(low=[-1, -2], high=[1, 2])
-    action_norm = dit4dit.Normalizer(low=[-0.5, -0.5], high=[0.5, 0.5])
+    state_norm = Normalizer(low=[-1, -2], high=[1, 2])
+    action_norm = Normalizer(low=[-0.5, -0.5], high=[0.5, 0.5])
     policy = es.ModelPolicy(model, state_norm, action_norm, execute_steps=3)
-    env = es.make_env("reach", image_size=16)
-    results, _, steps = es.run_episodes([env], [es.EVAL_SEEDS[0]], policy)
-    obs, _ = env.reset(seed=es.EVAL_SEEDS[0])
+    env = toy.make_env("reach", image_size=16)
+    results, _, steps = es.run_episodes([env], [suites.EVAL_SEEDS[0]], policy)
+    obs, _ = env.reset(seed=suites.EVAL_SEEDS[0])
     env.close()
     assert results[0]["steps"] == steps
     assert model.calls == -(-steps // 3)  # one plan per 3 executed actions
@@ -400,12 +376,12 @@ def test_model_policy_receding_horizon_and_conversions():
 def test_evaluate_tiny_dit4dit_and_load_policy(tmp_path):
     dit4dit = pytest.importorskip("dit4dit")
     torch.manual_seed(0)
-    config = dit4dit.make_config("tiny", state_dim=es.STATE_DIM, action_dim=es.ACTION_DIM)
+    config = dit4dit.make_config("tiny", state_dim=toy.STATE_DIM, action_dim=toy.ACTION_DIM)
     model = dit4dit.DiT4DiT(config)
-    state_norm = dit4dit.Normalizer(low=[-0.3, -0.5], high=[0.3, 0.5])
-    action_norm = dit4dit.Normalizer(low=[-1, -1], high=[1, 1])
+    state_norm = Normalizer(low=[-0.3, -0.5], high=[0.3, 0.5])
+    action_norm = Normalizer(low=[-1, -1], high=[1, 1])
     ckpt = tmp_path / "ckpt.pt"
-    dit4dit.save_checkpoint(ckpt, model, state_norm, action_norm, step=7)
+    checkpoint.save_checkpoint(ckpt, model, state_norm, action_norm, step=7)
     policy = es.load_policy(str(ckpt), execute_steps=config.action_horizon)
     assert policy.checkpoint["step"] == 7 and len(policy.checkpoint["sha256"]) == 64
     for k, v in model.state_dict().items():
@@ -414,9 +390,9 @@ def test_evaluate_tiny_dit4dit_and_load_policy(tmp_path):
     report = es.evaluate(policy, tasks=["reach"], episodes=1, out_dir=str(out), gif_episodes=1, progress=False)
     r = _check_report(report, out, ["reach"], 1)
     assert r["manifest"]["config"]["image_size"] == config.image_size
-    assert r["manifest"]["config"]["checkpoint"]["sha256"] == es.file_sha256(ckpt)
+    assert r["manifest"]["config"]["checkpoint"]["sha256"] == file_sha256(ckpt)
     assert all(e["error"] is None for e in r["episodes"])
-    assert os.listdir(out / "gifs") == [f"reach_seed{es.EVAL_SEEDS[0]}.gif"]
+    assert os.listdir(out / "gifs") == [f"reach_seed{suites.EVAL_SEEDS[0]}.gif"]
     with pytest.raises(ValueError, match="image_size"):
         es.evaluate(policy, episodes=1, out_dir=str(out), image_size=32, progress=False)
     with pytest.raises(FileNotFoundError, match="nowhere.pt"):
@@ -428,17 +404,17 @@ def test_load_policy_action_noise_scale(tmp_path):
     --action-noise-scale) can replace it; a checkpoint written before the field existed loads with
     1, the scale it was trained and evaluated with."""
     dit4dit = pytest.importorskip("dit4dit")
-    config = dit4dit.make_config("tiny", state_dim=es.STATE_DIM, action_dim=es.ACTION_DIM, action_noise_scale=0.0)
-    norms = dit4dit.Normalizer(low=[-0.3, -0.5], high=[0.3, 0.5]), dit4dit.Normalizer(low=[-1, -1], high=[1, 1])
+    config = dit4dit.make_config("tiny", state_dim=toy.STATE_DIM, action_dim=toy.ACTION_DIM, action_noise_scale=0.0)
+    norms = Normalizer(low=[-0.3, -0.5], high=[0.3, 0.5]), Normalizer(low=[-1, -1], high=[1, 1])
     ckpt = tmp_path / "ckpt.pt"
-    dit4dit.save_checkpoint(ckpt, dit4dit.DiT4DiT(config), *norms, step=1)
+    checkpoint.save_checkpoint(ckpt, dit4dit.DiT4DiT(config), *norms, step=1)
     assert es.load_policy(str(ckpt)).model.config.action_noise_scale == 0
     assert es.load_policy(str(ckpt), action_noise_scale=1).model.config.action_noise_scale == 1
     with pytest.raises(ValueError, match="action_noise_scale=-1"):
         es.load_policy(str(ckpt), action_noise_scale=-1.0)
     payload = torch.load(ckpt, weights_only=False)
     del payload["config"]["action_noise_scale"]
-    payload["sha256"] = dit4dit.checkpoint_sha256(payload)
+    payload["sha256"] = checkpoint.checkpoint_sha256(payload)
     old = tmp_path / "old.pt"
     torch.save(payload, old)
     assert es.load_policy(str(old)).model.config.action_noise_scale == 1
@@ -459,14 +435,14 @@ def test_cli_needs_exactly_one_policy(tmp_path):
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path, flipped_copy):
     dit4dit = pytest.importorskip("dit4dit")
-    config = dit4dit.make_config("tiny", state_dim=es.STATE_DIM, action_dim=es.ACTION_DIM)
+    config = dit4dit.make_config("tiny", state_dim=toy.STATE_DIM, action_dim=toy.ACTION_DIM)
     model = dit4dit.DiT4DiT(config)
     ckpt = tmp_path / "ckpt.pt"
-    dit4dit.save_checkpoint(ckpt, model, dit4dit.Normalizer(-torch.ones(2), torch.ones(2)),
-                            dit4dit.Normalizer(-torch.ones(2), torch.ones(2)), step=1)
+    checkpoint.save_checkpoint(ckpt, model, Normalizer(-torch.ones(2), torch.ones(2)),
+                            Normalizer(-torch.ones(2), torch.ones(2)), step=1)
     payload = torch.load(ckpt, weights_only=True)
     payload["state_normalizer"] = {"low": torch.zeros(7), "high": torch.ones(7)}
-    payload["sha256"] = dit4dit.checkpoint_sha256(payload)
+    payload["sha256"] = checkpoint.checkpoint_sha256(payload)
     torch.save(payload, tmp_path / "norm.pt")
     out = tmp_path / "out"
     cases = [

@@ -1,4 +1,4 @@
-"""CPU dry run of the prepared GPU check (.ci/gpu_check.sh, .ci/gpu_bench.py): argument parsing,
+"""CPU dry run of the prepared GPU check (.ci/gpu_check.sh, bench/gpu.py): argument parsing,
 the paper preset's token arithmetic, the stand-in VAE tokenizer, and the report of each step at
 tiny sizes on the CPU, so that a mistake shows up here rather than in a scarce device run."""
 import importlib.util
@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _load_gpu_bench():
-    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / ".ci" / "gpu_bench.py")
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -159,7 +159,7 @@ def test_predict_on_cpu_and_its_mismatch_check(tmp_path, capsys, monkeypatch):
     def wrong(model, obs, state, instruction, generator):
         return torch.ones(obs.shape[0], model.config.action_horizon, model.config.action_dim)
 
-    monkeypatch.setattr(gb, "import_naive_predict_action", lambda: wrong)
+    monkeypatch.setattr(gb, "release_path", lambda: wrong)
     with pytest.raises(SystemExit, match="disagree"):
         gb.cmd_predict(gb.parse_args(["predict", "--cpu-smoke", "--presets", "toy", "--repeats", "1"]))
 

@@ -585,7 +585,7 @@ def test_attention_memory_grows_linearly():
     kernel's peak-RSS mark reset just before the computation)."""
     code = textwrap.dedent("""
         import torch, kernels
-        from kernels.bench import reset_peak_rss, peak_rss_growth_mib
+        from bench.ops import reset_peak_rss, peak_rss_growth_mib
         torch.manual_seed(0)
         q, k, v = (torch.randn(1, 1, 8192, 8, requires_grad=True) for _ in range(3))
         kernels.attention(q[:, :, :64], k[:, :, :64], v[:, :, :64]).sum().backward()  # warm-up

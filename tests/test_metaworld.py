@@ -1,4 +1,4 @@
-"""metaworld_suite.py: Meta-World behind eval_sim's interfaces (observation, experts, episode files,
+"""suites/metaworld.py: Meta-World behind the suite interface (observation, experts, episode files,
 report, bad task names, the missing-install error), and train_toy.py on it end to end.
 
 Meta-World is optional: where it is not installed these tests are skipped, except in CI
@@ -15,8 +15,12 @@ import torch
 
 import dit4dit
 import eval_sim as es
-import metaworld_suite as ms
+from suites import metaworld as ms
 import train_toy
+import suites
+from bridges import checkpoint, episodes
+from bridges.normalizer import Normalizer
+from suites import toy
 
 try:
     import metaworld  # noqa: F401
@@ -30,7 +34,7 @@ needs_metaworld = pytest.mark.skipif(not HAVE_METAWORLD and not os.environ.get("
 @needs_metaworld
 def test_reset_step_render_shapes_and_what_the_state_holds():
     env = ms.make_env("push-v3", image_size=32)
-    obs, info = env.reset(seed=es.EVAL_SEEDS[0])
+    obs, info = env.reset(seed=suites.EVAL_SEEDS[0])
     assert set(obs) == {"image", "state"} and env.observation_space.contains(obs)
     assert obs["image"].shape == (32, 32, 3) and obs["image"].dtype == np.uint8
     assert obs["state"].shape == (ms.STATE_DIM,) and obs["state"].dtype == np.float32
@@ -49,10 +53,10 @@ def test_reset_step_render_shapes_and_what_the_state_holds():
     # same seed, same scene (in a fresh env too); another seed moves puck and goal, and only the
     # image shows it: the state at reset is the same hand pose
     other = ms.make_env("push-v3", image_size=32)
-    again, _ = other.reset(seed=es.EVAL_SEEDS[0])
+    again, _ = other.reset(seed=suites.EVAL_SEEDS[0])
     np.testing.assert_array_equal(again["image"], obs["image"])
     np.testing.assert_array_equal(again["state"], obs["state"])
-    moved, _ = other.reset(seed=es.EVAL_SEEDS[1])
+    moved, _ = other.reset(seed=suites.EVAL_SEEDS[1])
     assert not np.array_equal(moved["image"], obs["image"])
     np.testing.assert_allclose(moved["state"], obs["state"], atol=1e-6)
     env.close()
@@ -100,12 +104,12 @@ def test_demos_round_trip_through_the_cache(tmp_path):
     assert files == ["seed_000000.npz", "seed_000001.npz"]  # one episode per seed: no pads
     again = train_toy.collect_demos(["reach-v3"], 2, 16, str(tmp_path), progress=False, suite="metaworld")
     for a, b in zip(eps, again):
-        back = es.load_episode(b["path"])
+        back = episodes.load_episode(b["path"])
         for key in ("frames", "state", "action"):
             np.testing.assert_array_equal(a[key], back[key])
             assert back[key].dtype == a[key].dtype
         assert (back["instruction"], back["task"], back["success"]) == ("move the gripper to the goal", "reach-v3", True)
-    assert [e["seed"] for e in again] == list(es.DEMO_SEEDS[:2])
+    assert [e["seed"] for e in again] == list(suites.DEMO_SEEDS[:2])
 
 
 @needs_metaworld
@@ -118,9 +122,9 @@ def test_evaluate_expert_report(tmp_path):
     m = on_disk["manifest"]
     assert m["config"]["suite"] == "metaworld" and m["config"]["policy"] == "scripted_expert"
     assert m["config"]["control_hz"] == pytest.approx(80.0) and m["config"]["max_steps"] == {"reach-v3": ms.MAX_STEPS}
-    assert m["seeds"] == {"reach-v3": list(es.EVAL_SEEDS[:2])} and "metaworld" in m["packages"]
+    assert m["seeds"] == {"reach-v3": list(suites.EVAL_SEEDS[:2])} and "metaworld" in m["packages"]
     assert [e["instruction"] for e in on_disk["episodes"]] == ["move the gripper to the goal"] * 2
-    assert os.listdir(tmp_path / "gifs") == [f"reach-v3_seed{es.EVAL_SEEDS[0]}.gif"]
+    assert os.listdir(tmp_path / "gifs") == [f"reach-v3_seed{suites.EVAL_SEEDS[0]}.gif"]
 
 
 @needs_metaworld
@@ -128,15 +132,15 @@ def test_dit4dit_policy_on_metaworld_and_a_toy_model_refused(tmp_path):
     torch.manual_seed(0)
     config = dit4dit.make_config("tiny", state_dim=ms.STATE_DIM, action_dim=ms.ACTION_DIM)
     ckpt = tmp_path / "ckpt.pt"
-    dit4dit.save_checkpoint(ckpt, dit4dit.DiT4DiT(config), dit4dit.Normalizer(-torch.ones(4), torch.ones(4)),
-                            dit4dit.Normalizer(-torch.ones(4), torch.ones(4)), step=1)
+    checkpoint.save_checkpoint(ckpt, dit4dit.DiT4DiT(config), Normalizer(-torch.ones(4), torch.ones(4)),
+                            Normalizer(-torch.ones(4), torch.ones(4)), step=1)
     policy = es.load_policy(str(ckpt), execute_steps=config.action_horizon)
     report = es.evaluate(policy, tasks=["reach-v3"], episodes=1, out_dir=str(tmp_path / "eval"), gif_episodes=0,
                          progress=False, suite="metaworld")
     assert report["episodes"][0]["error"] is None and report["episodes"][0]["steps"] >= 1
-    toy = dit4dit.make_config("tiny", state_dim=es.STATE_DIM, action_dim=es.ACTION_DIM)
-    dit4dit.save_checkpoint(tmp_path / "toy.pt", dit4dit.DiT4DiT(toy), dit4dit.Normalizer(-torch.ones(2), torch.ones(2)),
-                            dit4dit.Normalizer(-torch.ones(2), torch.ones(2)), step=1)
+    toy_config = dit4dit.make_config("tiny", state_dim=toy.STATE_DIM, action_dim=toy.ACTION_DIM)
+    checkpoint.save_checkpoint(tmp_path / "toy.pt", dit4dit.DiT4DiT(toy_config), Normalizer(-torch.ones(2), torch.ones(2)),
+                            Normalizer(-torch.ones(2), torch.ones(2)), step=1)
     with pytest.raises(ValueError, match="state of 2 numbers.*metaworld suite gives 4"):
         es.evaluate(es.load_policy(str(tmp_path / "toy.pt")), tasks=["reach-v3"], episodes=1,
                     out_dir=str(tmp_path / "no"), progress=False, suite="metaworld")
@@ -152,7 +156,7 @@ def test_bad_task_and_suite_names_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="unknown task 'reach-v3'"):  # a Meta-World name in the toy suite
         es.evaluate("expert", tasks=["reach-v3"], episodes=1, out_dir=str(tmp_path / "x"), progress=False)
     with pytest.raises(ValueError, match="unknown suite 'libero'"):
-        es.get_suite("libero")
+        suites.get_suite("libero")
     out = tmp_path / "out"
     for argv, message in [(["--suite", "metaworld", "--expert", "--tasks", "fly-v3"], "unknown Meta-World task 'fly-v3'"),
                           (["--suite", "metaworld", "--bench"], "name the tasks to time with --tasks")]:
@@ -174,7 +178,7 @@ def test_missing_metaworld_names_the_install_command(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "metaworld", None)
     monkeypatch.setitem(sys.modules, "metaworld.policies", None)
     with pytest.raises(ModuleNotFoundError, match=re.escape("pip install metaworld")):
-        es.get_suite("metaworld")
+        suites.get_suite("metaworld")
     with pytest.raises(SystemExit) as exit_info:
         es.cli(["--suite", "metaworld", "--expert", "--tasks", "reach-v3", "--out", str(tmp_path / "out")])
     text = str(exit_info.value.code)
@@ -222,6 +226,6 @@ def test_train_then_evaluate_on_metaworld(tmp_path, monkeypatch):
          "--demo-cache", str(tmp_path / "demos")]))
     assert report["manifest"]["config"]["suite"] == "metaworld" and set(report["tasks"]) == {"reach-v3"}
     assert report["manifest"]["config"]["max_steps"] == {"reach-v3": 20}
-    ckpt = dit4dit.load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
     assert (ckpt["config"]["state_dim"], ckpt["config"]["action_dim"]) == (ms.STATE_DIM, ms.ACTION_DIM)
     assert sorted(p.name for p in (tmp_path / "demos").glob("*/*.npz")) == ["seed_000000.npz", "seed_000001.npz"]

@@ -1,4 +1,4 @@
-"""Executable specification of dit4dit.py (issue 2). Runs on the `tiny` preset in seconds."""
+"""Executable specification of dit4dit.py. Runs on the `tiny` preset in seconds."""
 import dataclasses
 import os
 
@@ -7,8 +7,18 @@ import pytest
 import torch
 
 import dit4dit as d
-from bench_model import naive_predict_action, trained_like  # trained_like: random values in the zero-initialized layers
-from kernels.bench import unfused_qk_norm_rope
+import kernels
+from bench.model import trained_like  # random values in the zero-initialized layers
+from oracle import release_predict_action, unfused_qk_norm_rope
+from bridges import checkpoint
+from bridges.files import atomic_write, remove_stale_temp_files
+from bridges.frames import frames_to_video, video_to_frames
+from bridges.normalizer import Normalizer
+
+
+# The paper's choices where the toy departs from them (`tiny` carries the toy's switches).
+PAPER_SWITCHES = dict(video_prediction="velocity", video_text_adaln=False, action_text=False,
+                      feature_frames="all", detach_features=None, action_noise_scale=1.0)
 
 
 def tiny_model(seed=0, **overrides):
@@ -37,7 +47,7 @@ def gen(seed):
 # --- shapes and initialization ----------------------------------------------------------------
 
 def test_public_shapes_on_tiny():
-    model = tiny_model()
+    model = tiny_model(**PAPER_SWITCHES)  # features of every frame
     cfg = model.config
     batch = tiny_batch(cfg)
     B, H = 3, cfg.image_size
@@ -59,12 +69,12 @@ def test_public_shapes_on_tiny():
 
 def test_frames_video_conversion_round_trip():
     frames = np.random.default_rng(0).integers(0, 256, size=(2, 3, 8, 8, 3), dtype=np.uint8)
-    video = d.frames_to_video(frames)
+    video = frames_to_video(frames)
     assert video.shape == (2, 3, 3, 8, 8) and video.dtype == torch.float32
     assert video.min() >= -1 and video.max() <= 1
-    assert np.array_equal(d.video_to_frames(video), frames)
+    assert np.array_equal(video_to_frames(video), frames)
     with pytest.raises(ValueError, match="frames"):
-        d.frames_to_video(frames.astype(np.float32))
+        frames_to_video(frames.astype(np.float32))
 
 
 def test_fresh_model_predicts_zero_velocity_in_both_dits():
@@ -125,7 +135,7 @@ def _video_dit_output_and_grads(model):
     return run
 
 
-@pytest.mark.parametrize("backend", ["0"] + (["1"] if d.kernels.available() else []))
+@pytest.mark.parametrize("backend", ["0"] + (["1"] if kernels.available() else []))
 def test_video_block_with_residual_modulate_equals_unfused(backend, monkeypatch):
     """The video DiT with its blocks' fused residual_modulate gives the output and the gradients
     (input, text, every parameter) of the unfused blocks, per frame (G = T = 3) and with every
@@ -133,7 +143,7 @@ def test_video_block_with_residual_modulate_equals_unfused(backend, monkeypatch)
     before = d.backend()
     d.select_backend(backend)
     try:
-        model = trained_like(tiny_model(video_depth=2))
+        model = trained_like(tiny_model(video_depth=2, **PAPER_SWITCHES))
         assert all(block.mod_cross.proj.weight.abs().min() > 0 for block in model.video_dit.blocks)
         output_and_grads = _video_dit_output_and_grads(model)
         fused = output_and_grads()
@@ -148,12 +158,12 @@ def test_video_block_with_residual_modulate_equals_unfused(backend, monkeypatch)
 
 def _unfused_qk_norm_rope(x, norm, rot):
     """dit4dit.qk_norm_rope as Attention computed it before the fusion: the RMSNorm module, then
-    the rotation by rope_3d's tables (kernels/bench.py's unfused sequence)."""
+    the rotation by rope_3d's tables (tests/oracle.py's unfused sequence)."""
     return unfused_qk_norm_rope(x, norm.weight, rot, norm.eps)
 
 
 @pytest.mark.parametrize("pairs", ["interleaved", "half"])
-@pytest.mark.parametrize("backend", ["0"] + (["1"] if d.kernels.available() else []))
+@pytest.mark.parametrize("backend", ["0"] + (["1"] if kernels.available() else []))
 def test_self_attention_with_qk_norm_rope_equals_unfused(backend, pairs, monkeypatch):
     """The video DiT whose self-attention calls the fused qk_norm_rope gives the output and the
     gradients (input, text, every parameter, the q/k RMSNorm gains among them) of the unfused
@@ -162,7 +172,7 @@ def test_self_attention_with_qk_norm_rope_equals_unfused(backend, pairs, monkeyp
     before = d.backend()
     d.select_backend(backend)
     try:
-        model = trained_like(tiny_model(video_depth=2, rope_pairs=pairs))
+        model = trained_like(tiny_model(video_depth=2, rope_pairs=pairs, **PAPER_SWITCHES))
         for block in model.video_dit.blocks:  # gains away from 1, so a wrong gain gradient shows
             for norm in (block.self_attn.q_norm, block.self_attn.k_norm):
                 norm.weight.data = 1 + 0.3 * torch.randn(norm.weight.shape, generator=gen(7))
@@ -229,7 +239,7 @@ def test_absolute_positions_make_tokens_of_a_uniform_frame_distinguishable():
 
 
 def test_early_exit_equals_block_output_inside_full_forward():
-    model = tiny_model(video_depth=3, extract_layer=1)
+    model = tiny_model(**PAPER_SWITCHES, video_depth=3, extract_layer=1)
     trained_like(model)
     cfg = model.config
     batch = tiny_batch(cfg)
@@ -252,7 +262,7 @@ def test_early_exit_equals_block_output_inside_full_forward():
 
 
 def test_predict_action_cached_kv_equals_uncached():
-    model = tiny_model()
+    model = tiny_model(**PAPER_SWITCHES)
     trained_like(model)
     model.eval()
     cfg = model.config
@@ -281,7 +291,7 @@ def test_predict_action_precomputed_schedule_equals_naive(action_text):
     obs, state = batch["video"][:, :, 0], batch["state"]
     fast = model.predict_action(obs, state, batch["instruction"], generator=gen(3))
     with torch.inference_mode():
-        slow = naive_predict_action(model, obs, state, batch["instruction"], gen(3))
+        slow = release_predict_action(model, obs, state, batch["instruction"], gen(3))
         torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
         assert fast.abs().max() > 0
         h = model.extract_features(obs, batch["instruction"], generator=gen(4))
@@ -300,12 +310,12 @@ def test_action_noise_scale_sets_the_samplers_starting_noise():
     """predict_action starts the Euler integration at action_noise_scale times a standard draw:
     at 0 from the noise's mean (the toy preset), at 1 from the draw itself (the paper)."""
     assert d.make_config("toy").action_noise_scale == 0 and d.make_config("paper").action_noise_scale == 1
-    model = trained_like(tiny_model()).eval()
+    model = trained_like(tiny_model(**PAPER_SWITCHES)).eval()
     batch = tiny_batch(model.config)
     obs, state = batch["video"][:, :, 0], batch["state"]
     K, A = model.config.action_horizon, model.config.action_dim
     for scale in (0.0, 0.5, 1.0):
-        model.config.action_noise_scale = scale
+        model.config = dataclasses.replace(model.config, action_noise_scale=scale)
         acts = model.predict_action(obs, state, batch["instruction"], generator=gen(3))
         g = gen(3)  # the same stream: the extraction noise first, then the action noise
         with torch.inference_mode():
@@ -349,7 +359,7 @@ def test_action_only_has_no_video_loss_and_trains_video_dit_through_features():
 
 
 def test_action_only_and_detach_features_have_one_rule():
-    assert d.make_config("tiny").detach_features is True  # unset: the release's default
+    assert d.make_config("tiny", detach_features=None).detach_features is True  # unset: the release's
     assert d.make_config("tiny", action_only=True, detach_features=False).detach_features is False
     with pytest.raises(ValueError, match="action_only.*detach_features"):
         d.make_config("tiny", action_only=True, detach_features=True)
@@ -432,7 +442,7 @@ def test_action_time_sampler_mean():
 
 
 def test_overfit_one_batch_halves_both_losses():
-    model = tiny_model(seed=0)
+    model = tiny_model(seed=0, **PAPER_SWITCHES)
     batch = tiny_batch(model.config, B=2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
 
@@ -534,9 +544,11 @@ def test_inputs_are_checked_for_dtype_range_mask_and_empty_batch():
     assert torch.isfinite(loss(video=good["video"].clamp(-1, 1).sign(), action_mask=torch.tensor([1.0, 0.0]))["loss"])
 
 
-def test_config_fields_are_type_and_range_checked_in_one_table():
-    fields = {f.name for f in dataclasses.fields(d.DiT4DiTConfig)}
-    assert set(d.CONFIG_FIELDS) == fields  # a new field needs its row
+def test_config_fields_are_type_and_range_checked_from_the_dataclass():
+    # every field is checked from its own annotation: a value of the wrong type is refused
+    for f in dataclasses.fields(d.DiT4DiTConfig):
+        with pytest.raises(ValueError, match=f"^config field {f.name}="):
+            d.make_config("tiny", **{f.name: object()})
     bad = [
         ("extract_layer", 1.0), ("extract_layer", True), ("extract_layer", "0"), ("extract_layer", 2),
         ("abs_pos_embed", "no"), ("abs_pos_embed", 1), ("rope_theta", 0), ("rope_theta", -1.0),
@@ -556,9 +568,8 @@ def test_config_fields_are_type_and_range_checked_in_one_table():
     cfg = d.make_config("tiny", video_loss_weight=0, tau_f=1.0, rope_theta=500, action_dropout=0.5)
     assert cfg.video_loss_weight == 0 and cfg.rope_theta == 500  # an int is a fine float
     assert d.make_config("tiny", rope_scale=[1, 3, 3]).rope_scale == (1, 3, 3)  # a config read back from JSON
-    cfg.extract_layer = 0.0  # a config changed after it was made
-    with pytest.raises(ValueError, match="^config field extract_layer="):
-        d.DiT4DiT(cfg)
+    with pytest.raises(dataclasses.FrozenInstanceError):  # checked once, at construction: then frozen
+        cfg.extract_layer = 0.0
 
 
 def test_embeddings_config_rejects_strings_and_takes_tensors():
@@ -599,33 +610,33 @@ def test_backend_1_fails_loudly_when_extension_is_missing(monkeypatch):
 
 def test_normalizer_round_trip():
     x = np.random.default_rng(0).normal(size=(50, 7, 4)).astype(np.float32) * [1, 10, 0.1, 0]
-    norm = d.Normalizer.fit(x)
+    norm = Normalizer.fit(x)
     y = norm.normalize(x)
     assert isinstance(y, np.ndarray) and y.min() >= -1 - 1e-6 and y.max() <= 1 + 1e-6
     assert np.allclose(y[..., 3], 0)  # a constant dim maps to 0
     assert np.allclose(norm.unnormalize(y), x, atol=1e-5)
     t = torch.from_numpy(x)
     torch.testing.assert_close(norm.unnormalize(norm.normalize(t)), t, atol=1e-5, rtol=1e-5)
-    again = d.Normalizer.from_state_dict(norm.state_dict())
+    again = Normalizer.from_state_dict(norm.state_dict())
     assert np.allclose(again.normalize(x), y)
     with pytest.raises(ValueError, match="normalizer"):
-        d.Normalizer.from_state_dict({"low": torch.zeros(3)})
+        Normalizer.from_state_dict({"low": torch.zeros(3)})
 
 
 def tiny_normalizers(cfg):
     """(state, action) normalizers of the sizes a checkpoint of cfg must hold."""
-    return (d.Normalizer(-torch.ones(cfg.state_dim), torch.ones(cfg.state_dim)),
-            d.Normalizer(torch.zeros(cfg.action_dim), torch.arange(1.0, cfg.action_dim + 1)))
+    return (Normalizer(-torch.ones(cfg.state_dim), torch.ones(cfg.state_dim)),
+            Normalizer(torch.zeros(cfg.action_dim), torch.arange(1.0, cfg.action_dim + 1)))
 
 
 def test_checkpoint_round_trip(tmp_path):
     model = tiny_model()
     path = tmp_path / "ckpt.pt"
     state_norm, action_norm = tiny_normalizers(model.config)
-    d.save_checkpoint(path, model, state_norm, action_norm, step=7)
-    payload = d.load_checkpoint(path)
+    checkpoint.save_checkpoint(path, model, state_norm, action_norm, step=7)
+    payload = checkpoint.load_checkpoint(path)
     assert payload["step"] == 7 and len(payload["sha256"]) == 64
-    other, state_back, action_back = d.model_from_checkpoint(payload)
+    other, state_back, action_back = checkpoint.model_from_checkpoint(payload)
     for (k, a), (_, b) in zip(model.state_dict().items(), other.state_dict().items()):
         assert torch.equal(a, b), k
     x = np.arange(6.0).reshape(3, 2)
@@ -638,16 +649,16 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     model = tiny_model()
     norms = tiny_normalizers(model.config)
     path = tmp_path / "ckpt.pt"
-    d.save_checkpoint(path, model, *norms, step=1)
+    checkpoint.save_checkpoint(path, model, *norms, step=1)
     with pytest.raises(Exception):
-        d.save_checkpoint(path, model, *norms, step=2, bad=lambda: None)  # cannot be pickled mid-write
-    assert d.load_checkpoint(path)["step"] == 1
+        checkpoint.save_checkpoint(path, model, *norms, step=2, bad=lambda: None)  # cannot be pickled mid-write
+    assert checkpoint.load_checkpoint(path)["step"] == 1
     assert os.listdir(tmp_path) == ["ckpt.pt"]
 
 
 def test_atomic_write_temp_file_is_named_per_process_and_stale_ones_are_removed(tmp_path):
     seen = []
-    d.atomic_write(tmp_path / "log.jsonl", lambda f: seen.append(os.listdir(tmp_path)) or f.write("x"), mode="w")
+    atomic_write(tmp_path / "log.jsonl", lambda f: seen.append(os.listdir(tmp_path)) or f.write("x"), mode="w")
     assert seen == [[f".log.jsonl.tmp{os.getpid()}"]]  # two writers of one file never share a temp file
     import subprocess
     import sys
@@ -658,53 +669,53 @@ def test_atomic_write_temp_file_is_named_per_process_and_stale_ones_are_removed(
     alive = f".checkpoint.pt.tmp{os.getppid()}"  # some other process still writing
     for name in [*stale, alive, "notes.tmp1"]:
         (tmp_path / name).write_text("partial")
-    assert sorted(d.remove_stale_temp_files(tmp_path)) == sorted(str(tmp_path / n) for n in stale)
+    assert sorted(remove_stale_temp_files(tmp_path)) == sorted(str(tmp_path / n) for n in stale)
     assert sorted(os.listdir(tmp_path)) == sorted([alive, "log.jsonl", "notes.tmp1"])
 
 
 def test_load_checkpoint_errors_name_the_file(tmp_path, damaged_copies):
     missing = tmp_path / "missing.pt"
     with pytest.raises(FileNotFoundError, match="missing.pt"):
-        d.load_checkpoint(missing)
+        checkpoint.load_checkpoint(missing)
     with pytest.raises(IsADirectoryError, match="is a directory"):
-        d.load_checkpoint(tmp_path)
+        checkpoint.load_checkpoint(tmp_path)
     path = tmp_path / "ckpt.pt"
     model = tiny_model()
-    d.save_checkpoint(path, model, *tiny_normalizers(model.config))
+    checkpoint.save_checkpoint(path, model, *tiny_normalizers(model.config))
     for damaged in damaged_copies(path):  # truncated.pt, garbage.pt
         with pytest.raises(ValueError, match=damaged.name):
-            d.load_checkpoint(damaged)
+            checkpoint.load_checkpoint(damaged)
     listed = tmp_path / "list.pt"
     torch.save([1, 2], listed)
     with pytest.raises(ValueError, match="list.pt"):
-        d.load_checkpoint(listed)
+        checkpoint.load_checkpoint(listed)
     partial = tmp_path / "partial.pt"
     torch.save({"model": {}, "step": 1}, partial)
     with pytest.raises(ValueError, match="partial.pt.*missing keys"):
-        d.load_checkpoint(partial)
+        checkpoint.load_checkpoint(partial)
 
 
 def test_checkpoint_content_hash_refuses_flipped_bytes(tmp_path, flipped_copy):
     path = tmp_path / "ckpt.pt"
     model = trained_like(tiny_model())
-    d.save_checkpoint(path, model, *tiny_normalizers(model.config), step=3)
+    checkpoint.save_checkpoint(path, model, *tiny_normalizers(model.config), step=3)
     flipped = flipped_copy(path)
     torch.load(flipped, weights_only=True)  # torch itself reads the damaged file without complaint
     with pytest.raises(ValueError, match="flipped.pt.*sha256"):
-        d.load_checkpoint(flipped)
+        checkpoint.load_checkpoint(flipped)
 
 
 def test_checkpoint_contents_are_checked_with_one_error_naming_the_file(tmp_path):
     path = tmp_path / "ckpt.pt"
     model = tiny_model()
-    d.save_checkpoint(path, model, *tiny_normalizers(model.config), step=3)
-    good = d.load_checkpoint(path)
+    checkpoint.save_checkpoint(path, model, *tiny_normalizers(model.config), step=3)
+    good = checkpoint.load_checkpoint(path)
 
     def variant(name, change):
         payload = {k: v for k, v in good.items() if k != "sha256"}
         payload = {**payload, "config": dict(payload["config"]), "model": dict(payload["model"])}
         change(payload)
-        payload["sha256"] = d.checkpoint_sha256(payload)  # a well-formed file: only the content is wrong
+        payload["sha256"] = checkpoint.checkpoint_sha256(payload)  # a well-formed file: only the content is wrong
         torch.save(payload, tmp_path / name)
         return tmp_path / name
 
@@ -722,13 +733,14 @@ def test_checkpoint_contents_are_checked_with_one_error_naming_the_file(tmp_path
     ]
     for message, file in cases:
         with pytest.raises(ValueError, match=message) as err:
-            d.load_checkpoint(file)
+            checkpoint.load_checkpoint(file)
         assert "\n" not in str(err.value)
-    legacy = variant("legacy.pt", lambda p: None)  # written before checkpoints held their hash
-    payload = torch.load(legacy, weights_only=True)
+    unhashed = variant("unhashed.pt", lambda p: None)
+    payload = torch.load(unhashed, weights_only=True)
     del payload["sha256"]
-    torch.save(payload, legacy)
-    assert d.load_checkpoint(legacy)["step"] == 3
+    torch.save(payload, unhashed)
+    with pytest.raises(ValueError, match=r"unhashed.pt: missing keys \['sha256'\]"):
+        checkpoint.load_checkpoint(unhashed)
 
 
 def test_video_time_embedding_tells_noise_levels_apart():
@@ -752,15 +764,11 @@ def test_video_time_embedding_tells_noise_levels_apart():
     assert d.make_config("paper").video_time_scale == 1.0
 
 
-TOY_SWITCHES = dict(video_prediction="x0_residual", video_text_adaln=True, action_text=True,
-                    feature_frames="conditioning")
-
-
-@pytest.mark.parametrize("switches", [{"video_prediction": "x0"}, TOY_SWITCHES], ids=["x0", "all"])
+@pytest.mark.parametrize("switches", [PAPER_SWITCHES, d.TOY_SWITCHES], ids=["paper", "toy"])
 def test_toy_switches_train_and_match_the_release_path(switches):
-    """Every toy departure builds, trains (finite losses, gradients into both DiTs) and keeps
-    predict_action equal to the release's path (bench_model.naive_predict_action)."""
-    model = tiny_model(detach_features=False, **switches)
+    """The paper's choices and every toy departure build, train (finite losses, gradients into
+    both DiTs) and keep predict_action equal to the release's path (tests/oracle.py)."""
+    model = tiny_model(**{**switches, "detach_features": False})
     trained_like(model)
     batch = tiny_batch(model.config)
     losses = model.loss(batch, generator=gen(0))
@@ -772,7 +780,7 @@ def test_toy_switches_train_and_match_the_release_path(switches):
     obs, state = batch["video"][:, :, 0], batch["state"]
     fast = model.predict_action(obs, state, batch["instruction"], generator=gen(3))
     with torch.inference_mode():
-        slow = naive_predict_action(model, obs, state, batch["instruction"], gen(3))
+        slow = release_predict_action(model, obs, state, batch["instruction"], gen(3))
     torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
 
 

@@ -1,8 +1,8 @@
-"""The `paper` preset is the released model, parameter for parameter (issue 10).
+"""The `paper` preset is the released model, parameter for parameter.
 
 - The video DiT against diffusers' CosmosTransformer3DModel (a test dependency, installed by the
   README's test command): a small Cosmos-Predict2.5-shaped model with random weights is converted
-  with dit4dit.video_dit_state_from_cosmos and must give the same output, and the same hidden
+  with video_dit_state_from_cosmos and must give the same output, and the same hidden
   state after an intermediate block (the feature the action DiT reads), on the same inputs.
 - The action DiT against the released head's published config (its code is not installable):
   every parameter's shape and the total.
@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import dit4dit as d
+from bridges.cosmos import cosmos_names, cosmos_video_config, video_dit_state_from_cosmos
 
 HAS_DIFFUSERS = importlib.util.find_spec("diffusers") is not None
 needs_diffusers = pytest.mark.skipif(not HAS_DIFFUSERS, reason="diffusers (a test dependency: pip install -r "
@@ -40,7 +41,7 @@ PREDICT25_2B = dict(in_channels=16 + 1, out_channels=16, num_attention_heads=16,
 
 
 def small_config(**overrides):
-    return d.make_config("tiny", **{**d.cosmos_video_config(SMALL_COSMOS), "text_encoder": "embeddings",
+    return d.make_config("tiny", **{**cosmos_video_config(SMALL_COSMOS), "text_encoder": "embeddings",
                                     "extract_layer": FEATURE_BLOCK, **overrides})
 
 
@@ -137,7 +138,7 @@ def errors(video_dit, cosmos):
 
 
 def converted(cosmos, config=None):
-    return d.video_dit_state_from_cosmos(cosmos.model.state_dict(), cosmos.model.config, config or small_config())
+    return video_dit_state_from_cosmos(cosmos.model.state_dict(), cosmos.model.config, config or small_config())
 
 
 # --- the video DiT against diffusers ---------------------------------------------------------------
@@ -193,7 +194,7 @@ def test_parity_fails_if_any_mapped_tensor_is_dropped_transposed_or_swapped(cosm
 def test_each_cosmos_switch_is_needed(cosmos, switch):
     """Put back our default for one Cosmos switch: the same weights no longer give Cosmos's output."""
     config = small_config(**switch)
-    state = d.video_dit_state_from_cosmos(cosmos.model.state_dict(), cosmos.model.config, small_config())
+    state = video_dit_state_from_cosmos(cosmos.model.state_dict(), cosmos.model.config, small_config())
     assert max(errors(ours(state, config), cosmos)) > 1e-9
 
 
@@ -201,24 +202,24 @@ def test_each_cosmos_switch_is_needed(cosmos, switch):
 def test_converter_errors_name_the_key_or_field(cosmos):
     sd, cc, cfg = dict(cosmos.model.state_dict()), dict(cosmos.model.config), small_config()
     with pytest.raises(ValueError, match=r"missing \['transformer_blocks.1.attn1.to_k.weight'\]"):
-        d.video_dit_state_from_cosmos({k: v for k, v in sd.items() if k != "transformer_blocks.1.attn1.to_k.weight"},
+        video_dit_state_from_cosmos({k: v for k, v in sd.items() if k != "transformer_blocks.1.attn1.to_k.weight"},
                                       cc, cfg)
     with pytest.raises(ValueError, match=r"unexpected \['learnable_pos_embed.pos_emb_t'\]"):
-        d.video_dit_state_from_cosmos({**sd, "learnable_pos_embed.pos_emb_t": torch.zeros(3)}, cc, cfg)
+        video_dit_state_from_cosmos({**sd, "learnable_pos_embed.pos_emb_t": torch.zeros(3)}, cc, cfg)
     with pytest.raises(ValueError, match=r"transformer_blocks.0.ff.net.2.weight has shape \(128, 32\), but "
                                          r"blocks.0.mlp.fc2.weight"):
-        d.video_dit_state_from_cosmos({**sd, "transformer_blocks.0.ff.net.2.weight": sd[
+        video_dit_state_from_cosmos({**sd, "transformer_blocks.0.ff.net.2.weight": sd[
             "transformer_blocks.0.ff.net.2.weight"].T}, cc, cfg)
     with pytest.raises(ValueError, match="config field video_depth=2 does not match the Cosmos model"):
-        d.video_dit_state_from_cosmos(sd, cc, small_config(video_depth=2, extract_layer=0))
+        video_dit_state_from_cosmos(sd, cc, small_config(video_depth=2, extract_layer=0))
     with pytest.raises(ValueError, match="config field rope_pairs='interleaved'"):
-        d.video_dit_state_from_cosmos(sd, cc, small_config(rope_pairs="interleaved"))
+        video_dit_state_from_cosmos(sd, cc, small_config(rope_pairs="interleaved"))
     with pytest.raises(ValueError, match="cosmos config: missing key 'rope_scale'"):
-        d.video_dit_state_from_cosmos(sd, {k: v for k, v in cc.items() if k != "rope_scale"}, cfg)
+        video_dit_state_from_cosmos(sd, {k: v for k, v in cc.items() if k != "rope_scale"}, cfg)
     with pytest.raises(ValueError, match="extra_pos_embed_type='learnable'"):
-        d.cosmos_video_config({**cc, "extra_pos_embed_type": "learnable"})
+        cosmos_video_config({**cc, "extra_pos_embed_type": "learnable"})
     with pytest.raises(ValueError, match="in_channels=4 must be out_channels"):
-        d.cosmos_video_config({**cc, "in_channels": 4})
+        cosmos_video_config({**cc, "in_channels": 4})
 
 
 # --- the paper preset's counts, and the action DiT against the release's published config -------
@@ -245,7 +246,7 @@ def test_paper_preset_counts_equal_the_release():
     assert count(model.action_dit) == RELEASE["action"]
     assert count(model) == RELEASE["video"] + RELEASE["action"]  # 2 222.5 M, nothing else trainable
     # and the preset is what the converter asks of Cosmos-Predict2.5-2B's config
-    assert d.cosmos_video_config(PREDICT25_2B).items() <= dataclasses.asdict(model.config).items()
+    assert cosmos_video_config(PREDICT25_2B).items() <= dataclasses.asdict(model.config).items()
 
 
 @needs_diffusers
@@ -255,7 +256,7 @@ def test_paper_video_dit_has_the_shapes_of_diffusers_predict25_2b():
     with torch.device("meta"):
         theirs = CosmosTransformer3DModel(**PREDICT25_2B).state_dict()
         mine = d.VideoDiT(d.make_config("paper")).state_dict()
-    names = d.cosmos_names(d.make_config("paper"))
+    names = cosmos_names(d.make_config("paper"))
     assert set(names) == set(mine) and set(names.values()) == set(theirs)
     assert all(mine[k].shape == theirs[v].shape for k, v in names.items())
     assert sum(t.numel() for t in theirs.values()) == RELEASE["video"]
@@ -312,7 +313,7 @@ def test_release_switches_build_start_at_zero_and_train():
     """Every switch the paper preset turns on, at tiny scale: a fresh model predicts zero velocity
     (adaLN-Zero holds with Cosmos's time path), the loss trains both DiTs, and the early exit gives
     the block's output inside the full forward."""
-    from bench_model import trained_like  # random values in the zero-initialized layers
+    from bench.model import trained_like  # random values in the zero-initialized layers
 
     switches = {k: v for k, v in d.PRESETS["paper"].items() if k in (
         "video_time_embed", "rope_pairs", "rope_scale", "video_qk_norm_eps", "video_padding_mask", "abs_pos_embed",
@@ -328,7 +329,8 @@ def test_release_switches_build_start_at_zero_and_train():
     trained_like(model)
     batch = dict(video=x.clamp(-1, 1), state=torch.randn(B, cfg.state_dim, generator=g), text=text,
                  actions=torch.rand(B, cfg.action_horizon, cfg.action_dim, generator=g) * 2 - 1)
-    cfg.detach_features = False  # the paper's gradient path, so the action loss reaches the video DiT too
+    model.config = dataclasses.replace(cfg, detach_features=False)  # the paper's gradient path: the
+    # action loss reaches the video DiT too
     losses = model.loss(batch, generator=torch.Generator().manual_seed(1))
     assert all(torch.isfinite(v) for v in losses.values())
     losses["loss"].backward()

@@ -10,15 +10,17 @@ import pytest
 import torch
 
 import dit4dit
-import eval_sim
 import train_toy
+from bridges import checkpoint, episodes
+from bridges.normalizer import Normalizer
+from suites import toy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dit4dit.make_config("tiny")
 
 
 def fake_episode(steps, image_size, state_dim=3, action_dim=2, instruction="push the red block"):
-    """An episode in eval_sim's format (T+1 frames and states, T actions) whose frame t is filled
+    """An episode in bridges/episodes.py's format (T+1 frames and states, T actions) whose frame t is filled
     with the value t, state t = t and action t = (t, -t, ...), so alignment is readable."""
     t = np.arange(steps + 1)
     frames = np.broadcast_to(t[:, None, None, None], (steps + 1, image_size, image_size, 3)).astype(np.uint8)
@@ -33,7 +35,7 @@ def make_dataset(episodes, F=2, K=4):
     actions = np.concatenate([e["action"] for e in episodes])
     # add the hold action (zero) to the fitted range so the un-normalize below is exact for it
     actions = np.concatenate([actions, np.zeros_like(actions[:1])])
-    return train_toy.EpisodeDataset(episodes, F, K, dit4dit.Normalizer.fit(states), dit4dit.Normalizer.fit(actions))
+    return train_toy.EpisodeDataset(episodes, F, K, Normalizer.fit(states), Normalizer.fit(actions))
 
 
 def test_sample_shapes_and_alignment():
@@ -91,7 +93,7 @@ def test_early_steps_are_drawn_more_often():
     """early_weight=4: the first K/2 = 2 steps of each episode appear 4 times in the table, the
     others once; tasks stay balanced."""
     eps = [dict(fake_episode(6, 8), task="reach"), dict(fake_episode(6, 8), task="push")]
-    norms = [dit4dit.Normalizer.fit(np.concatenate([e[k] for e in eps])) for k in ("state", "action")]
+    norms = [Normalizer.fit(np.concatenate([e[k] for e in eps])) for k in ("state", "action")]
     ds = train_toy.EpisodeDataset(eps, 2, 4, *norms, early_weight=4)
     counts = torch.bincount(ds.balanced, minlength=12).tolist()
     assert counts == [4, 4, 1, 1, 1, 1] * 2
@@ -159,12 +161,12 @@ def data_dir(tmp_path_factory):
         ep = fake_episode(12, TINY.image_size, state_dim=TINY.state_dim, action_dim=TINY.action_dim)
         ep["frames"] = rng.integers(0, 256, ep["frames"].shape, dtype=np.uint8)
         ep["action"] = rng.uniform(-1, 1, ep["action"].shape).astype(np.float32)
-        eval_sim.save_episode(str(root / f"ep_{i}.npz"), ep)
+        episodes.save_episode(str(root / f"ep_{i}.npz"), ep)
     return root
 
 
 def test_smoke_train_then_evaluate(tmp_path):
-    task = sorted(eval_sim.TASKS)[0]
+    task = sorted(toy.TASKS)[0]
     report = train_toy.main(run_args(tmp_path / "run", "--steps", "3", "--demos-per-task", "2", "--tasks", task,
                                      "--eval-episodes", "1", "--demo-cache", str(tmp_path / "demos")))
     run = tmp_path / "run"
@@ -174,7 +176,7 @@ def test_smoke_train_then_evaluate(tmp_path):
     on_disk = json.loads((run / "report.json").read_text())
     assert 0.0 <= on_disk["overall"]["success_rate"] <= 1.0
     assert on_disk["training"]["steps"] == 3 and report["overall"] == on_disk["overall"]
-    ckpt = dit4dit.load_checkpoint(str(run / "checkpoint.pt"))
+    ckpt = checkpoint.load_checkpoint(str(run / "checkpoint.pt"))
     for key in ("model", "config", "state_normalizer", "action_normalizer", "step",
                 "optimizer", "scheduler", "args"):
         assert key in ckpt, key
@@ -204,7 +206,7 @@ def test_weight_average_schedule_and_swap():
 
 def test_no_weight_average_saves_the_optimizers_weights(tmp_path, data_dir):
     train_toy.main(run_args(tmp_path / "run", *common_args(data_dir, steps=2), "--ema-decay", "0"))
-    ckpt = dit4dit.load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
+    ckpt = checkpoint.load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
     assert "training_weights" not in ckpt and ckpt["args"]["ema_decay"] == 0
 
 
@@ -223,13 +225,13 @@ def full_run(tmp_path_factory, data_dir):
 def test_resume_equals_uninterrupted_run(tmp_path, data_dir, full_run):
     common = common_args(data_dir)
     train_toy.main(run_args(tmp_path / "cut", *common, "--stop-after", "2"))
-    assert dit4dit.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["step"] == 2
-    at_step_2 = dit4dit.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["model"]
+    assert checkpoint.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["step"] == 2
+    at_step_2 = checkpoint.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))["model"]
     train_toy.main(train_toy.build_parser().parse_args(
         [*common, "--resume", str(tmp_path / "cut" / "checkpoint.pt"), "--batch-size", "4", "--threads", "1",
          "--log-every", "1", "--preset", "tiny"]))
-    full = dit4dit.load_checkpoint(str(full_run / "checkpoint.pt"))
-    resumed = dit4dit.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
+    full = checkpoint.load_checkpoint(str(full_run / "checkpoint.pt"))
+    resumed = checkpoint.load_checkpoint(str(tmp_path / "cut" / "checkpoint.pt"))
     assert resumed["step"] == full["step"] == 4
     for key in ("model", "training_weights"):  # the weight average and the optimizer's weights
         for name, value in full[key].items():
@@ -275,7 +277,7 @@ def test_allow_changes_continues_with_the_new_values_and_logs_them(tmp_path, dat
     train_toy.main(run_args(tmp_path / "cut", *common_args(data_dir), "--stop-after", "2"))
     ckpt = tmp_path / "cut" / "checkpoint.pt"
     train_toy.main(resume_args(ckpt, *common_args(data_dir, steps=6), "--allow-changes"))
-    after = dit4dit.load_checkpoint(str(ckpt))
+    after = checkpoint.load_checkpoint(str(ckpt))
     assert after["step"] == 6 and after["experiment"]["--steps"] == 6
     assert after["changes"] == [{"step": 2, "changes": ["--steps 4 -> 6"]}]
     rows = [json.loads(line) for line in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
@@ -299,7 +301,7 @@ def test_resume_with_another_image_size_is_refused_or_applied(tmp_path):
     # allowed: the model is trained, saved and evaluated at the new size, and the log says so
     report = train_toy.main(resume_args(ckpt, *demo, "--image-size", "32", "--eval-episodes", "1",
                                         "--out", str(tmp_path / "run"), "--allow-changes"))
-    saved = dit4dit.load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
+    saved = checkpoint.load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
     assert saved["config"]["image_size"] == 32 and saved["step"] == 2
     assert report["manifest"]["config"]["image_size"] == 32
     log = (tmp_path / "run" / "train_log.jsonl").read_text()
@@ -316,8 +318,8 @@ def test_resume_of_a_finished_run_says_so(tmp_path, data_dir, full_run):
 def test_resume_needs_a_training_checkpoint(tmp_path, data_dir):
     model = dit4dit.DiT4DiT(TINY)
     ckpt = tmp_path / "model_only.pt"
-    norm = dit4dit.Normalizer(-torch.ones(3), torch.ones(3))
-    dit4dit.save_checkpoint(ckpt, model, norm, dit4dit.Normalizer(-torch.ones(2), torch.ones(2)))
+    norm = Normalizer(-torch.ones(3), torch.ones(3))
+    checkpoint.save_checkpoint(ckpt, model, norm, Normalizer(-torch.ones(2), torch.ones(2)))
     with pytest.raises(ValueError, match="model_only.pt.*optimizer"):
         train_toy.main(resume_args(ckpt, *common_args(data_dir), "--out", str(tmp_path / "run")))
     assert not (tmp_path / "run").exists()
@@ -343,7 +345,7 @@ def test_one_run_per_folder(tmp_path, data_dir):
     with pytest.raises(FileExistsError, match="already holds a run.*--resume .*--overwrite"):
         train_toy.main(run_args(out, *common_args(data_dir, steps=3)))
     train_toy.main(run_args(out, *common_args(data_dir, steps=3), "--overwrite"))
-    assert dit4dit.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 3
+    assert checkpoint.load_checkpoint(str(out / "checkpoint.pt"))["step"] == 3
     rows = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
 
@@ -362,11 +364,11 @@ def test_kill_9_leaves_a_loadable_checkpoint_and_an_exact_resume(tmp_path, data_
             break
     proc.kill()
     proc.wait()
-    ckpt = dit4dit.load_checkpoint(str(out / "checkpoint.pt"))  # verified: complete and unchanged
+    ckpt = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))  # verified: complete and unchanged
     if ckpt["step"] < 4:
         train_toy.main(resume_args(out / "checkpoint.pt", *common_args(data_dir)))
-    full = dit4dit.load_checkpoint(str(full_run / "checkpoint.pt"))
-    resumed = dit4dit.load_checkpoint(str(out / "checkpoint.pt"))
+    full = checkpoint.load_checkpoint(str(full_run / "checkpoint.pt"))
+    resumed = checkpoint.load_checkpoint(str(out / "checkpoint.pt"))
     assert resumed["step"] == 4
     for name, value in full["model"].items():
         assert torch.equal(value, resumed["model"][name]), name
@@ -382,11 +384,11 @@ def test_torchrun_two_processes_match_gradient_accumulation(tmp_path, data_dir):
          os.path.join(ROOT, "train_toy.py"), *common, "--out", str(tmp_path / "ddp")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    ddp = dit4dit.load_checkpoint(str(tmp_path / "ddp" / "checkpoint.pt"))
+    ddp = checkpoint.load_checkpoint(str(tmp_path / "ddp" / "checkpoint.pt"))
     assert ddp["step"] == 2
     # the same global batch on one process with two micro-steps gives the same parameters
     train_toy.main(train_toy.build_parser().parse_args([*common, "--grad-accum", "2", "--out", str(tmp_path / "one")]))
-    one = dit4dit.load_checkpoint(str(tmp_path / "one" / "checkpoint.pt"))
+    one = checkpoint.load_checkpoint(str(tmp_path / "one" / "checkpoint.pt"))
     for name, value in one["model"].items():
         torch.testing.assert_close(ddp["model"][name], value, rtol=1e-4, atol=1e-5, msg=name)
 
@@ -442,7 +444,7 @@ def test_episodes_that_do_not_match_name_the_file(tmp_path, data_dir):
         mixed.mkdir()
         for good in os.listdir(data_dir):
             (mixed / good).write_bytes((data_dir / good).read_bytes())
-        eval_sim.save_episode(str(mixed / name), change(eval_sim.load_episode(str(data_dir / "ep_0.npz"))))
+        episodes.save_episode(str(mixed / name), change(episodes.load_episode(str(data_dir / "ep_0.npz"))))
         with pytest.raises(ValueError, match=f"episode file {mixed / name}: .*but .*ep_0.npz"):
             train_toy.main(run_args(tmp_path / "run", "--data", str(mixed)))
         assert not (tmp_path / "run").exists()
@@ -465,42 +467,6 @@ def test_cli_reports_bad_flag_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit):
         train_toy.cli(["--no-such-flag"])
     assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
-
-
-def test_recovery_layouts_are_spread_evenly_over_push_only():
-    picks = [train_toy.recovery_layout("toy", "push", i, 0.25) for i in range(500)]
-    assert sum(picks) == 125 and sum(picks[:8]) == 2 and sum(picks[:4]) == 1
-    assert all(sum(train_toy.recovery_layout("toy", "push", i, f) for i in range(n)) == round(f * n + 1e-9)
-               for f in (0.0, 0.1, 1 / 3, 0.5, 1.0) for n in (1, 7, 25))
-    assert not any(train_toy.recovery_layout("toy", "reach", i, 1.0) for i in range(10))
-    assert not train_toy.recovery_layout("metaworld", "reach", 0, 1.0)
-
-
-def test_collect_demos_recovery(tmp_path):
-    """recovery: that fraction of the push layouts start around the puck, cached as *_recovery.npz
-    beside the normal episodes; reach is untouched."""
-    eps = train_toy.collect_demos(["push", "reach"], 4, 16, str(tmp_path), progress=False, every_pad=False,
-                                  recovery=0.5)
-    push = sorted(os.listdir(train_toy.demo_cache_dir(tmp_path, "push", 16)))
-    assert push == ["seed_000000_recovery.npz", "seed_000001.npz", "seed_000002_recovery.npz", "seed_000003.npz"]
-    assert not any("recovery" in f for f in os.listdir(train_toy.demo_cache_dir(tmp_path, "reach", 16)))
-    assert len(eps) == 8
-    plain = train_toy.collect_demos(["push"], 2, 16, str(tmp_path), progress=False, every_pad=False)
-    rec = [e for e in eps if e["path"].endswith("seed_000000_recovery.npz")][0]
-    assert rec["instruction"] == plain[0]["instruction"] and not np.array_equal(rec["state"][0], plain[0]["state"][0])
-    with pytest.raises(ValueError, match="recovery"):
-        train_toy.collect_demos(["push"], 2, 16, str(tmp_path), progress=False, recovery=1.5)
-
-
-@pytest.mark.parametrize("flags, message", [
-    (["--recovery-demos", "1.5"], "--recovery-demos must be a fraction in \\[0, 1\\], got 1.5"),
-    (["--recovery-demos", "nan"], "--recovery-demos must be a fraction in \\[0, 1\\], got nan"),
-    (["--recovery-demos", "0.25", "--suite", "metaworld"], "--recovery-demos is for the toy suite"),
-])
-def test_recovery_demos_flag_refuses_bad_values(tmp_path, flags, message):
-    with pytest.raises(ValueError, match=message):
-        train_toy.main(run_args(tmp_path / "run", *flags))
-    assert not (tmp_path / "run").exists()
 
 
 def test_collect_demos_every_pad(tmp_path):

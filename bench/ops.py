@@ -1,10 +1,10 @@
 """Benchmark of the fused ops against the PyTorch reference and the best built-in alternatives.
 
-    python -m kernels.bench                        # from the repository root, after building the extension
-    python -m kernels.bench --reps 9               # more repetitions
-    python -m kernels.bench --threads 1 --ops adaln --reps 15   # adaLN only, one torch thread
-    python -m kernels.bench --threads 1 --ops residual          # residual_modulate only
-    python -m kernels.bench --threads 1 --ops qknorm            # qk_norm_rope only
+    python -m bench.ops                        # from the repository root, after building the extension
+    python -m bench.ops --reps 9               # more repetitions
+    python -m bench.ops --threads 1 --ops adaln --reps 15   # adaLN only, one torch thread
+    python -m bench.ops --threads 1 --ops residual          # residual_modulate only
+    python -m bench.ops --threads 1 --ops qknorm            # qk_norm_rope only
 
 For each op and size it prints the forward and backward times of
   - kernel:     the dit4dit op (kernels.adaln_modulate / kernels.residual_modulate /
@@ -52,7 +52,6 @@ import textwrap
 import time
 
 import torch
-import torch.nn.functional as F
 
 import kernels
 
@@ -195,20 +194,9 @@ def record_fused_ratios(results, tag, fwd, bwd, variants, target):
 
 # ----------------------------------------------------------------------------------------- qk_norm_rope
 
-def unfused_qk_norm_rope(x, weight, rot, eps=1e-6):
-    """The video self-attention's q/k sequence before the fusion: the RMSNorm module (statistics in
-    float32, cast back), then the rotation by rope_3d's tables: complex rot (N, hd/2) rotates the
-    pairs (2i, 2i+1); rot = (cos, sin), each (N, hd), the pairs (i, i + hd/2)."""
-    acc = kernels.reference.compute_dtype(x.dtype)
-    x = F.rms_norm(x.to(acc), x.shape[-1:], weight.to(acc), eps).to(x.dtype)
-    if isinstance(rot, tuple):
-        x1, x2 = x.chunk(2, dim=-1)  # (B, nh, N, hd/2) each
-        return (x.to(acc) * rot[0] + torch.cat([-x2, x1], dim=-1).to(acc) * rot[1]).to(x.dtype)
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())  # (B, nh, N, hd/2) complex
-    return torch.view_as_real(xc * rot).flatten(-2).to(x.dtype)  # (B, nh, N, hd)
-
-
 def bench_qknorm(B, H, N, hd, interleaved, reps, results):
+    from tests.oracle import unfused_qk_norm_rope  # the repository's tests folder: run from its root
+
     g = torch.Generator().manual_seed(0)
     x = torch.randn(B, H, N, hd, generator=g)
     weight = 1 + 0.1 * torch.randn(hd, generator=g)
@@ -272,7 +260,7 @@ def bench_attention(B, H, Lq, Lk, hd, reps, results, targets: bool):
 
 MEM_CHILD = textwrap.dedent("""
     import math, sys, torch, kernels
-    from kernels.bench import reset_peak_rss, peak_rss_growth_mib
+    from bench.ops import reset_peak_rss, peak_rss_growth_mib
     variant, B, H, L, hd = sys.argv[1], *map(int, sys.argv[2:6])
     fn = {"kernel": kernels.attention, "reference": kernels.reference_attention,
           "naive": lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hd), -1) @ v}[variant]

@@ -1,4 +1,4 @@
-"""Meta-World as a second suite behind eval_sim.py's interfaces (DESIGN.md §5.3): the v3 tasks of
+"""Meta-World as a suite (the interface of suites/__init__.py): the v3 tasks of
 Meta-World (Yu et al. 2019, Farama release 3.1.1) as gymnasium environments with the toy suite's
 observation {"image", "state"}, an instruction sentence per task, the scripted experts that
 Meta-World ships (metaworld.policies), and the same seeds, episode files and report.
@@ -23,8 +23,8 @@ One environment (MetaWorldEnv):
   episode      ends at the first step Meta-World reports success (info["success"], its own test
                on the physical state), or is truncated after MAX_STEPS control steps (failure).
 Seeds: a seed draws the task's random vector (object and goal positions) from the env's own
-generator, so a seed gives the same scene in every process; demos and evaluation use eval_sim's
-disjoint DEMO_SEEDS and EVAL_SEEDS.
+generator, so a seed gives the same scene in every process; demos and evaluation use the
+disjoint suites.DEMO_SEEDS and suites.EVAL_SEEDS.
 
 Rendering goes through a mujoco.Renderer on the env's model and data, with shadows, reflections
 and multisampling off: about 9 ms a frame on a CPU (Mesa llvmpipe) instead of about 110 ms with
@@ -38,9 +38,10 @@ import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-import eval_sim  # before mujoco (see eval_sim's imports); also owns the seeds and the episode format
+import suites  # before mujoco: sets MUJOCO_GL and the import order (see suites/__init__.py)
 import mujoco
 
+NAME = "metaworld"
 INSTALL_HINT = "pip install metaworld  (Meta-World 3.1.1; it pins mujoco==3.3.0)"
 CAMERA = "corner2"       # the fixed corner camera that sees the table and the arm (DP3's choice)
 MAX_STEPS = 200          # control steps before truncation; the experts succeed in 31-145 (50 tasks x 2 seeds)
@@ -124,20 +125,16 @@ def get_task(task):
 
 
 def demo_seeds(task, n):
-    """The n seeds used to collect training demos of `task` (eval_sim's DEMO_SEEDS)."""
-    get_task(task)
-    return list(eval_sim.DEMO_SEEDS[:n])
+    """The n seeds used to collect training demos of `task` (suites.DEMO_SEEDS)."""
+    return suites.seeds_for(get_task, task, n, evaluation=False)
 
 
 def eval_seeds(task, n):
-    """The n fixed evaluation seeds of `task`, disjoint from every demo seed (eval_sim's EVAL_SEEDS)."""
-    get_task(task)
-    if n > len(eval_sim.EVAL_SEEDS):
-        raise ValueError(f"episodes={n}: at most {len(eval_sim.EVAL_SEEDS)} evaluation seeds")
-    return list(eval_sim.EVAL_SEEDS[:n])
+    """The n fixed evaluation seeds of `task`, disjoint from every demo seed (suites.EVAL_SEEDS)."""
+    return suites.seeds_for(get_task, task, n, evaluation=True)
 
 
-def require_metaworld():
+def require():
     """The metaworld package, or a ModuleNotFoundError naming the install command."""
     try:
         import metaworld
@@ -166,7 +163,7 @@ _ENV_CLASSES = {}
 def _env_class(task):
     """Meta-World's class for `task`, subclassed once with the reset_mocap_welds above."""
     if task not in _ENV_CLASSES:
-        base = require_metaworld().env_dict.ALL_V3_ENVIRONMENTS[task]
+        base = require().env_dict.ALL_V3_ENVIRONMENTS[task]
         _ENV_CLASSES[task] = type(base.__name__, (base,), {"reset_mocap_welds": _reset_mocap_welds})
     return _ENV_CLASSES[task]
 
@@ -273,7 +270,7 @@ def scripted_expert(env):
     u = env.unwrapped
     with warnings.catch_warnings():  # "Constant(s) may be too high": the env clips, and so do we
         warnings.simplefilter("ignore", UserWarning)
-        policy = require_metaworld().policies.ENV_POLICY_MAP[u.task.name]()
+        policy = require().policies.ENV_POLICY_MAP[u.task.name]()
 
     def act(obs=None):
         with warnings.catch_warnings():

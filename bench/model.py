@@ -1,15 +1,15 @@
 """Whole-model timings on the `toy` preset (CPU).
 
-    python bench_model.py [--repeats 20] [--threads 2]
+    python -m bench.model [--repeats 20] [--threads 2]
 
 (a) predict_action, batch 1: the path dit4dit.py implements (the extraction pass stops after
     block `extract_layer`; the action DiT's cross-attention K/V of h, and the time embeddings,
     modulations and state token of the fixed Euler schedule, are computed once for all steps)
     against the naive path of the authors' release (all video blocks and the final layer run, h is
     read from block `extract_layer`, K/V and everything else are recomputed at every Euler step).
-    The naive path is composed here from public pieces of dit4dit.py (DiT4DiT.video_forward,
-    future_noise), so the module keeps one inference path; both paths draw the same noise and
-    their actions are checked to agree.
+    The release's path is tests/oracle.py's, composed from public pieces of dit4dit.py
+    (DiT4DiT.video_forward, future_noise), so the module keeps one inference path; both paths
+    draw the same noise and their actions are checked to agree.
 (b) one toy training step (batch 32) and predict_action with the fused kernels on and off
     (select_backend("1") vs "0"); skipped when the extension is not built.
 
@@ -37,25 +37,6 @@ def hardware():
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     return (f"{cpu}; {os.cpu_count()} logical CPUs; torch {torch.__version__} using {torch.get_num_threads()} "
             f"threads; load average {load:.1f}")
-
-
-def naive_predict_action(model, obs, state, instruction, generator):
-    """predict_action as the release runs it: full video forward, K/V recomputed every step."""
-    cfg = model.config
-    cond, text = model.encode_observation(obs, instruction)  # (B, C, 1, h, w), (B, S, D_text)
-    tau_f = torch.full((cond.shape[0],), cfg.tau_f, device=cond.device)
-    captured = {}
-    hook = model.video_dit.blocks[cfg.extract_layer].register_forward_hook(
-        lambda module, inputs, output: captured.__setitem__("h", output))
-    try:  # all blocks and the final layer; the velocity is discarded
-        model.video_forward(cond, model.future_noise(cond, generator), tau_f, text)
-    finally:
-        hook.remove()
-    context, c = model.action_context(model.select_features(captured["h"], cond), text)
-    a = torch.randn(cond.shape[0], cfg.action_horizon, cfg.action_dim, generator=generator, device=obs.device)
-    a = a * cfg.action_noise_scale
-    a = d.euler_sample(lambda a_t, t: model.action_dit(a_t, t, state, h=context, cond=c), a, cfg.num_action_steps)
-    return a.clamp(-1, 1)
 
 
 def time_interleaved(fns, repeats, warmup=2):
@@ -92,6 +73,8 @@ def trained_like(model, seed=0):
 
 
 def bench_inference_paths(repeats):
+    from tests.oracle import release_predict_action  # the repository's tests folder: run from its root
+
     torch.manual_seed(0)
     model = trained_like(d.DiT4DiT(d.make_config("toy"))).eval()
     cfg = model.config
@@ -99,7 +82,7 @@ def bench_inference_paths(repeats):
     obs, state, text = batch["video"][:, :, 0], batch["state"], batch["instruction"]
     with torch.no_grad():
         fast = model.predict_action(obs, state, text, generator=torch.Generator().manual_seed(1))
-        naive = naive_predict_action(model, obs, state, text, torch.Generator().manual_seed(1))
+        naive = release_predict_action(model, obs, state, text, torch.Generator().manual_seed(1))
     diff = (fast - naive).abs().max().item()
     g = torch.Generator()
 
@@ -108,7 +91,7 @@ def bench_inference_paths(repeats):
 
     def run_naive():  # same grad mode as predict_action, so only the paths differ
         with torch.inference_mode():
-            naive_predict_action(model, obs, state, text, g)
+            release_predict_action(model, obs, state, text, g)
 
     ms = time_interleaved({"early-exit + cached K/V": run_fast, "naive (full forward, K/V per step)": run_naive},
                           repeats)

@@ -1,20 +1,20 @@
-"""The Python steps of one prepared GPU run (.ci/gpu_check.sh, issue 14): the fused kernels against
+"""The Python steps of one prepared GPU run (.ci/gpu_check.sh): the fused kernels against
 PyTorch's built-ins, the `paper` preset's control rate, and the `toy` preset's training speed.
 
-    PYTHONPATH=. python3 .ci/gpu_bench.py env                       # device, versions, copy and matmul ceilings
-    PYTHONPATH=. python3 .ci/gpu_bench.py shapes                    # the op shapes of the presets, with the arithmetic
-    PYTHONPATH=. python3 .ci/gpu_bench.py ops [--reps 25]           # each op vs SDPA (flash, efficient, cuDNN) / eager adaLN
-    PYTHONPATH=. python3 .ci/gpu_bench.py predict [--repeats 20]    # paper preset, bf16, batch 1: early exit vs the release's path
-    PYTHONPATH=. python3 .ci/gpu_bench.py train --data .gpu_data    # toy preset, 100 steps, DiT4DiT and --action-only
-    PYTHONPATH=. python3 .ci/gpu_bench.py make-data --out .gpu_data # here, before the run: scripted demos to carry
-    PYTHONPATH=. python3 .ci/gpu_bench.py summary                   # the short table of the results file
+    PYTHONPATH=. python3 bench/gpu.py env                       # device, versions, copy and matmul ceilings
+    PYTHONPATH=. python3 bench/gpu.py shapes                    # the op shapes of the presets, with the arithmetic
+    PYTHONPATH=. python3 bench/gpu.py ops [--reps 25]           # each op vs SDPA (flash, efficient, cuDNN) / eager adaLN
+    PYTHONPATH=. python3 bench/gpu.py predict [--repeats 20]    # paper preset, bf16, batch 1: early exit vs the release's path
+    PYTHONPATH=. python3 bench/gpu.py train --data .gpu_data    # toy preset, 100 steps, DiT4DiT and --action-only
+    PYTHONPATH=. python3 bench/gpu.py make-data --out .gpu_data # here, before the run: scripted demos to carry
+    PYTHONPATH=. python3 bench/gpu.py summary                   # the short table of the results file
 
 Every step takes --cpu-smoke (the same code at tiny sizes on the CPU, so that a crash shows up
 here and not on the device) and --json FILE (results appended, one JSON object per line).
 
 Timing: every variant is warmed up, then the variants run interleaved (one call of each per
 round) and the median is reported; on CUDA each call is timed with CUDA events. Work counts
-follow kernels/bench.py: attention forward 4·B·nh·Lq·Lk·hd FLOP, backward 2.5× that (the
+follow bench/ops.py: attention forward 4·B·nh·Lq·Lk·hd FLOP, backward 2.5× that (the
 recomputation of the scores counted, FlashAttention's convention); adaLN forward reads x and
 writes y, backward reads dy and x and writes dx (the small shift/scale/statistics traffic is
 left out). "row/kernel" is a row's time over the kernel's: above 1 the kernel is faster.
@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER_HZ_A100 = 6.0  # DiT4DiT paper: about 6 Hz for the full model on an A100 (DESIGN 3.9)
+PAPER_HZ_A100 = 6.0  # DiT4DiT paper: about 6 Hz for the full model on an A100 (docs/design.md §3.9)
 
 # The paper's latents: Wan2.1 VAE, 16 channels, 8x spatial, 4x temporal (causal: the first frame
 # alone, then groups of 4). Its text: a frozen LM's features, here S precomputed embeddings.
@@ -408,15 +408,6 @@ class LatentStandIn(nn.Module):
         return x.reshape(B, T, 3, *x.shape[-2:]).transpose(1, 2).clamp(-1, 1)
 
 
-def import_naive_predict_action():
-    """kernels/bench_model.py's release-path predict_action (moving to a top-level bench_model.py)."""
-    try:
-        from bench_model import naive_predict_action
-    except ImportError:
-        from kernels.bench_model import naive_predict_action
-    return naive_predict_action
-
-
 def randomize_zero_init(model, seed=0):
     """Random weights where adaLN-Zero left zeros (modulation outputs, final layers), scaled by
     fan-in so activations keep their size: no path of the model is trivially zero."""
@@ -469,12 +460,19 @@ def predict_inputs(model, device, dtype, text_tokens, seed=0):
     return obs, state, text
 
 
+def release_path():
+    """The release's predict_action (tests/oracle.py), which early exit must agree with."""
+    from tests.oracle import release_predict_action
+    return release_predict_action
+
+
 def cmd_predict(args):
     import dit4dit
     import kernels
 
+    release_predict_action = release_path()
+
     device = pick_device(args.cpu_smoke)
-    naive_predict_action = import_naive_predict_action()
     results = []
     for preset in args.presets:
         t0 = time.perf_counter()
@@ -507,7 +505,7 @@ def cmd_predict(args):
 
             def naive(seed=1):
                 with torch.inference_mode(), amp:  # the grad mode predict_action runs in
-                    return naive_predict_action(model, obs, state, text, torch.Generator(device=device).manual_seed(seed))
+                    return release_predict_action(model, obs, state, text, torch.Generator(device=device).manual_seed(seed))
 
             a_fast, a_naive = fast().float(), naive().float()
             diff = (a_fast - a_naive).abs().max().item()
@@ -619,14 +617,16 @@ def cmd_train(args):
 
 def cmd_make_data(args):
     import eval_sim
+    from bridges.episodes import save_episode
+    from suites import toy
 
     n = 0
-    for task in eval_sim.TASKS:
-        for seed in eval_sim.demo_seeds(task, args.demos_per_task):
+    for task in toy.TASKS:
+        for seed in toy.demo_seeds(task, args.demos_per_task):
             path = os.path.join(args.out, task, f"seed_{seed:06d}.npz")
             if not os.path.exists(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-                eval_sim.save_episode(path, eval_sim.collect_episode(task, seed, args.image_size))
+                save_episode(path, eval_sim.collect_episode(task, seed, args.image_size))
             n += 1
     size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.out) for f in fs)
     print(f"{n} episodes in {args.out} ({size / 2 ** 20:.1f} MiB)")
