@@ -843,3 +843,41 @@ def test_an_extension_built_from_older_sources_falls_back_with_a_clear_reason():
     assert lines[0] == "False torch"
     assert "older sources" in lines[1] and "qk_norm_rope_fwd" in lines[1] and "rebuild" in lines[1]
     assert lines[2].startswith("refused:") and "older sources" in lines[2]
+
+
+def test_auto_dispatch_on_a_gpu_uses_only_the_ops_measured_faster(monkeypatch):
+    """On CUDA, `auto` picks SDPA for attention (bf16 and fp32: the kernel measured slower) and the
+    fused adaLN (measured faster); DIT4DIT_KERNELS=1 forces every kernel; the CPU keeps them all."""
+    from kernels import dispatch
+
+    on_gpu = SimpleNamespace(device=torch.device("cuda", 0))  # only the device is read
+    on_cpu = torch.zeros(1)
+    before = dispatch.backend()
+    monkeypatch.setattr(kernels, "available", lambda: True)
+    try:
+        dispatch.select_backend("auto")
+        assert not dispatch.use_kernel("attention", on_gpu)
+        assert dispatch.use_kernel("adaln_modulate", on_gpu)
+        assert not dispatch.use_kernel("residual_modulate", on_gpu)  # not measured on a GPU yet
+        assert not dispatch.use_kernel("qk_norm_rope", on_gpu)
+        assert all(dispatch.use_kernel(op, on_cpu) for op in dispatch.CUDA_FASTER)
+        dispatch.select_backend("1")
+        assert all(dispatch.use_kernel(op, on_gpu) for op in dispatch.CUDA_FASTER)
+        dispatch.select_backend("0")
+        assert not any(dispatch.use_kernel(op, x) for op in dispatch.CUDA_FASTER for x in (on_gpu, on_cpu))
+    finally:
+        monkeypatch.undo()
+        dispatch.select_backend("1" if before == "kernels" else "0")
+
+
+def test_the_wrappers_follow_the_dispatch_rule(monkeypatch):
+    """Where the rule says PyTorch, attention() never calls the kernel: it returns SDPA's result."""
+    from kernels import dispatch
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fused kernel was called")
+
+    monkeypatch.setattr(dispatch, "use_kernel", lambda op, x: False)
+    monkeypatch.setattr(kernels, "attention", refuse)
+    q, k, v = (torch.randn(1, 2, 5, 8, dtype=torch.bfloat16) for _ in range(3))
+    torch.testing.assert_close(dispatch.attention(q, k, v), kernels.reference_attention(q, k, v))
