@@ -104,7 +104,8 @@ setup(
     packages=["kernels", "bridges", "suites", "bench"],
     python_requires=">=3.10",
     install_requires=["torch>=2.6", "numpy", "pillow", "tqdm", "gymnasium>=1.0", "mujoco>=3.2"],
-    extras_require={"metaworld": ["metaworld==3.1.1"]},
+    extras_require={"data": ["pyarrow>=26", "av>=18"],  # LeRobot datasets (bridges/lerobot.py)
+                    "metaworld": ["metaworld==3.1.1"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_class()},
 )

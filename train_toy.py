@@ -5,6 +5,9 @@
     python train_toy.py --action-only           # the ablation: same model, no video loss
     python train_toy.py --resume runs/x/checkpoint.pt
     python train_toy.py --suite metaworld --tasks drawer-open-v3 button-press-topdown-v3 --demos-per-task 10
+    python train_toy.py --dataset PATH          # any LeRobot v2.x/v3.0 dataset (bridges/lerobot.py)
+    python train_toy.py --dataset PATH --inspect            # what the dataset holds, then stop
+    python train_toy.py --export-dataset PATH   # the suite's demos as a LeRobot v3.0 dataset, then stop
     torchrun --nproc_per_node=2 train_toy.py --steps 1000   # DistributedDataParallel
 
 Data (docs/design.md §3.1, §6). The suites' scripted experts collect demos (eval_sim.py), cached
@@ -553,7 +556,7 @@ TRAINING_KEYS = ("step", "optimizer", "scheduler", "args")  # what this script a
 # (--allow-changes continues with the new values and writes them into train_log.jsonl).
 
 EXPERIMENT_FLAGS = ("preset", "steps", "batch_size", "grad_accum", "lr_video", "lr_action", "warmup", "seed",
-                    "demos_per_task", "every_pad", "early_weight", "ema_decay", "demo_noise")
+                    "demos_per_task", "every_pad", "early_weight", "ema_decay", "demo_noise", "cameras")
 
 
 def experiment_record(args, config, world=None, data=None, known=None):
@@ -563,9 +566,9 @@ def experiment_record(args, config, world=None, data=None, known=None):
     dict; world and data None when unknown; known: the config fields to include (default all)."""
     a = args if isinstance(args, dict) else vars(args)
     record = {f"--{name.replace('_', '-')}": a.get(name) for name in EXPERIMENT_FLAGS}
-    if a.get("data"):
-        record["--demos-per-task"] = record["--every-pad"] = None  # unused with --data
-    record["--tasks"] = sorted(a.get("tasks") or suites.get_suite("toy").TASKS)
+    if a.get("data") or a.get("dataset"):
+        record["--demos-per-task"] = record["--every-pad"] = None  # unused with episodes from disk
+    record["--tasks"] = sorted(a.get("tasks") or (suites.get_suite(a["suite"]).TASKS if a.get("suite") else []))
     config = config if isinstance(config, dict) else dataclasses.asdict(config)
     record.update({f"config.{k}": v for k, v in config.items() if known is None or k in known})
     if world is not None:
@@ -736,10 +739,18 @@ class Process:
 
 
 def load_data(args, tasks, proc):
-    """The training episodes: from --data, or scripted demos collected once on rank 0 (cached on
-    disk) and read by every rank. Returns (episodes, seconds it took)."""
+    """The training episodes: from --data, from a LeRobot --dataset, or scripted demos collected
+    once on rank 0 (cached on disk) and read by every rank. Returns (episodes, normalizers: the
+    dataset's own statistics for --dataset, else None, seconds it took)."""
     t0 = time.time()
-    if args.data:
+    normalizers = None
+    if args.dataset:
+        from bridges.lerobot import LeRobotEpisodes  # needs pyarrow and av: pip install -e .[data]
+
+        reader = LeRobotEpisodes(args.dataset, cameras=args.cameras,
+                                 image_size=args.image_size or dit4dit.make_config(args.preset).image_size)
+        episodes, normalizers = reader.episodes(progress=proc.is_main), reader.normalizers()
+    elif args.data:
         episodes = load_episodes(args.data, progress=proc.is_main)
     else:
         image_size = args.image_size or dit4dit.make_config(args.preset).image_size
@@ -755,7 +766,7 @@ def load_data(args, tasks, proc):
     image_size = episodes[0]["frames"].shape[1]
     if args.image_size is not None and args.image_size != image_size:
         raise ValueError(f"--image-size {args.image_size} does not match the episodes' {image_size}px frames")
-    return episodes, time.time() - t0
+    return episodes, normalizers, time.time() - t0
 
 
 def data_config(args, episodes):
@@ -764,10 +775,11 @@ def data_config(args, episodes):
                         action_dim=episodes[0]["action"].shape[-1])
 
 
-def model_and_normalizers(config, args, episodes, resume):
+def model_and_normalizers(config, args, episodes, resume, normalizers=None):
     """(model, state_normalizer, action_normalizer): when resuming, the checkpoint's weights and
     statistics (not a refit) in a model of `config` (the checkpoint's own unless --allow-changes
-    changed it); else statistics fitted to the episodes and a model initialized from --seed."""
+    changed it); else `normalizers` (a dataset's own statistics) or statistics fitted to the
+    episodes, and a model initialized from --seed."""
     if resume is not None:
         model, state_normalizer, action_normalizer = model_from_checkpoint(resume)
         if "training_weights" in resume:  # "model" holds the weight average (see save_training_checkpoint)
@@ -780,8 +792,11 @@ def model_and_normalizers(config, args, episodes, resume):
                 raise ValueError(f"--allow-changes: the weights of {args.resume} do not fit the changed config: "
                                  f"{str(err).splitlines()[-1].strip()}") from None
         return model, state_normalizer, action_normalizer
-    state_normalizer = Normalizer.fit(np.concatenate([e["state"] for e in episodes]))
-    action_normalizer = Normalizer.fit(np.concatenate([e["action"] for e in episodes]))
+    if normalizers is not None:
+        state_normalizer, action_normalizer = normalizers
+    else:
+        state_normalizer = Normalizer.fit(np.concatenate([e["state"] for e in episodes]))
+        action_normalizer = Normalizer.fit(np.concatenate([e["action"] for e in episodes]))
     seed_everything(args.seed)
     return dit4dit.DiT4DiT(config), state_normalizer, action_normalizer
 
@@ -883,7 +898,9 @@ def finish(args, proc, tasks, log_rows, training):
         print(f"stopped at step {training['end_step']} of {args.steps}; continue with --resume {ckpt_path}")
         return None
     report = None
-    if args.eval_episodes > 0:
+    if args.suite is None:  # a dataset without a simulator to evaluate in
+        print("no evaluation: give --suite (with --tasks) to evaluate a --dataset run in simulation")
+    elif args.eval_episodes > 0:
         t0 = time.time()
         report = eval_sim.evaluate(eval_sim.load_policy(ckpt_path, device=proc.device), tasks=tasks,
                                    episodes=args.eval_episodes, out_dir=args.out, gif_episodes=GIF_EPISODES,
@@ -912,6 +929,13 @@ def main(args):
     evaluation report on rank 0 (None elsewhere, or without one)."""
     run_start = time.time()
     validate_args(args)
+    if args.inspect:  # --dataset PATH --inspect: what it holds, nothing else
+        from bridges.lerobot import inspect
+
+        print(inspect(args.dataset))
+        return None
+    if args.export_dataset:
+        return export_dataset(args)
     device, amp_dtype = pick_device()
     proc = Process(device, amp_dtype, *setup_distributed(device))
     threads = args.threads or max(1, (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", proc.world)))
@@ -927,8 +951,8 @@ def main(args):
         check_out_folder(args)
 
     # --- data, and the experiment it makes (nothing is written into --out before this is checked)
-    tasks = args.tasks or list(suites.get_suite(args.suite).TASKS)
-    episodes, demo_seconds = load_data(args, tasks, proc)
+    tasks = args.tasks or (list(suites.get_suite(args.suite).TASKS) if args.suite else [])
+    episodes, normalizers, demo_seconds = load_data(args, tasks, proc)
     config = data_config(args, episodes)
     record = experiment_record(args, config, proc.world, data_fingerprint(episodes))
     changes = []
@@ -936,7 +960,7 @@ def main(args):
         changes = refuse_or_allow(args, experiment_changes(checkpoint_experiment(resume), record))
         history = list(resume.get("changes") or []) + ([{"step": int(resume["step"]), "changes": changes}]
                                                        if changes else [])
-    model, state_normalizer, action_normalizer = model_and_normalizers(config, args, episodes, resume)
+    model, state_normalizer, action_normalizer = model_and_normalizers(config, args, episodes, resume, normalizers)
     dataset = EpisodeDataset(episodes, config.num_future_frames, config.action_horizon,
                              state_normalizer, action_normalizer, early_weight=args.early_weight)
     model.to(device)
@@ -995,6 +1019,42 @@ def main(args):
 # ----------------------------------------------------------------------------------------------
 # Command line
 
+def check_data_flags(args):
+    """Where the episodes come from: demos collected in --suite (default toy), episode files
+    (--data), or a LeRobot dataset (--dataset); --export-dataset writes the demos and stops."""
+    sources = [flag for flag, value in (("--data", args.data), ("--dataset", args.dataset),
+                                        ("--export-dataset", args.export_dataset)) if value]
+    if len(sources) > 1:
+        raise ValueError(f"{' and '.join(sources)}: give at most one source of episodes")
+    if args.inspect and not args.dataset:
+        raise ValueError("--inspect describes a LeRobot dataset: give --dataset PATH")
+    if args.cameras and not args.dataset:
+        raise ValueError("--cameras chooses the cameras of a LeRobot --dataset: give --dataset PATH")
+    if args.export_dataset and args.resume:
+        raise ValueError("--export-dataset writes the suite's demos and stops: it cannot be combined with --resume")
+    if args.dataset and not os.path.isfile(os.path.join(args.dataset, "meta", "info.json")):
+        raise FileNotFoundError(f"--dataset: {args.dataset!r} is not a LeRobot dataset (no meta/info.json)")
+    if args.suite is None and not args.dataset:
+        args.suite = "toy"
+
+
+def export_dataset(args):
+    """--export-dataset PATH: the suite's scripted demos (collected or cached as for training)
+    written as one LeRobot v3.0 dataset, atomically; nothing is trained."""
+    from bridges.lerobot import write_lerobot_v3  # needs pyarrow and av: pip install -e .[data]
+
+    suite = suites.get_suite(args.suite)
+    tasks = args.tasks or list(suite.TASKS)
+    image_size = args.image_size or dit4dit.make_config(args.preset).image_size
+    cache = args.demo_cache or os.path.join(os.path.dirname(os.path.abspath(args.export_dataset)), "demos")
+    episodes = collect_demos(tasks, args.demos_per_task, image_size, cache, every_pad=args.every_pad,
+                             suite=args.suite, noise=args.demo_noise)
+    path = write_lerobot_v3(args.export_dataset, episodes, fps=round(1 / suite.CONTROL_DT),
+                            robot_type=f"dit4dit-{args.suite}")
+    print(f"wrote {len(episodes)} episodes of {', '.join(tasks)} as LeRobot v3.0 to {path}")
+    return None
+
+
 def validate_args(args):
     """Every flag on its own and the config they make, before any work (no demo, no folder)."""
     positive = ["steps", "batch_size", "grad_accum", "demos_per_task", "ckpt_every", "log_every"]
@@ -1004,6 +1064,7 @@ def validate_args(args):
     for name in ("threads", "image_size"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    check_data_flags(args)
     if args.demo_noise is None:  # the toy suite's DART noise; Meta-World's demos as its experts act
         args.demo_noise = DEMO_NOISE if args.suite == "toy" else 0.0
     if not (math.isfinite(args.demo_noise) and args.demo_noise >= 0):
@@ -1023,6 +1084,10 @@ def validate_args(args):
         raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
     if args.preset not in dit4dit.PRESETS:
         raise ValueError(f"--preset: unknown preset {args.preset!r}; choose from {sorted(dit4dit.PRESETS)}")
+    if args.suite is None:  # a --dataset run evaluates nowhere unless a suite is named
+        if args.tasks:
+            raise ValueError("--tasks names tasks of a suite: give --suite too (a --dataset run has none)")
+        return
     suite = suites.get_suite(args.suite)  # Meta-World: a clear error when it is not installed
     if args.suite != "toy" and not args.tasks:
         raise ValueError(f"--suite {args.suite}: name the tasks to train on with --tasks (e.g. reach-v3 push-v3)")
@@ -1097,8 +1162,18 @@ def build_parser():
     p.add_argument("--image-size", type=int, default=None, help="rendered frame size (default: the preset's)")
     p.add_argument("--tasks", nargs="+", default=None,
                    help="tasks of the suite (default: all of the toy suite's; required with --suite metaworld)")
-    p.add_argument("--suite", default="toy", choices=suites.SUITES,
-                   help="the toy suite (default) or Meta-World (pip install metaworld; see suites/metaworld.py)")
+    p.add_argument("--dataset", default=None, metavar="PATH",
+                   help="train on a LeRobot v2.x/v3.0 dataset (pip install -e .[data]); no evaluation unless "
+                        "--suite is given")
+    p.add_argument("--cameras", nargs="+", default=None, metavar="KEY",
+                   help="with --dataset: camera features to use, tiled side by side (default: the first)")
+    p.add_argument("--inspect", action="store_true",
+                   help="with --dataset: print its episodes, frames, tasks, features and fps, then stop")
+    p.add_argument("--export-dataset", default=None, metavar="PATH",
+                   help="write the suite's scripted demos as a LeRobot v3.0 dataset at PATH, then stop")
+    p.add_argument("--suite", default=None, choices=suites.SUITES,
+                   help="the suite to collect demos in and evaluate on: toy (default; none with --dataset) or "
+                        "metaworld (pip install metaworld; see suites/metaworld.py)")
     p.add_argument("--eval-episodes", type=int, default=EVAL_EPISODES,
                    help=f"evaluation episodes per task, 0 skips evaluation (default {EVAL_EPISODES})")
     p.add_argument("--threads", type=int, default=None,

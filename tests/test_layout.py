@@ -81,7 +81,8 @@ def test_the_method_file_stays_short_and_the_code_cites_no_private_documents():
     lines = (ROOT / "dit4dit.py").read_text().splitlines()
     assert len(lines) <= 1100
     assert max(len(line) for line in lines) <= 100
-    for path in [*project_modules().values(), *sorted((ROOT / "tests").glob("*.py"))]:
+    tests = [p for p in sorted((ROOT / "tests").glob("*.py")) if p.name != "test_layout.py"]
+    for path in [*project_modules().values(), *tests]:
         text = path.read_text()
         assert "DESIGN §" not in text and "DESIGN 3." not in text, path
         assert not re.search(r"\(issue \d+\)|\bissue \d+\b", text), path
