@@ -801,16 +801,43 @@ def model_and_normalizers(config, args, episodes, resume, normalizers=None):
     return dit4dit.DiT4DiT(config), state_normalizer, action_normalizer
 
 
-def train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step, average=None):
+class PhaseTimer:
+    """Wall seconds per phase of a run, for the breakdown printed at its end. On CUDA a phase ends
+    with a synchronize, so the GPU's queued work is charged to the phase that queued it."""
+
+    def __init__(self, device):
+        self.device, self.seconds = device, {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+
+    def report(self, total):
+        """Lines 'phase  seconds  share of total', then what no phase covers."""
+        lines = [f"  {name:<22} {sec:8.1f} s  {sec / total:6.1%}" for name, sec in self.seconds.items()]
+        rest = total - sum(self.seconds.values())
+        return "\n".join(lines + [f"  {'other':<22} {rest:8.1f} s  {rest / total:6.1%}"])
+
+
+def train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step, average=None, timer=None):
     """One optimizer step of args.grad_accum micro-steps; DDP all-reduces the gradients on the last
     micro-step only (no_sync on the others). Returns (losses: [loss, video_loss, action_loss]
-    averaged over micro-steps and processes, the clipped gradient norm, the learning rates used)."""
+    averaged over micro-steps and processes, the clipped gradient norm, the learning rates used).
+    timer (a PhaseTimer): charges data, forward, backward and optimizer time to their phases."""
+    timer = timer or PhaseTimer(torch.device("cpu"))
     totals = torch.zeros(3, device=proc.device)  # loss, video_loss, action_loss summed over micro-steps
     for micro in range(args.grad_accum):
-        positions = batch_indices(len(dataset.balanced), args.seed, step, micro, proc.rank, proc.world,
-                                  args.batch_size, args.grad_accum)
-        indices = dataset.balanced[positions]  # task-balanced (see EpisodeDataset)
-        batch = dataset.batch(indices, proc.device)
+        with timer("train: data"):
+            positions = batch_indices(len(dataset.balanced), args.seed, step, micro, proc.rank, proc.world,
+                                      args.batch_size, args.grad_accum)
+            indices = dataset.balanced[positions]  # task-balanced (see EpisodeDataset)
+            batch = dataset.batch(indices, proc.device)
         # The model's noise draws (generator) and anything on the global RNGs (dropout), seeded
         # by this micro-batch's slice of the global batch: N processes x 1 micro-step draw
         # exactly what 1 process x N micro-steps draws, and a resumed run what the uninterrupted
@@ -820,17 +847,19 @@ def train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step, 
         generator = torch.Generator(device=proc.device).manual_seed(noise_seed)
         final = micro == args.grad_accum - 1
         with contextlib.nullcontext() if (final or proc.world == 1) else wrapped.no_sync():
-            with autocast(proc.device, proc.amp_dtype):
+            with timer("train: forward"), autocast(proc.device, proc.amp_dtype):
                 losses = wrapped(batch, generator)
-            (losses["loss"] / args.grad_accum).backward()
+            with timer("train: backward"):
+                (losses["loss"] / args.grad_accum).backward()
         totals += torch.stack([losses[k].detach().float() for k in ("loss", "video_loss", "action_loss")])
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
-    lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}  # the rates this step used
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
-    if average is not None:
-        average.update(model, step)
+    with timer("train: optimizer"):
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
+        lrs = {f"lr_{g['name']}": g["lr"] for g in optimizer.param_groups}  # the rates this step used
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if average is not None:
+            average.update(model, step)
     totals /= args.grad_accum
     if proc.world > 1:
         dist.all_reduce(totals)
@@ -838,7 +867,7 @@ def train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step, 
     return totals, grad_norm, lrs
 
 
-def train(proc, args, model, optimizer, scheduler, dataset, start_step, average=None, record=None):
+def train(proc, args, model, optimizer, scheduler, dataset, start_step, average=None, record=None, timer=None):
     """The training loop from start_step to --steps (or --stop-after steps of this invocation), with
     a train_log.jsonl row every --log-every steps (losses averaged since the previous row) and a
     checkpoint every --ckpt-every steps and at the end (with `record`: its experiment and changes;
@@ -861,7 +890,8 @@ def train(proc, args, model, optimizer, scheduler, dataset, start_step, average=
     model.train()
     for step in bar:
         t_step = time.time()
-        totals, grad_norm, lrs = train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step, average)
+        totals, grad_norm, lrs = train_step(proc, args, model, wrapped, optimizer, scheduler, dataset, step, average,
+                                            timer)
         done = step + 1
         step_times.append(time.time() - t_step)
         if not proc.is_main:
@@ -880,18 +910,21 @@ def train(proc, args, model, optimizer, scheduler, dataset, start_step, average=
                              "grad_norm": float(grad_norm), **lrs, "seconds": round(time.time() - train_start, 2)})
             write_log(log_path, log_rows)
         if done % args.ckpt_every == 0 or done == end_step:
-            save_training_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, optimizer, scheduler, done,
-                                     dataset.state_normalizer, dataset.action_normalizer, args, average,
-                                     **(record or {}))
+            with timer("checkpoints") if timer else contextlib.nullcontext():
+                save_training_checkpoint(os.path.join(args.out, "checkpoint.pt"), model, optimizer, scheduler,
+                                         done, dataset.state_normalizer, dataset.action_normalizer, args,
+                                         average, **(record or {}))
     bar.close()
     return log_rows, end_step, time.time() - train_start
 
 
-def finish(args, proc, tasks, log_rows, training):
+def finish(args, proc, tasks, log_rows, training, timer=None):
     """On rank 0 after the loop: the loss curve; then, unless the run stopped before --steps, the
     evaluation (eval_sim's protocol: fixed seeds disjoint from the demo seeds) of the checkpoint
     just written, loaded back as any user would load it, and report.json with `training` (the
-    run's figures) added. Returns the report, or None without evaluation."""
+    run's figures and the time breakdown) added; prints the breakdown. Returns the report, or None
+    without evaluation."""
+    timer = timer or PhaseTimer(proc.device)
     draw_loss_curve(log_rows, os.path.join(args.out, "loss.png"))
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     if training["end_step"] < args.steps:
@@ -902,9 +935,10 @@ def finish(args, proc, tasks, log_rows, training):
         print("no evaluation: give --suite (with --tasks) to evaluate a --dataset run in simulation")
     elif args.eval_episodes > 0:
         t0 = time.time()
-        report = eval_sim.evaluate(eval_sim.load_policy(ckpt_path, device=proc.device), tasks=tasks,
-                                   episodes=args.eval_episodes, out_dir=args.out, gif_episodes=GIF_EPISODES,
-                                   suite=args.suite)
+        with timer("evaluation"):
+            report = eval_sim.evaluate(eval_sim.load_policy(ckpt_path, device=proc.device), tasks=tasks,
+                                       episodes=args.eval_episodes, out_dir=args.out, gif_episodes=GIF_EPISODES,
+                                       suite=args.suite)
         report["training"] = {
             "steps": args.steps, "train_seconds": round(training["train_seconds"], 1),
             "seconds_per_step": round(training["train_seconds"] / max(1, training["end_step"] - training["start_step"]),
@@ -913,13 +947,16 @@ def finish(args, proc, tasks, log_rows, training):
             "final_losses": next((r for r in reversed(log_rows) if "loss" in r), None),
             "world_size": proc.world, "args": vars(args), "demo_seconds": round(training["demo_seconds"], 1),
             "total_seconds": round(time.time() - training["run_start"], 1),
+            "time_breakdown_seconds": {name: round(sec, 1) for name, sec in timer.seconds.items()},
         }
         atomic_write(os.path.join(args.out, "report.json"),
                              lambda f: json.dump(report, f, indent=2, default=str), mode="w")
         print(f"success {report['overall']['success_rate']:.1%} "
               f"(95% CI {report['overall']['ci95'][0]:.1%}-{report['overall']['ci95'][1]:.1%}) "
               f"over {report['overall']['n']} episodes")
-    print(f"wrote {os.path.abspath(args.out)} in {(time.time() - training['run_start']) / 60:.1f} min")
+    total = time.time() - training["run_start"]
+    print(f"time breakdown ({total:.1f} s in all):\n{timer.report(total)}")
+    print(f"wrote {os.path.abspath(args.out)} in {total / 60:.1f} min")
     return report
 
 
@@ -951,8 +988,10 @@ def main(args):
         check_out_folder(args)
 
     # --- data, and the experiment it makes (nothing is written into --out before this is checked)
+    timer = PhaseTimer(device)
     tasks = args.tasks or (list(suites.get_suite(args.suite).TASKS) if args.suite else [])
-    episodes, normalizers, demo_seconds = load_data(args, tasks, proc)
+    with timer("demos / episodes"):
+        episodes, normalizers, demo_seconds = load_data(args, tasks, proc)
     config = data_config(args, episodes)
     record = experiment_record(args, config, proc.world, data_fingerprint(episodes))
     changes = []
@@ -960,9 +999,11 @@ def main(args):
         changes = refuse_or_allow(args, experiment_changes(checkpoint_experiment(resume), record))
         history = list(resume.get("changes") or []) + ([{"step": int(resume["step"]), "changes": changes}]
                                                        if changes else [])
-    model, state_normalizer, action_normalizer = model_and_normalizers(config, args, episodes, resume, normalizers)
-    dataset = EpisodeDataset(episodes, config.num_future_frames, config.action_horizon,
-                             state_normalizer, action_normalizer, early_weight=args.early_weight)
+    with timer("model and dataset"):
+        model, state_normalizer, action_normalizer = model_and_normalizers(config, args, episodes, resume,
+                                                                           normalizers)
+        dataset = EpisodeDataset(episodes, config.num_future_frames, config.action_horizon,
+                                 state_normalizer, action_normalizer, early_weight=args.early_weight)
     model.to(device)
     optimizer, scheduler = make_optimizer(model, args)
     start_step = 0
@@ -1000,7 +1041,7 @@ def main(args):
         # --- the training loop
         log_rows, end_step, train_seconds = train(
             proc, args, model, optimizer, scheduler, dataset, start_step, average,
-            record={"experiment": record, "changes": history if resume is not None else []})
+            record={"experiment": record, "changes": history if resume is not None else []}, timer=timer)
         barrier()
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -1010,7 +1051,7 @@ def main(args):
             return None
         return finish(args, proc, tasks, log_rows, dict(run_start=run_start, demo_seconds=demo_seconds,
                                                         start_step=start_step, end_step=end_step,
-                                                        train_seconds=train_seconds))
+                                                        train_seconds=train_seconds), timer)
     finally:
         if lock is not None:
             release_out_folder(lock)
