@@ -98,6 +98,21 @@ class ExpertPolicy:
         return {"policy": "scripted_expert"}
 
 
+class ZeroPolicy:
+    """Zero actions: the smoke test of a suite's loop (LIBERO: arm still; its gripper closes in the
+    datasets' convention, 0 = close)."""
+
+    def reset(self, envs, gif_rows=(), seed=0):
+        self._dims = [env.action_space.shape[0] for env in envs]
+        self.imagined = {}
+
+    def act(self, rows, observations):
+        return np.stack([np.zeros(self._dims[r], np.float32) for r in rows])
+
+    def describe(self):
+        return {"policy": "zero"}
+
+
 class ModelPolicy:
     """A DiT4DiT model acting in closed loop with a receding horizon: at a re-plan it predicts a
     chunk of K actions from (frame, state, instruction), executes the first `execute_steps` of
@@ -170,7 +185,30 @@ def load_policy(path, execute_steps=None, device="cpu", action_noise_scale=None)
     model, state_normalizer, action_normalizer = model_from_checkpoint(ckpt)
     policy = ModelPolicy(model.to(device), state_normalizer, action_normalizer, execute_steps)
     policy.checkpoint = {"path": os.path.abspath(path), "sha256": file_sha256(path), "step": ckpt.get("step")}
+    policy.spec = ("checkpoint", os.path.abspath(path), execute_steps, device, action_noise_scale)
     return policy
+
+
+def policy_from_spec(spec, suite):
+    """The policy a worker process rebuilds from a picklable spec: ("expert",), ("zero",) or
+    ("checkpoint", path, execute_steps, device, action_noise_scale)."""
+    if spec[0] == "expert":
+        return ExpertPolicy(suites.get_suite(suite).scripted_expert)
+    if spec[0] == "zero":
+        return ZeroPolicy()
+    _, path, execute_steps, device, noise = spec
+    return load_policy(path, execute_steps=execute_steps, device=device, action_noise_scale=noise)
+
+
+def policy_spec(policy):
+    if isinstance(policy, ExpertPolicy):
+        return ("expert",)
+    if isinstance(policy, ZeroPolicy):
+        return ("zero",)
+    if getattr(policy, "spec", None) is None:
+        raise ValueError("workers > 1: the policy must be the experts, the zero policy or a checkpoint "
+                         "(load_policy), which each worker process loads again")
+    return policy.spec
 
 
 # ----------------------------------------------------------------------------------------------
@@ -274,11 +312,29 @@ def package_versions(suite="toy"):
 
     versions = {"python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
                 "mujoco": mujoco.__version__, "gymnasium": gymnasium.__version__, "pillow": PIL.__version__}
-    if suite == "metaworld":
-        from importlib.metadata import version
+    from importlib.metadata import version
 
-        versions["metaworld"] = version("metaworld")
+    for name in {"metaworld": ["metaworld"], "libero": ["hf-libero", "robosuite"]}.get(suite, []):
+        versions[name] = version(name)
     return versions
+
+
+def _run_unit(suite, task, seeds, record, image_size, env_options, policy, threads=None):
+    """One batch of episodes of one task, in lockstep, on envs made here and closed after; policy is
+    a policy, or a spec to rebuild one (in a worker process). -> (results, env s, env steps, s)."""
+    if threads:
+        torch.set_num_threads(threads)
+    S = suites.get_suite(suite)
+    if isinstance(policy, tuple):
+        policy = policy_from_spec(policy, suite)
+    envs = [S.make_env(task, image_size=image_size, **env_options) for _ in seeds]
+    try:
+        t0 = time.perf_counter()
+        results, secs, steps = run_episodes(envs, seeds, policy, record=record)
+        return results, secs, steps, time.perf_counter() - t0
+    finally:
+        for env in envs:
+            env.close()
 
 
 def _summary(successes, n):
@@ -287,18 +343,23 @@ def _summary(successes, n):
 
 
 def evaluate(policy, tasks=None, episodes=50, out_dir="out", gif_episodes=2, image_size=None,
-             batch_size=10, progress=True, suite="toy"):
-    """Closed-loop evaluation of `policy` ("expert", an ExpertPolicy or a ModelPolicy) on
-    `episodes` fixed evaluation seeds per task of `suite` ("toy" or "metaworld"). Writes
-    out_dir/report.json and the GIFs of the first `gif_episodes` episodes of each task under
-    out_dir/gifs/; returns the report dict."""
+             batch_size=10, progress=True, suite="toy", workers=1, env_options=None):
+    """Closed-loop evaluation of `policy` ("expert", "zero", an ExpertPolicy, a ZeroPolicy or a
+    ModelPolicy) on `episodes` fixed evaluation seeds per task of `suite`. Batches of up to
+    `batch_size` episodes of a task run in lockstep; with workers > 1 the batches are spread over
+    that many processes, each with its own envs and its own copy of the policy. env_options go to
+    the suite's make_env. Writes out_dir/report.json and the GIFs of the first `gif_episodes`
+    episodes of each task under out_dir/gifs/; returns the report dict."""
     started, wall0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     S = suites.get_suite(suite)
     if policy == "expert":
         policy = ExpertPolicy(S.scripted_expert)
-    tasks = list(S.TASKS) if tasks is None else list(tasks)
-    for task in tasks:
-        S.get_task(task)
+    elif policy == "zero":
+        policy = ZeroPolicy()
+    env_options = dict(env_options or {})
+    if not isinstance(workers, (int, np.integer)) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    tasks = [S.get_task(task).name for task in (S.TASKS if tasks is None else tasks)]  # canonical names
     for name, value, low in (("episodes", episodes, 1), ("batch_size", batch_size, 1), ("gif_episodes", gif_episodes, 0)):
         if not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -315,35 +376,51 @@ def evaluate(policy, tasks=None, episodes=50, out_dir="out", gif_episodes=2, ima
 
     report_episodes, per_task, seeds_used = [], {}, {}
     env_seconds, env_steps, rollout_seconds = 0.0, 0, 0.0
+    units = []  # (task, seeds, GIF rows): a batch of one task's episodes, run in lockstep
     for task in tasks:
-        seeds = S.eval_seeds(task, episodes)
-        seeds_used[task] = seeds
-        envs = [S.make_env(task, image_size=image_size) for _ in range(min(batch_size, episodes))]
-        bar = tqdm(total=episodes, desc=f"eval {task}", unit="ep", disable=not progress)
-        successes = 0
-        try:
-            for start in range(0, episodes, batch_size):
-                batch = seeds[start:start + batch_size]
-                record = [r for r in range(len(batch)) if start + r < gif_episodes]
-                t0 = time.perf_counter()
-                results, secs, steps = run_episodes(envs[:len(batch)], batch, policy, record=record)
-                rollout_seconds += time.perf_counter() - t0
-                env_seconds, env_steps = env_seconds + secs, env_steps + steps
-                for r, res in enumerate(results):
-                    entry = {"task": task, **{k: v for k, v in res.items() if k != "frames"}}
-                    if "frames" in res and res["frames"]:
-                        os.makedirs(os.path.join(out_dir, "gifs"), exist_ok=True)
-                        entry["gif"] = os.path.join("gifs", f"{task}_seed{res['seed']}.gif")
-                        write_gif(os.path.join(out_dir, entry["gif"]), res["frames"])
-                    report_episodes.append(entry)
-                    successes += res["success"]
-                bar.update(len(batch))
-                bar.set_postfix(success=f"{successes}/{start + len(batch)}")
-        finally:
-            bar.close()
-            for env in envs:
-                env.close()
-        per_task[task] = _summary(successes, episodes)
+        seeds_used[task] = S.eval_seeds(task, episodes)
+        for start in range(0, episodes, batch_size):
+            batch = seeds_used[task][start:start + batch_size]
+            units.append((task, batch, [r for r in range(len(batch)) if start + r < gif_episodes]))
+    successes = {task: 0 for task in tasks}
+    bar = tqdm(total=episodes * len(tasks), desc=f"eval {suite}", unit="ep", disable=not progress)
+
+    def collect(task, results, secs, steps, seconds):
+        nonlocal env_seconds, env_steps, rollout_seconds
+        rollout_seconds += seconds
+        env_seconds, env_steps = env_seconds + secs, env_steps + steps
+        for res in results:
+            entry = {"task": task, **{k: v for k, v in res.items() if k != "frames"}}
+            if hasattr(S, "init_state_index"):  # LIBERO: the benchmark's fixed init state
+                entry["init_state"] = S.init_state_index(res["seed"])
+            if "frames" in res and res["frames"]:
+                os.makedirs(os.path.join(out_dir, "gifs"), exist_ok=True)
+                entry["gif"] = os.path.join("gifs", f"{task.replace('/', '_')}_seed{res['seed']}.gif")
+                write_gif(os.path.join(out_dir, entry["gif"]), res["frames"])
+            report_episodes.append(entry)
+            successes[task] += res["success"]
+        bar.update(len(results))
+        bar.set_postfix(success=f"{sum(successes.values())}/{len(report_episodes)}")
+
+    try:
+        if workers == 1:
+            for task, batch, record in units:
+                collect(task, *_run_unit(suite, task, batch, record, image_size, env_options, policy))
+        else:  # "spawn": no GL context or torch thread pool is inherited
+            import concurrent.futures
+            import multiprocessing
+
+            spec, threads = policy_spec(policy), max(1, (os.cpu_count() or 1) // workers)
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futures = [(task, pool.submit(_run_unit, suite, task, batch, record, image_size, env_options,
+                                              spec, threads)) for task, batch, record in units]
+                for task, future in futures:  # in order, so the report does not depend on timing
+                    collect(task, *future.result())
+    finally:
+        bar.close()
+    report_episodes.sort(key=lambda e: (tasks.index(e["task"]), seeds_used[e["task"]].index(e["seed"])))
+    for task in tasks:
+        per_task[task] = _summary(successes[task], episodes)
 
     total = sum(t["successes"] for t in per_task.values())
     report = {
@@ -355,7 +432,8 @@ def evaluate(policy, tasks=None, episodes=50, out_dir="out", gif_episodes=2, ima
             "started": started,
             "command": sys.argv,
             "config": {"suite": suite, "tasks": tasks, "episodes_per_task": episodes, "image_size": image_size,
-                       "batch_size": batch_size, "control_hz": 1 / S.CONTROL_DT, "physics_dt": S.PHYSICS_DT,
+                       "batch_size": batch_size, "workers": workers, "env_options": env_options,
+                       "control_hz": 1 / S.CONTROL_DT, "physics_dt": S.PHYSICS_DT,
                        "substeps": S.SUBSTEPS, "max_steps": {t: S.TASKS[t].max_steps for t in tasks},
                        **policy.describe()},
             "seeds": seeds_used,
@@ -406,12 +484,26 @@ def main(args):
             print(f"{task:>8}: control step (physics x{S.SUBSTEPS} + one {args.image_size or 64}px frame) "
                   f"median {median:.2f} ms, mean {mean:.2f} ms  (MUJOCO_GL={os.environ.get('MUJOCO_GL')})")
         return None
-    if args.expert == (args.ckpt is not None):
-        raise ValueError("give exactly one of --ckpt PATH (a trained policy) or --expert (the scripted experts)")
+    if args.expert:
+        args.policy = args.policy or "expert"
+    if (args.policy is not None) == (args.ckpt is not None) or args.policy not in (None, "expert", "zero"):
+        raise ValueError("give exactly one of --ckpt PATH (a trained policy), --expert / --policy expert (the "
+                         "scripted experts) or --policy zero (zero actions, a smoke test)")
+    env_options = {}
+    if args.suite == "libero":
+        if args.tasks and args.libero_suite:
+            raise ValueError("give --tasks or --libero-suite, not both")
+        if not args.tasks:
+            args.tasks = S.suite_tasks(args.libero_suite or "libero_spatial")
+        env_options["render_quality"] = args.libero_render
+    elif args.libero_suite or args.libero_render != "dataset":
+        raise ValueError("--libero-suite and --libero-render are options of --suite libero")
     for task in args.tasks or []:  # before a checkpoint is loaded
         S.get_task(task)
-    if args.expert:
+    if args.policy == "expert":
         policy = ExpertPolicy(S.scripted_expert)
+    elif args.policy == "zero":
+        policy = ZeroPolicy()
     else:
         if os.path.isdir(args.ckpt):
             raise IsADirectoryError(f"--ckpt: {args.ckpt} is a directory; give the checkpoint file "
@@ -422,7 +514,8 @@ def main(args):
         policy = load_policy(args.ckpt, execute_steps=args.execute_steps,  # verified: errors name the file
                              action_noise_scale=args.action_noise_scale)
     report = evaluate(policy, tasks=args.tasks, episodes=args.episodes, out_dir=args.out, gif_episodes=args.gifs,
-                      image_size=args.image_size, batch_size=args.batch_size, suite=args.suite)
+                      image_size=args.image_size, batch_size=args.batch_size, suite=args.suite,
+                      workers=args.workers, env_options=env_options)
     for name, t in report["tasks"].items():
         print(f"{name:>8}: {t['success_rate']:6.1%}  (95% CI {t['ci95'][0]:.1%}-{t['ci95'][1]:.1%}, n={t['n']})")
     o, m = report["overall"], report["manifest"]
@@ -438,7 +531,17 @@ def parse_args(argv=None):
     p.add_argument("--expert", action="store_true", help="evaluate the scripted experts (the ceiling) instead")
     p.add_argument("--tasks", nargs="+", default=None,
                    help="tasks (default: all of the suite's; toy: push reach; Meta-World: reach-v3, ...)")
-    p.add_argument("--episodes", type=int, default=50, help="episodes per task (evaluation seeds 1000000...)")
+    p.add_argument("--episodes", "--episodes-per-task", type=int, default=50,
+                   help="episodes per task (evaluation seeds 1000000...; LIBERO: init states 0, 1, ...)")
+    p.add_argument("--policy", choices=("expert", "zero"), default=None,
+                   help="instead of --ckpt: the scripted experts, or zero actions (a smoke test of the loop)")
+    p.add_argument("--workers", type=int, default=1, help="processes the episode batches are spread over")
+    p.add_argument("--libero-suite", default=None, metavar="NAME",
+                   help="--suite libero: its 10 tasks (libero_spatial (default), libero_object, libero_goal, "
+                        "libero_10; libero_90)")
+    p.add_argument("--libero-render", choices=("dataset", "fast"), default="dataset",
+                   help="--suite libero: the datasets' rendering (default) or a faster one with other pixels "
+                        "(smoke runs only)")
     p.add_argument("--out", default="out", help="output directory for report.json and gifs/")
     p.add_argument("--gifs", type=int, default=2, help="rollout GIFs per task (the first episodes)")
     p.add_argument("--image-size", type=int, default=None, help="frame size (default: the model's, 64 for experts)")
@@ -449,7 +552,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--bench", action="store_true", help="only time one control step of each task and exit")
     p.add_argument("--suite", default="toy", choices=suites.SUITES,
-                   help="the toy suite (default) or Meta-World (pip install metaworld; give --tasks)")
+                   help="the toy suite (default), Meta-World (pip install metaworld; give --tasks) or LIBERO "
+                        "(see suites/libero.py)")
     return p.parse_args(argv)
 
 

@@ -23,7 +23,7 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 import torch._dynamo  # noqa: E402,F401  before mujoco: Triton's LLVM must load before the EGL
                       # renderer loads Mesa's LLVM, or a later torch.compile segfaults the process
 
-SUITES = ("toy", "metaworld")
+SUITES = ("toy", "metaworld", "libero")
 
 # Seeds: demos come from the first range, evaluation from the second; the two never meet.
 DEMO_SEEDS = range(0, 1_000_000)

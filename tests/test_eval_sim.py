@@ -477,3 +477,27 @@ def test_torch_compile_after_rendering_does_not_crash():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+
+
+def test_episodes_spread_over_worker_processes_give_the_same_report(tmp_path):
+    """workers=2 runs the batches in two processes, each with its own envs and policy: the same
+    episodes, in the same order, as one process."""
+    kwargs = dict(tasks=["reach"], episodes=4, gif_episodes=1, batch_size=2, progress=False)
+    one = es.evaluate("expert", out_dir=str(tmp_path / "one"), **kwargs)
+    two = es.evaluate("expert", out_dir=str(tmp_path / "two"), workers=2, **kwargs)
+    assert [{k: e[k] for k in ("seed", "success", "steps")} for e in one["episodes"]] == \
+           [{k: e[k] for k in ("seed", "success", "steps")} for e in two["episodes"]]
+    assert one["overall"] == two["overall"] and (tmp_path / "two" / one["episodes"][0]["gif"]).is_file()
+    zero = es.evaluate("zero", out_dir=str(tmp_path / "zero"), **kwargs)
+    assert zero["manifest"]["config"]["policy"] == "zero" and zero["overall"]["successes"] == 0
+
+
+def test_policy_and_libero_flags_are_checked(tmp_path):
+    for argv, message in [(["--policy", "zero", "--ckpt", "c.pt"], "give exactly one of"),
+                          ([], "give exactly one of"),
+                          (["--policy", "zero", "--libero-suite", "libero_goal"], "options of --suite libero"),
+                          (["--policy", "zero", "--libero-render", "fast"], "options of --suite libero")]:
+        with pytest.raises(ValueError, match=message):
+            es.main(es.parse_args([*argv, "--out", str(tmp_path / "x")]))
+    with pytest.raises(ValueError, match="workers must be an int >= 1"):
+        es.evaluate("zero", tasks=["reach"], episodes=1, out_dir=str(tmp_path / "x"), workers=0, progress=False)

@@ -155,8 +155,8 @@ def test_bad_task_and_suite_names_give_clear_errors(tmp_path):
                     suite="metaworld")
     with pytest.raises(ValueError, match="unknown task 'reach-v3'"):  # a Meta-World name in the toy suite
         es.evaluate("expert", tasks=["reach-v3"], episodes=1, out_dir=str(tmp_path / "x"), progress=False)
-    with pytest.raises(ValueError, match="unknown suite 'libero'"):
-        suites.get_suite("libero")
+    with pytest.raises(ValueError, match="unknown suite 'robocasa'"):
+        suites.get_suite("robocasa")
     out = tmp_path / "out"
     for argv, message in [(["--suite", "metaworld", "--expert", "--tasks", "fly-v3"], "unknown Meta-World task 'fly-v3'"),
                           (["--suite", "metaworld", "--bench"], "name the tasks to time with --tasks")]:
