@@ -17,18 +17,13 @@ import numpy as np
 import torch
 
 from bridges.lerobot import LeRobotEpisodes, LeRobotSamples, write_lerobot_v3
+from bench import cpu_name, load_average
 
 FIXTURE = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "lerobot" / "libero_like"
 
 
 def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    cpu, load = cpu_name(), load_average()
     return (f"{cpu}; {os.cpu_count()} CPUs; load average {load}; torch {torch.__version__} "
             f"({torch.get_num_threads()} thread(s) in the main process); python {platform.python_version()}")
 

@@ -16,15 +16,11 @@ import time
 
 import numpy as np
 
+from bench import cpu_name, load_average
+
 
 def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    cpu, load = cpu_name(), load_average()
     return (f"{cpu}; {os.cpu_count()} CPUs; load average {load}; OMP_NUM_THREADS="
             f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; MUJOCO_GL={os.environ.get('MUJOCO_GL', 'unset')}; "
             f"python {platform.python_version()}")
