@@ -268,6 +268,38 @@ def _try(fn):
         return (str(err).strip().splitlines() or [type(err).__name__])[0][:100]
 
 
+def simt_attention(q, k, v):
+    """kernels.attention with the tensor-core forward switched off (DIT4DIT_CUDA_ATTENTION_TC=0,
+    read by kernels/csrc/cuda/attention.cu at every call): the SIMT kernel, for comparison."""
+    import kernels
+
+    os.environ["DIT4DIT_CUDA_ATTENTION_TC"] = "0"
+    try:
+        return kernels.attention(q, k, v)
+    finally:
+        del os.environ["DIT4DIT_CUDA_ATTENTION_TC"]
+
+
+def attention_fwd_path(inputs):
+    """Which CUDA forward kernel kernels.attention launches on `inputs`, from the profiler's
+    kernel names: the tensor-core one (attention_tc.cuh) or the SIMT one (attention.cuh)."""
+    import kernels
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            kernels.attention(*inputs)
+            torch.cuda.synchronize()
+        names = [e.name for e in prof.events()]
+    except Exception as err:  # a profiler without CUPTI: say so rather than fail the step
+        return f"unknown (profiler: {str(err).splitlines()[0][:80]})"
+    if any("attention_fwd_tc_kernel" in n for n in names):
+        return "tensor cores (attention_fwd_tc_kernel)"
+    if any("attention_fwd_kernel" in n for n in names):
+        return "SIMT (attention_fwd_kernel)"
+    return "unknown (no dit4dit attention kernel in the profile)"
+
+
 def bench_one(name, op, shape, dtype, device, reps, backward):
     """Time the kernel and its baselines on one shape, print a block, return a result dict.
     err: each variant's relative error against float64 math on the same (rounded) inputs: the
@@ -284,8 +316,13 @@ def bench_one(name, op, shape, dtype, device, reps, backward):
             variants = {"dit4dit kernel": kernels.attention, "SDPA (default)": F.scaled_dot_product_attention,
                         "PyTorch reference (fp32 compute)": kernels.reference_attention}
         reference, work, unit = kernels.reference_attention, attention_flops(shape, backward), "TFLOP/s"
+        path = attention_fwd_path(inputs) if device.type == "cuda" else "CPU kernel"
+        if device.type == "cuda" and not backward and path.startswith("tensor cores"):
+            variants = {"dit4dit kernel": kernels.attention, "dit4dit SIMT kernel (TC off)": simt_attention,
+                        **{n: f for n, f in variants.items() if n != "dit4dit kernel"}}
     else:
         B, N, D, G = shape
+        path = None
         inputs = [(torch.randn(B, N, D, device=device, generator=g) * 2 + 0.5).to(dtype),
                   torch.randn(B, G, D, device=device, generator=g).to(dtype),
                   (torch.randn(B, G, D, device=device, generator=g) * 0.5).to(dtype)]
@@ -319,6 +356,8 @@ def bench_one(name, op, shape, dtype, device, reps, backward):
     direction = "bwd" if backward else "fwd"
     dname = str(dtype).split(".")[-1]
     print(f"{op} {direction}  {name}  {tuple(shape)}  {dname}")
+    if path is not None:  # the backward is the SIMT kernel whatever the forward path
+        print(f"    dit4dit forward path: {path}")
     print(f"    {'variant':34s} {'ms':>9s} {unit:>9s} {'row/kernel':>10s} {'rel. err':>9s}")
     k = ms.get("dit4dit kernel")
     for n, t in ms.items():
@@ -327,7 +366,7 @@ def bench_one(name, op, shape, dtype, device, reps, backward):
     for n, why in skipped.items():
         print(f"    {n:34s} {'n/a':>9s}   ({why})")
     return dict(name=name, op=op, shape=list(shape), dtype=dname, direction=direction, ms=ms, errors=errs,
-                skipped=skipped, unit=unit, work=work)
+                skipped=skipped, unit=unit, work=work, path=path)
 
 
 def cmd_ops(args):

@@ -40,6 +40,9 @@ EPS = 1e-6
 ADALN_SHAPES = [(2, 9, 40, 1), (2, 9, 70, 3)]
 # (B, nh, Lq, hd, Lk): one per head-dim bucket (32, 64, 128), partial Q and K/V tiles, Lq != Lk.
 ATTN_SHAPES = [(1, 2, 37, 40, 45), (1, 1, 70, 16, 9), (1, 1, 20, 80, 33)]
+# Tensor-core forward (B, nh, Lq, hd, Lk): hd 64 (BC = 64) and 128 (BC = 32); Lq and Lk not
+# multiples of the 64-row Q tile or of BC, Lq != Lk (both ways), B*nh > 1, several K/V tiles.
+ATTN_TC_SHAPES = [(1, 2, 150, 64, 100), (2, 1, 37, 128, 77)]
 # (B, nh, N, hd): rows not a multiple of the 4 rows of a block; hd 24 (the toy), 18 (odd pair
 # count) and 80 (more than 32 pairs: lanes own two; more than 32 columns for the weight kernel).
 QK_SHAPES = [(2, 3, 7, 24), (1, 2, 5, 18), (1, 2, 6, 80)]
@@ -89,6 +92,8 @@ class Emu:
         lib.emu_qk_norm_rope_bwd.argtypes = [i, p, p, p, p, p, p, p, p, p, i, i, i, i] + err
         lib.emu_attention_fwd.argtypes = [i, p, p, p, p, p, i, i, i, i] + err
         lib.emu_attention_bwd.argtypes = [i, p, p, p, p, p, p, p, p, p, p, p, i, i, i, i] + err
+        lib.emu_attention_fwd_tc.argtypes = [i, p, p, p, p, p, i, i, i, i] + err
+        lib.emu_set_mma_b_layout_fault.argtypes = [i]
         lib.emu_attention_fwd_broken.argtypes = [p, p, p, p, p, i, i, i, i] + err
         lib.emu_warp_sum.argtypes = [p, p, i, i] + err
         lib.emu_half_warp_sum.argtypes = [p, p, i] + err
@@ -160,6 +165,14 @@ class Emu:
             self.call("emu_attention_fwd_broken", q, k, v, o, lse, B * nh, Lq, k.shape[2], hd)
         else:
             self.call("emu_attention_fwd", DTYPE_CODE[q.dtype], q, k, v, o, lse, B * nh, Lq, k.shape[2], hd)
+        return o, lse
+
+    def attention_fwd_tc(self, q, k, v):
+        """The tensor-core forward (attention_tc.cuh): float16 / bfloat16, hd 64 or 128."""
+        B, nh, Lq, hd = q.shape
+        o = torch.empty_like(q)
+        lse = torch.empty(B, nh, Lq)
+        self.call("emu_attention_fwd_tc", DTYPE_CODE[q.dtype], q, k, v, o, lse, B * nh, Lq, k.shape[2], hd)
         return o, lse
 
     def attention_bwd(self, do, q, k, v, o, lse):
@@ -263,6 +276,14 @@ def _run_qk_cuda(x, weight, cos, sin, dy, interleaved):
 
 def _run_attn_emu(emu, q, k, v, do):
     o, lse = emu.attention_fwd(q, k, v)
+    dq, dk, dv = emu.attention_bwd(do, q, k, v, o, lse)
+    return dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv)
+
+
+def _run_attn_tc_emu(emu, q, k, v, do):
+    """What attention.cu runs for float16 / bfloat16 at hd 64 or 128 on sm_80+: the tensor-core
+    forward, then the SIMT backward on its o and lse."""
+    o, lse = emu.attention_fwd_tc(q, k, v)
     dq, dk, dv = emu.attention_bwd(do, q, k, v, o, lse)
     return dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv)
 
@@ -430,6 +451,28 @@ def test_attention_emulated(emu, shape, dtype):
     _check_attn(functools.partial(_run_attn_emu, emu), _attn_inputs(shape, dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", ATTN_TC_SHAPES, ids=lambda s: "B{}H{}Lq{}hd{}Lk{}".format(*s))
+def test_attention_tensor_core_emulated(emu, shape, dtype):
+    _check_attn(functools.partial(_run_attn_tc_emu, emu), _attn_inputs(shape, dtype))
+
+
+@pytest.mark.parametrize("hd", [64, 128])
+def test_attention_tensor_core_wrong_b_layout_is_caught(emu, hd):
+    """The same kernel with the emulated mma reading its B fragments transposed (k and n swapped
+    inside each 8x8 block) is far from the truth: the tests see a wrong fragment layout."""
+    q, k, v, _ = _attn_inputs((1, 2, 70, hd, 45), torch.bfloat16, seed=2)
+    truth = reference_attention(q.double(), k.double(), v.double())
+    good, _ = emu.attention_fwd_tc(q, k, v)
+    assert (good.double() - truth).abs().max() < 0.05
+    emu.lib.emu_set_mma_b_layout_fault(1)
+    try:
+        wrong, _ = emu.attention_fwd_tc(q, k, v)
+    finally:
+        emu.lib.emu_set_mma_b_layout_fault(0)
+    assert (wrong.double() - truth).abs().max() > 0.3
+
+
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", QK_SHAPES, ids=lambda s: "B{}H{}N{}hd{}".format(*s))
@@ -537,4 +580,12 @@ def test_qk_norm_rope_on_device(shape, dtype, interleaved):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: "B{}H{}Lq{}hd{}Lk{}".format(*s))
 def test_attention_on_device(shape, dtype):
+    _check_attn(_run_attn_cuda, _attn_inputs(shape, dtype))
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", ATTN_TC_SHAPES, ids=lambda s: "B{}H{}Lq{}hd{}Lk{}".format(*s))
+def test_attention_tensor_core_on_device(shape, dtype):
+    """On sm_80+ these shapes take the tensor-core forward (attention_tc.cuh)."""
     _check_attn(_run_attn_cuda, _attn_inputs(shape, dtype))

@@ -17,6 +17,8 @@
 //     or waits at `__syncthreads()` instead;
 //   - any wait longer than the timeout (default 20 s, `emu::set_timeout_ms`) is reported
 //     as a deadlock; a thread spinning in kernel code cannot be interrupted, though;
+//   - `ldmatrix` and `mma.m16n8k16` (tensor-core kernels) are warp collectives built on the
+//     same exchanges, with the PTX ISA's fragment layouts; `cp.async` copies at once;
 //   - `atomicAdd` is a real atomic (compare-and-swap loop);
 //   - `__half` / `__nv_bfloat16` are 16-bit host types with round-to-nearest-even
 //     conversions, bit-compatible with torch.float16 / torch.bfloat16.
@@ -386,6 +388,106 @@ T shfl(int line, unsigned mask, T var, int src_lane, int width = 32) {
 }
 inline void syncwarp(int line, unsigned mask = 0xffffffffu) {
   exchange("__syncwarp", line, mask, 0, tl_linear % 32);
+}
+
+// ---------------------------------------------------------------------------------------
+// Warp-level matrix primitives of the tensor-core kernels (attention_tc.cuh), per the PTX
+// ISA's fragment layouts. Each is a collective of the full warp: every lane publishes its
+// operands in a per-warp scratch area, a __syncwarp exchange publishes them, every lane
+// reads what the instruction would deliver to it, and a second exchange frees the scratch.
+struct WarpScratch {
+  const unsigned char* rows[32];  // ldmatrix: the row address of every lane
+  uint32_t regs[32][6];           // mma: a0..a3, b0, b1 of every lane
+};
+inline WarpScratch& warp_scratch() {
+  static WarpScratch scratch[32];  // one per warp of the (single running) block
+  return scratch[tl_linear / 32];
+}
+
+// Test hook: 1 makes the emulated mma read its B fragment with the roles of k and n swapped
+// inside each 8x8 block (a wrong layout), so the tests can show that such a mistake fails.
+inline int& mma_b_layout_fault() {
+  static int fault = 0;
+  return fault;
+}
+
+template <typename T>
+inline float half_bits_to_float(uint32_t bits) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    return __bfloat162float(__nv_bfloat16{static_cast<uint16_t>(bits)});
+  } else {
+    return __half2float(__half{static_cast<uint16_t>(bits)});
+  }
+}
+inline uint32_t half_of(uint32_t reg, int h) { return h ? reg >> 16 : reg & 0xffffu; }
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lanes 8m..8m+7 address the rows of 8x8
+// matrix m (16 bytes each). Register m of lane l: row l/4, elements 2(l%4), 2(l%4)+1 of
+// matrix m; with .trans, rows 2(l%4) and 2(l%4)+1 at column l/4. Rows must be 16-byte aligned.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  const int lane = tl_linear % 32;
+  if (reinterpret_cast<std::uintptr_t>(row) % 16 != 0) {
+    throw std::runtime_error(cat("ldmatrix: row address ", row, " is not 16-byte aligned"));
+  }
+  WarpScratch& w = warp_scratch();
+  w.rows[lane] = static_cast<const unsigned char*>(row);
+  syncwarp(__LINE__);
+  for (int mat = 0; mat < 4; ++mat) {
+    if (!trans) {
+      std::memcpy(&r[mat], w.rows[mat * 8 + lane / 4] + 4 * (lane % 4), 4);
+    } else {
+      uint16_t lo, hi;
+      std::memcpy(&lo, w.rows[mat * 8 + 2 * (lane % 4)] + 2 * (lane / 4), 2);
+      std::memcpy(&hi, w.rows[mat * 8 + 2 * (lane % 4) + 1] + 2 * (lane / 4), 2);
+      r[mat] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
+    }
+  }
+  syncwarp(__LINE__);
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32, D = A B + C in place.
+// g = lane/4, t = lane%4. A (16x16): a0 = A[g][2t..], a1 = A[g+8][2t..], a2 = A[g][2t+8..],
+// a3 = A[g+8][2t+8..]; B (16x8): b0 = B[2t..2t+1][g], b1 = B[2t+8..2t+9][g];
+// C, D: c0, c1 = C[g][2t, 2t+1], c2, c3 = C[g+8][2t, 2t+1]. Products and sums in float32.
+template <typename T>
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  const int lane = tl_linear % 32;
+  WarpScratch& w = warp_scratch();
+  for (int i = 0; i < 4; ++i) w.regs[lane][i] = a[i];
+  w.regs[lane][4] = b0;
+  w.regs[lane][5] = b1;
+  syncwarp(__LINE__);
+  const bool fault = mma_b_layout_fault() != 0;
+  const int g = lane / 4, t = lane % 4;
+  for (int e = 0; e < 4; ++e) {
+    const int row = g + 8 * (e / 2), col = 2 * t + (e & 1);
+    float sum = d[e];
+    for (int kk = 0; kk < 16; ++kk) {
+      // A[row][kk]: lane (row%8)*4 + (kk%8)/2, register (row>=8) + 2*(kk>=8), half kk%2.
+      const uint32_t ra = w.regs[(row % 8) * 4 + (kk % 8) / 2][(row >= 8) + 2 * (kk >= 8)];
+      const float av = half_bits_to_float<T>(half_of(ra, kk & 1));
+      // B[kk][col]: lane col*4 + (kk%8)/2, register 4 + (kk>=8), half kk%2.
+      const uint32_t rb = fault ? w.regs[(kk % 8) * 4 + col / 2][4 + (kk >= 8)]
+                                : w.regs[col * 4 + (kk % 8) / 2][4 + (kk >= 8)];
+      const float bv = half_bits_to_float<T>(half_of(rb, fault ? (col & 1) : (kk & 1)));
+      sum += av * bv;
+    }
+    d[e] = sum;
+  }
+  syncwarp(__LINE__);
+}
+
+// cp.async.cg.shared.global of 16 bytes, completed at once (commit and wait are no-ops);
+// valid == false zero-fills like src-size 0. Misaligned addresses (a fault on the GPU) are errors.
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  if (reinterpret_cast<std::uintptr_t>(dst) % 16 != 0 || (valid && reinterpret_cast<std::uintptr_t>(src) % 16 != 0)) {
+    throw std::runtime_error(cat("cp.async: 16-byte copy ", src, " -> ", dst, " is not 16-byte aligned"));
+  }
+  if (valid) {
+    std::memcpy(dst, src, 16);
+  } else {
+    std::memset(dst, 0, 16);
+  }
 }
 
 // Called when a CUDA thread returns from the kernel.

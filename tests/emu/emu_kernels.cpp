@@ -10,6 +10,7 @@
 // (the emulation header must come first)
 #include "adaln.cuh"
 #include "attention.cuh"
+#include "attention_tc.cuh"
 #include "qknorm.cuh"
 
 #include <algorithm>
@@ -214,6 +215,31 @@ int emu_attention_fwd(int dtype, const void* q, const void* k, const void* v, vo
     });
   });
 }
+
+// The tensor-core forward (attention_tc.cuh), as attention.cu launches it: float16 or bfloat16,
+// hd 64 or 128 exactly.
+int emu_attention_fwd_tc(int dtype, const void* q, const void* k, const void* v, void* o, float* lse, int BH,
+                         int Lq, int Lk, int hd, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+    auto run = [&]<typename T, int HD>() {
+      emu::launch(attention_fwd_tc_kernel<T, HD>, dim3(ceil_div(Lq, kTcBR), BH), dim3(kTcThreads),
+                  static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(o),
+                  lse, Lq, Lk, scale);
+    };
+    if (hd != 64 && hd != 128) throw std::runtime_error(emu::cat("tensor-core attention: hd ", hd, " not 64/128"));
+    if (dtype == 1) {
+      hd == 64 ? run.template operator()<__half, 64>() : run.template operator()<__half, 128>();
+    } else if (dtype == 2) {
+      hd == 64 ? run.template operator()<__nv_bfloat16, 64>() : run.template operator()<__nv_bfloat16, 128>();
+    } else {
+      throw std::runtime_error(emu::cat("tensor-core attention: dtype code ", dtype, " is not float16/bfloat16"));
+    }
+  });
+}
+
+// 1: the emulated mma reads B fragments in a wrong (transposed) layout; 0: the PTX ISA's.
+void emu_set_mma_b_layout_fault(int fault) { emu::mma_b_layout_fault() = fault; }
 
 // dq_accum must be zero-filled float32; for float32 it is grad_q itself (dq is then unused).
 int emu_attention_bwd(int dtype, const void* grad_o, const void* q, const void* k, const void* v, const void* o,

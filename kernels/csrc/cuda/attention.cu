@@ -5,16 +5,24 @@
 // Inputs: CUDA tensors of one dtype (float32, float16 or bfloat16), hd <= 128, Lk >= 1,
 // B*nh <= 65535. Non-contiguous inputs are copied to contiguous ones first. Kernels run
 // on the current CUDA stream of the inputs' device.
+// The forward runs on tensor cores (attention_tc.cuh) for float16 / bfloat16 with hd 64 or 128
+// on devices of compute capability 8.0 or newer, unless DIT4DIT_CUDA_ATTENTION_TC=0; otherwise
+// (float32, other head dims, older devices) on the SIMT kernel of attention.cuh. The backward
+// is the SIMT kernel in every case.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <tuple>
 #include <type_traits>
 
 #include "../ops.h"
 #include "attention.cuh"
+#include "attention_tc.cuh"
 #include "dispatch.h"
 
 namespace dit4dit::cuda {
@@ -48,6 +56,32 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
               ": sequence lengths Lq=", q.size(2), ", Lk=", k.size(2), " exceed the CUDA kernel's range");
 }
 
+// Whether attention_fwd runs attention_fwd_tc_kernel for these (contiguous) tensors: float16 or
+// bfloat16, hd 64 or 128, compute capability >= 8.0 (checked at runtime), 16-byte aligned
+// rows, and not disabled by DIT4DIT_CUDA_ATTENTION_TC=0.
+bool use_tensor_cores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o) {
+  const at::ScalarType dtype = q.scalar_type();
+  if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
+  if (q.size(3) != 64 && q.size(3) != 128) return false;
+  const char* env = std::getenv("DIT4DIT_CUDA_ATTENTION_TC");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  if (at::cuda::getDeviceProperties(q.device().index())->major < 8) return false;
+  for (const at::Tensor* t : {&q, &k, &v, &o}) {
+    if (reinterpret_cast<std::uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+  }
+  return true;
+}
+
+template <typename T, int HD>
+void launch_fwd_tc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& o, at::Tensor& lse,
+                   int64_t BH, int64_t Lq, int64_t Lk, float scale, cudaStream_t stream) {
+  const dim3 grid(ceil_div(static_cast<int>(Lq), kTcBR), static_cast<unsigned>(BH));
+  attention_fwd_tc_kernel<T, HD><<<grid, kTcThreads, 0, stream>>>(ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<T>(o),
+                                                                   ptr<float>(lse), static_cast<int>(Lq),
+                                                                   static_cast<int>(Lk), scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 // Entry points (declared in ../ops.h, registered in ../ops.cpp).
@@ -64,6 +98,14 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index());
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+  if (use_tensor_cores(q, k, v, o)) {
+    const bool bf16 = q.scalar_type() == at::kBFloat16;
+    if (bf16 && hd == 64) launch_fwd_tc<__nv_bfloat16, 64>(q, k, v, o, lse, B * nh, Lq, Lk, scale, stream);
+    if (bf16 && hd == 128) launch_fwd_tc<__nv_bfloat16, 128>(q, k, v, o, lse, B * nh, Lq, Lk, scale, stream);
+    if (!bf16 && hd == 64) launch_fwd_tc<__half, 64>(q, k, v, o, lse, B * nh, Lq, Lk, scale, stream);
+    if (!bf16 && hd == 128) launch_fwd_tc<__half, 128>(q, k, v, o, lse, B * nh, Lq, Lk, scale, stream);
+    return {o, lse};
+  }
   dispatch_element_type(q.scalar_type(), op, [&]<typename T>(T) {
     dispatch_head_dim(hd, op, [&]<typename Bucket>(Bucket) {
       constexpr int BR = Bucket::FWD_BR, BC = Bucket::FWD_BC;
