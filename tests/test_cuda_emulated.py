@@ -40,9 +40,13 @@ EPS = 1e-6
 ADALN_SHAPES = [(2, 9, 40, 1), (2, 9, 70, 3)]
 # (B, nh, Lq, hd, Lk): one per head-dim bucket (32, 64, 128), partial Q and K/V tiles, Lq != Lk.
 ATTN_SHAPES = [(1, 2, 37, 40, 45), (1, 1, 70, 16, 9), (1, 1, 20, 80, 33)]
-# Tensor-core forward (B, nh, Lq, hd, Lk): hd 64 (BC = 64) and 128 (BC = 32); Lq and Lk not
-# multiples of the 64-row Q tile or of BC, Lq != Lk (both ways), B*nh > 1, several K/V tiles.
-ATTN_TC_SHAPES = [(1, 2, 150, 64, 100), (2, 1, 37, 128, 77)]
+# Tensor-core attention (B, nh, Lq, hd, Lk). Forward tiles: 64 query rows by BC = 64 keys at
+# hd 64, 32 at hd 128; backward tiles: 64 keys by BR = 32 query rows at hd 64, 16 at hd 128.
+# Lq and Lk not multiples of the tiles, Lq != Lk (both ways), B*nh > 1, several tiles of each
+# kind; a single query; a single key; and the paper preset's action cross-attention (17 action
+# queries at hd 64), with 2 of its 12 heads and 130 of its 768 keys (3 K/V tiles of the backward).
+ATTN_TC_SHAPES = [(1, 2, 150, 64, 100), (2, 1, 37, 128, 77), (1, 1, 1, 64, 45), (1, 1, 20, 128, 1),
+                  (1, 2, 17, 64, 130)]
 # (B, nh, N, hd): rows not a multiple of the 4 rows of a block; hd 24 (the toy), 18 (odd pair
 # count) and 80 (more than 32 pairs: lanes own two; more than 32 columns for the weight kernel).
 QK_SHAPES = [(2, 3, 7, 24), (1, 2, 5, 18), (1, 2, 6, 80)]
@@ -93,7 +97,9 @@ class Emu:
         lib.emu_attention_fwd.argtypes = [i, p, p, p, p, p, i, i, i, i] + err
         lib.emu_attention_bwd.argtypes = [i, p, p, p, p, p, p, p, p, p, p, p, i, i, i, i] + err
         lib.emu_attention_fwd_tc.argtypes = [i, p, p, p, p, p, i, i, i, i] + err
+        lib.emu_attention_bwd_tc.argtypes = [i, p, p, p, p, p, p, p, p, p, p, p, i, i, i, i] + err
         lib.emu_set_mma_b_layout_fault.argtypes = [i]
+        lib.emu_set_ldmatrix_trans_fault.argtypes = [i]
         lib.emu_attention_fwd_broken.argtypes = [p, p, p, p, p, i, i, i, i] + err
         lib.emu_warp_sum.argtypes = [p, p, i, i] + err
         lib.emu_half_warp_sum.argtypes = [p, p, i] + err
@@ -175,14 +181,17 @@ class Emu:
         self.call("emu_attention_fwd_tc", DTYPE_CODE[q.dtype], q, k, v, o, lse, B * nh, Lq, k.shape[2], hd)
         return o, lse
 
-    def attention_bwd(self, do, q, k, v, o, lse):
+    def attention_bwd(self, do, q, k, v, o, lse, tensor_cores=False):
+        """The SIMT backward (attention.cuh), or with tensor_cores=True the tensor-core one
+        (attention_tc_bwd.cuh: float16 / bfloat16, hd 64 or 128)."""
         B, nh, Lq, hd = q.shape
         delta = torch.empty(B, nh, Lq)
         dq_accum = torch.zeros(q.shape)
         dq = dq_accum if q.dtype == torch.float32 else torch.empty_like(q)
         dk, dv = torch.empty_like(k), torch.empty_like(v)
-        self.call("emu_attention_bwd", DTYPE_CODE[q.dtype], do, q, k, v, o, lse, delta, dq_accum, dq, dk, dv,
-                  B * nh, Lq, k.shape[2], hd)
+        fn = "emu_attention_bwd_tc" if tensor_cores else "emu_attention_bwd"
+        self.call(fn, DTYPE_CODE[q.dtype], do, q, k, v, o, lse, delta, dq_accum, dq, dk, dv, B * nh, Lq, k.shape[2],
+                  hd)
         return dq, dk, dv
 
 
@@ -282,9 +291,9 @@ def _run_attn_emu(emu, q, k, v, do):
 
 def _run_attn_tc_emu(emu, q, k, v, do):
     """What attention.cu runs for float16 / bfloat16 at hd 64 or 128 on sm_80+: the tensor-core
-    forward, then the SIMT backward on its o and lse."""
+    forward, then the tensor-core backward on its o and lse."""
     o, lse = emu.attention_fwd_tc(q, k, v)
-    dq, dk, dv = emu.attention_bwd(do, q, k, v, o, lse)
+    dq, dk, dv = emu.attention_bwd(do, q, k, v, o, lse, tensor_cores=True)
     return dict(o=o, lse=lse, dq=dq, dk=dk, dv=dv)
 
 
@@ -473,6 +482,34 @@ def test_attention_tensor_core_wrong_b_layout_is_caught(emu, hd):
     assert (wrong.double() - truth).abs().max() > 0.3
 
 
+def _set_fault(emu, fault, on):
+    {"mma_b_layout": emu.lib.emu_set_mma_b_layout_fault,
+     "ldmatrix_trans": emu.lib.emu_set_ldmatrix_trans_fault}[fault](int(on))
+
+
+@pytest.mark.parametrize("fault", ["mma_b_layout", "ldmatrix_trans"])
+@pytest.mark.parametrize("hd", [64, 128])
+def test_attention_tensor_core_backward_wrong_layout_is_caught(emu, hd, fault):
+    """The tensor-core backward with the emulated mma reading its B fragments transposed, or with
+    the emulated ldmatrix ignoring .trans (the B operands of dV += P^T dO and dK += dS^T Q, both
+    operands of dQ += dS K), gives gradients far from the truth; the forward runs without the fault."""
+    q, k, v, do = _attn_inputs((1, 1, 37, hd, 70), torch.bfloat16, seed=2)
+    leaves = [t.double().requires_grad_(True) for t in (q, k, v)]
+    truth = torch.autograd.grad(reference_attention(*leaves), leaves, do.double())
+    o, lse = emu.attention_fwd_tc(q, k, v)
+
+    def worst_relative_error(grads):
+        return max(((g.double() - t).abs().max() / t.abs().max()).item() for g, t in zip(grads, truth))
+
+    assert worst_relative_error(emu.attention_bwd(do, q, k, v, o, lse, tensor_cores=True)) < 0.03
+    _set_fault(emu, fault, True)
+    try:
+        wrong = emu.attention_bwd(do, q, k, v, o, lse, tensor_cores=True)
+    finally:
+        _set_fault(emu, fault, False)
+    assert worst_relative_error(wrong) > 0.3
+
+
 @pytest.mark.parametrize("interleaved", [True, False], ids=["interleaved", "half"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", QK_SHAPES, ids=lambda s: "B{}H{}N{}hd{}".format(*s))
@@ -587,5 +624,6 @@ def test_attention_on_device(shape, dtype):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", ATTN_TC_SHAPES, ids=lambda s: "B{}H{}Lq{}hd{}Lk{}".format(*s))
 def test_attention_tensor_core_on_device(shape, dtype):
-    """On sm_80+ these shapes take the tensor-core forward (attention_tc.cuh)."""
+    """On sm_80+ these shapes take the tensor-core forward and backward (attention_tc.cuh,
+    attention_tc_bwd.cuh)."""
     _check_attn(_run_attn_cuda, _attn_inputs(shape, dtype))

@@ -392,21 +392,32 @@ inline void syncwarp(int line, unsigned mask = 0xffffffffu) {
 
 // ---------------------------------------------------------------------------------------
 // Warp-level matrix primitives of the tensor-core kernels (attention_tc.cuh), per the PTX
-// ISA's fragment layouts. Each is a collective of the full warp: every lane publishes its
-// operands in a per-warp scratch area, a __syncwarp exchange publishes them, every lane
-// reads what the instruction would deliver to it, and a second exchange frees the scratch.
+// ISA's fragment layouts. Each is a collective of the full warp: every lane copies its
+// operands (for ldmatrix, the 16 bytes of the row it addresses) into a per-warp scratch
+// area, a __syncwarp exchange publishes them, and every lane reads from the scratch what the
+// instruction would deliver to it. A warp alternates between two scratch areas: a lane that
+// writes area c % 2 in collective c has passed the exchange of collective c - 1, which every
+// lane reaches only after it has read its results of collective c - 2 from that area.
 struct WarpScratch {
-  const unsigned char* rows[32];  // ldmatrix: the row address of every lane
-  uint32_t regs[32][6];           // mma: a0..a3, b0, b1 of every lane
+  unsigned char rows[32][16];  // ldmatrix: the row addressed by every lane
+  uint32_t regs[32][6];        // mma: a0..a3, b0, b1 of every lane
 };
+inline thread_local unsigned tl_collectives = 0;  // warp collectives this lane has entered
 inline WarpScratch& warp_scratch() {
-  static WarpScratch scratch[32];  // one per warp of the (single running) block
-  return scratch[tl_linear / 32];
+  static WarpScratch scratch[32][2];  // two per warp of the (single running) block
+  return scratch[tl_linear / 32][tl_collectives++ & 1u];
 }
 
 // Test hook: 1 makes the emulated mma read its B fragment with the roles of k and n swapped
 // inside each 8x8 block (a wrong layout), so the tests can show that such a mistake fails.
 inline int& mma_b_layout_fault() {
+  static int fault = 0;
+  return fault;
+}
+
+// Test hook: 1 makes the emulated ldmatrix ignore .trans (a forgotten .trans: the registers
+// hold rows where the kernel expects columns), so the tests can show that such a mistake fails.
+inline int& ldmatrix_trans_fault() {
   static int fault = 0;
   return fault;
 }
@@ -429,8 +440,9 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
   if (reinterpret_cast<std::uintptr_t>(row) % 16 != 0) {
     throw std::runtime_error(cat("ldmatrix: row address ", row, " is not 16-byte aligned"));
   }
+  if (ldmatrix_trans_fault() != 0) trans = false;
   WarpScratch& w = warp_scratch();
-  w.rows[lane] = static_cast<const unsigned char*>(row);
+  std::memcpy(w.rows[lane], row, 16);
   syncwarp(__LINE__);
   for (int mat = 0; mat < 4; ++mat) {
     if (!trans) {
@@ -442,7 +454,6 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
       r[mat] = static_cast<uint32_t>(lo) | (static_cast<uint32_t>(hi) << 16);
     }
   }
-  syncwarp(__LINE__);
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32, D = A B + C in place.
@@ -474,7 +485,6 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uin
     }
     d[e] = sum;
   }
-  syncwarp(__LINE__);
 }
 
 // cp.async.cg.shared.global of 16 bytes, completed at once (commit and wait are no-ops);

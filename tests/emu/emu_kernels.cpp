@@ -11,6 +11,7 @@
 #include "adaln.cuh"
 #include "attention.cuh"
 #include "attention_tc.cuh"
+#include "attention_tc_bwd.cuh"
 #include "qknorm.cuh"
 
 #include <algorithm>
@@ -240,6 +241,42 @@ int emu_attention_fwd_tc(int dtype, const void* q, const void* k, const void* v,
 
 // 1: the emulated mma reads B fragments in a wrong (transposed) layout; 0: the PTX ISA's.
 void emu_set_mma_b_layout_fault(int fault) { emu::mma_b_layout_fault() = fault; }
+
+// 1: the emulated ldmatrix ignores .trans (a forgotten .trans); 0: the PTX ISA's.
+void emu_set_ldmatrix_trans_fault(int fault) { emu::ldmatrix_trans_fault() = fault; }
+
+// The tensor-core backward (attention_tc_bwd.cuh), as attention.cu launches it: delta by the
+// preprocess kernel of attention.cuh, the tensor-core kernel, then grad_q cast from dq_accum
+// (zero-filled float32). float16 or bfloat16, hd 64 or 128 exactly.
+int emu_attention_bwd_tc(int dtype, const void* grad_o, const void* q, const void* k, const void* v, const void* o,
+                         const float* lse, float* delta, float* dq_accum, void* dq, void* dk, void* dv, int BH,
+                         int Lq, int Lk, int hd, char* err, int errlen) {
+  return guarded(err, errlen, [&] {
+    const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
+    auto run = [&]<typename T, int HD>() {
+      constexpr int W = kAttnRowWarps;
+      const int rows = BH * Lq;
+      emu::launch(attention_bwd_preprocess_kernel<T, W>, dim3(ceil_div(rows, W)), dim3(W * kWarpSize),
+                  static_cast<const T*>(grad_o), static_cast<const T*>(o), delta, rows, hd);
+      emu::launch(attention_bwd_tc_kernel<T, HD>, dim3(ceil_div(Lk, TcBwdTile<HD>::BC), BH), dim3(kTcThreads),
+                  static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v),
+                  static_cast<const T*>(grad_o), lse, static_cast<const float*>(delta), dq_accum,
+                  static_cast<T*>(dk), static_cast<T*>(dv), Lq, Lk, scale);
+      const long long n = static_cast<long long>(rows) * hd;
+      constexpr int threads = 256;
+      emu::launch(attention_cast_kernel<T>, dim3(static_cast<unsigned>((n + threads - 1) / threads)), dim3(threads),
+                  static_cast<const float*>(dq_accum), static_cast<T*>(dq), n);
+    };
+    if (hd != 64 && hd != 128) throw std::runtime_error(emu::cat("tensor-core attention: hd ", hd, " not 64/128"));
+    if (dtype == 1) {
+      hd == 64 ? run.template operator()<__half, 64>() : run.template operator()<__half, 128>();
+    } else if (dtype == 2) {
+      hd == 64 ? run.template operator()<__nv_bfloat16, 64>() : run.template operator()<__nv_bfloat16, 128>();
+    } else {
+      throw std::runtime_error(emu::cat("tensor-core attention: dtype code ", dtype, " is not float16/bfloat16"));
+    }
+  });
+}
 
 // dq_accum must be zero-filled float32; for float32 it is grad_q itself (dq is then unused).
 int emu_attention_bwd(int dtype, const void* grad_o, const void* q, const void* k, const void* v, const void* o,
