@@ -1,14 +1,16 @@
-// CUDA launchers of dit4dit::attention_fwd / attention_bwd (device code in attention.cuh).
+// CUDA launchers of dit4dit::attention_fwd / attention_bwd (device code in attention.cuh,
+// attention_tc.cuh and attention_tc_bwd.cuh).
 //
 //   attention_fwd(q (B,nh,Lq,hd), k (B,nh,Lk,hd), v (B,nh,Lk,hd)) -> o (B,nh,Lq,hd), lse (B,nh,Lq) float32
 //   attention_bwd(grad_o, q, k, v, o, lse) -> grad_q, grad_k, grad_v
 // Inputs: CUDA tensors of one dtype (float32, float16 or bfloat16), hd <= 128, Lk >= 1,
 // B*nh <= 65535. Non-contiguous inputs are copied to contiguous ones first. Kernels run
 // on the current CUDA stream of the inputs' device.
-// The forward runs on tensor cores (attention_tc.cuh) for float16 / bfloat16 with hd 64 or 128
-// on devices of compute capability 8.0 or newer, unless DIT4DIT_CUDA_ATTENTION_TC=0; otherwise
-// (float32, other head dims, older devices) on the SIMT kernel of attention.cuh. The backward
-// is the SIMT kernel in every case.
+// Forward and backward run on tensor cores (attention_tc.cuh, attention_tc_bwd.cuh) for
+// float16 / bfloat16 with hd 64 or 128 on devices of compute capability 8.0 or newer with
+// 16-byte aligned tensors, unless DIT4DIT_CUDA_ATTENTION_TC=0; otherwise (float32, other head
+// dims, older devices) on the SIMT kernels of attention.cuh. Both backward paths share the
+// delta preprocessing, the float32 dQ accumulator (atomicAdd) and its cast to grad_q.
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -17,12 +19,14 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <initializer_list>
 #include <tuple>
 #include <type_traits>
 
 #include "../ops.h"
 #include "attention.cuh"
 #include "attention_tc.cuh"
+#include "attention_tc_bwd.cuh"
 #include "dispatch.h"
 
 namespace dit4dit::cuda {
@@ -56,17 +60,18 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
               ": sequence lengths Lq=", q.size(2), ", Lk=", k.size(2), " exceed the CUDA kernel's range");
 }
 
-// Whether attention_fwd runs attention_fwd_tc_kernel for these (contiguous) tensors: float16 or
-// bfloat16, hd 64 or 128, compute capability >= 8.0 (checked at runtime), 16-byte aligned
-// rows, and not disabled by DIT4DIT_CUDA_ATTENTION_TC=0.
-bool use_tensor_cores(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o) {
+// Whether attention_fwd / attention_bwd run the tensor-core kernels for these (contiguous)
+// tensors, q first: float16 or bfloat16, hd 64 or 128, compute capability >= 8.0 (checked at
+// runtime), every tensor 16-byte aligned, and not disabled by DIT4DIT_CUDA_ATTENTION_TC=0.
+bool use_tensor_cores(std::initializer_list<const at::Tensor*> tensors) {
+  const at::Tensor& q = **tensors.begin();
   const at::ScalarType dtype = q.scalar_type();
   if (dtype != at::kHalf && dtype != at::kBFloat16) return false;
   if (q.size(3) != 64 && q.size(3) != 128) return false;
   const char* env = std::getenv("DIT4DIT_CUDA_ATTENTION_TC");
   if (env != nullptr && std::strcmp(env, "0") == 0) return false;
   if (at::cuda::getDeviceProperties(q.device().index())->major < 8) return false;
-  for (const at::Tensor* t : {&q, &k, &v, &o}) {
+  for (const at::Tensor* t : tensors) {
     if (reinterpret_cast<std::uintptr_t>(t->data_ptr()) % 16 != 0) return false;
   }
   return true;
@@ -79,6 +84,18 @@ void launch_fwd_tc(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v
   attention_fwd_tc_kernel<T, HD><<<grid, kTcThreads, 0, stream>>>(ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<T>(o),
                                                                    ptr<float>(lse), static_cast<int>(Lq),
                                                                    static_cast<int>(Lk), scale);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// grid: one block per (K/V tile of TcBwdTile<HD>::BC keys, bh); static shared memory.
+template <typename T, int HD>
+void launch_bwd_tc(const at::Tensor& grad_o, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                   const at::Tensor& lse, const at::Tensor& delta, at::Tensor& dq_accum, at::Tensor& grad_k,
+                   at::Tensor& grad_v, int64_t BH, int64_t Lq, int64_t Lk, float scale, cudaStream_t stream) {
+  const dim3 grid(ceil_div(static_cast<int>(Lk), TcBwdTile<HD>::BC), static_cast<unsigned>(BH));
+  attention_bwd_tc_kernel<T, HD><<<grid, kTcThreads, 0, stream>>>(
+      ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<T>(grad_o), ptr<float>(lse), ptr<float>(delta), ptr<float>(dq_accum),
+      ptr<T>(grad_k), ptr<T>(grad_v), static_cast<int>(Lq), static_cast<int>(Lk), scale);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -98,7 +115,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
 
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index());
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
-  if (use_tensor_cores(q, k, v, o)) {
+  if (use_tensor_cores({&q, &k, &v, &o})) {
     const bool bf16 = q.scalar_type() == at::kBFloat16;
     if (bf16 && hd == 64) launch_fwd_tc<__nv_bfloat16, 64>(q, k, v, o, lse, B * nh, Lq, Lk, scale, stream);
     if (bf16 && hd == 128) launch_fwd_tc<__nv_bfloat16, 128>(q, k, v, o, lse, B * nh, Lq, Lk, scale, stream);
@@ -150,20 +167,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(const at::Tensor& g
   cudaStream_t stream = at::cuda::getCurrentCUDAStream(q.device().index());
   const float scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(hd)));
   const int rows = static_cast<int>(B * nh * Lq);
+  const bool tensor_cores = use_tensor_cores({&q, &k, &v, &o, &grad_o});
   dispatch_element_type(q.scalar_type(), op, [&]<typename T>(T) {
+    // 1. delta = rowsum(dO o O), one warp per row.
     constexpr int W = kAttnRowWarps;
     attention_bwd_preprocess_kernel<T, W><<<ceil_div(rows, W), W * kWarpSize, 0, stream>>>(
         ptr<T>(grad_o), ptr<T>(o), ptr<float>(delta), rows, static_cast<int>(hd));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dispatch_head_dim(hd, op, [&]<typename Bucket>(Bucket) {
-      constexpr int BR = Bucket::BWD_BR, BC = Bucket::BWD_BC;
-      const dim3 grid(ceil_div(static_cast<int>(Lk), BC), static_cast<unsigned>(B * nh));
-      attention_bwd_kernel<T, Bucket::HD, BR, BC, kAttnThreads><<<grid, kAttnThreads, 0, stream>>>(
-          ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<T>(grad_o), ptr<float>(lse), ptr<float>(delta),
-          ptr<float>(dq_accum), ptr<T>(grad_k), ptr<T>(grad_v), static_cast<int>(Lq), static_cast<int>(Lk),
-          static_cast<int>(hd), scale);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    // 2. dK, dV, and dQ into dq_accum: tensor cores when eligible (never for float32), else SIMT.
+    bool done = false;
+    if constexpr (!std::is_same_v<T, float>) {
+      if (tensor_cores) {
+        if (hd == 64) {
+          launch_bwd_tc<T, 64>(grad_o, q, k, v, lse, delta, dq_accum, grad_k, grad_v, B * nh, Lq, Lk, scale, stream);
+        } else {
+          launch_bwd_tc<T, 128>(grad_o, q, k, v, lse, delta, dq_accum, grad_k, grad_v, B * nh, Lq, Lk, scale, stream);
+        }
+        done = true;
+      }
+    }
+    if (!done) {
+      dispatch_head_dim(hd, op, [&]<typename Bucket>(Bucket) {
+        constexpr int BR = Bucket::BWD_BR, BC = Bucket::BWD_BC;
+        const dim3 grid(ceil_div(static_cast<int>(Lk), BC), static_cast<unsigned>(B * nh));
+        attention_bwd_kernel<T, Bucket::HD, BR, BC, kAttnThreads><<<grid, kAttnThreads, 0, stream>>>(
+            ptr<T>(q), ptr<T>(k), ptr<T>(v), ptr<T>(grad_o), ptr<float>(lse), ptr<float>(delta),
+            ptr<float>(dq_accum), ptr<T>(grad_k), ptr<T>(grad_v), static_cast<int>(Lq), static_cast<int>(Lk),
+            static_cast<int>(hd), scale);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    }
+    // 3. grad_q = T(dq_accum).
     if (!fp32) {
       const long long n = dq_accum.numel();
       constexpr int threads = 256;
