@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn as nn
@@ -268,36 +268,68 @@ def _try(fn):
         return (str(err).strip().splitlines() or [type(err).__name__])[0][:100]
 
 
-def simt_attention(q, k, v):
-    """kernels.attention with the tensor-core forward switched off (DIT4DIT_CUDA_ATTENTION_TC=0,
-    read by kernels/csrc/cuda/attention.cu at every call): the SIMT kernel, for comparison."""
-    import kernels
+SIMT_VARIANT = "dit4dit SIMT kernel (TC off)"
 
+
+@contextmanager
+def tensor_cores_off():
+    """DIT4DIT_CUDA_ATTENTION_TC=0 inside the block: kernels/csrc/cuda/attention.cu reads it at
+    every forward and backward call and then runs the SIMT kernels."""
     os.environ["DIT4DIT_CUDA_ATTENTION_TC"] = "0"
     try:
-        return kernels.attention(q, k, v)
+        yield
     finally:
         del os.environ["DIT4DIT_CUDA_ATTENTION_TC"]
 
 
-def attention_fwd_path(inputs):
-    """Which CUDA forward kernel kernels.attention launches on `inputs`, from the profiler's
-    kernel names: the tensor-core one (attention_tc.cuh) or the SIMT one (attention.cuh)."""
+def simt_attention(q, k, v):
+    """kernels.attention with the tensor-core forward switched off: the SIMT kernel, for comparison
+    (a backward row also runs its gradient call under tensor_cores_off)."""
+    import kernels
+
+    with tensor_cores_off():
+        return kernels.attention(q, k, v)
+
+
+def attention_paths(inputs):
+    """Which CUDA kernels kernels.attention launches on `inputs`, forward and backward, from the
+    profiler's kernel names: {"fwd": ..., "bwd": ...}, each the tensor-core kernel
+    (attention_tc.cuh, attention_tc_bwd.cuh) or the SIMT one (attention.cuh)."""
     import kernels
     from torch.profiler import ProfilerActivity, profile
 
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
     try:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            kernels.attention(*inputs)
+            out = kernels.attention(*leaves)
+            out.backward(torch.ones_like(out))
             torch.cuda.synchronize()
         names = [e.name for e in prof.events()]
     except Exception as err:  # a profiler without CUPTI: say so rather than fail the step
-        return f"unknown (profiler: {str(err).splitlines()[0][:80]})"
-    if any("attention_fwd_tc_kernel" in n for n in names):
-        return "tensor cores (attention_fwd_tc_kernel)"
-    if any("attention_fwd_kernel" in n for n in names):
-        return "SIMT (attention_fwd_kernel)"
-    return "unknown (no dit4dit attention kernel in the profile)"
+        why = f"unknown (profiler: {str(err).splitlines()[0][:80]})"
+        return dict(fwd=why, bwd=why)
+    return attention_paths_from_names(names)
+
+
+def attention_paths_from_names(names):
+    """{"fwd": ..., "bwd": ...} from the kernel names of a profiled forward and backward."""
+    def which(tc, simt):
+        if any(tc in n for n in names):
+            return f"tensor cores ({tc})"
+        if any(simt in n for n in names):
+            return f"SIMT ({simt})"
+        return "unknown (no dit4dit attention kernel in the profile)"
+
+    return dict(fwd=which("attention_fwd_tc_kernel", "attention_fwd_kernel"),
+                bwd=which("attention_bwd_tc_kernel", "attention_bwd_kernel"))
+
+
+def with_tensor_cores_off(fn):
+    """fn, called under tensor_cores_off."""
+    def run(*args):
+        with tensor_cores_off():
+            return fn(*args)
+    return run
 
 
 def bench_one(name, op, shape, dtype, device, reps, backward):
@@ -316,9 +348,9 @@ def bench_one(name, op, shape, dtype, device, reps, backward):
             variants = {"dit4dit kernel": kernels.attention, "SDPA (default)": F.scaled_dot_product_attention,
                         "PyTorch reference (fp32 compute)": kernels.reference_attention}
         reference, work, unit = kernels.reference_attention, attention_flops(shape, backward), "TFLOP/s"
-        path = attention_fwd_path(inputs) if device.type == "cuda" else "CPU kernel"
-        if device.type == "cuda" and not backward and path.startswith("tensor cores"):
-            variants = {"dit4dit kernel": kernels.attention, "dit4dit SIMT kernel (TC off)": simt_attention,
+        path = attention_paths(inputs)["bwd" if backward else "fwd"] if device.type == "cuda" else "CPU kernel"
+        if device.type == "cuda" and path.startswith("tensor cores"):
+            variants = {"dit4dit kernel": kernels.attention, SIMT_VARIANT: simt_attention,
                         **{n: f for n, f in variants.items() if n != "dit4dit kernel"}}
     else:
         B, N, D, G = shape
@@ -342,6 +374,8 @@ def bench_one(name, op, shape, dtype, device, reps, backward):
             if why is None:
                 out = fn(*leaves)
                 call = (lambda o=out, ls=leaves: torch.autograd.grad(o, ls, grad_out, retain_graph=True))
+                if n == SIMT_VARIANT:  # the SIMT backward too
+                    call = with_tensor_cores_off(call)
                 why = _try(call)
         else:
             call = (lambda f=fn: f(*inputs))
@@ -356,8 +390,8 @@ def bench_one(name, op, shape, dtype, device, reps, backward):
     direction = "bwd" if backward else "fwd"
     dname = str(dtype).split(".")[-1]
     print(f"{op} {direction}  {name}  {tuple(shape)}  {dname}")
-    if path is not None:  # the backward is the SIMT kernel whatever the forward path
-        print(f"    dit4dit forward path: {path}")
+    if path is not None:
+        print(f"    dit4dit {'backward' if backward else 'forward'} path: {path}")
     print(f"    {'variant':34s} {'ms':>9s} {unit:>9s} {'row/kernel':>10s} {'rel. err':>9s}")
     k = ms.get("dit4dit kernel")
     for n, t in ms.items():

@@ -129,6 +129,22 @@ def test_summary_lines():
     assert "50.0 ms/step" in lines[2] and "FAILED" in lines[3]
 
 
+def test_attention_paths_from_kernel_names():
+    """The profiled kernel names say which attention kernels ran; the preprocess and cast kernels
+    of the backward name neither."""
+    shared = ["void dit4dit_cuda::attention_bwd_preprocess_kernel<__nv_bfloat16, 4>(...)",
+              "void dit4dit_cuda::attention_cast_kernel<__nv_bfloat16>(...)"]
+    tc = ["void dit4dit_cuda::attention_fwd_tc_kernel<__nv_bfloat16, 128>(...)",
+          "void dit4dit_cuda::attention_bwd_tc_kernel<__nv_bfloat16, 128>(...)"]
+    simt = ["void dit4dit_cuda::attention_fwd_kernel<float, 64, 64, 32, 128>(...)",
+            "void dit4dit_cuda::attention_bwd_kernel<float, 64, 32, 32, 128>(...)"]
+    assert gb.attention_paths_from_names(shared + tc) == dict(fwd="tensor cores (attention_fwd_tc_kernel)",
+                                                              bwd="tensor cores (attention_bwd_tc_kernel)")
+    assert gb.attention_paths_from_names(shared + simt) == dict(fwd="SIMT (attention_fwd_kernel)",
+                                                                bwd="SIMT (attention_bwd_kernel)")
+    assert gb.attention_paths_from_names(shared)["bwd"].startswith("unknown")
+
+
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason=f"kernels._C not built: {kernels.load_error()}")
 
 
