@@ -12,8 +12,9 @@
 // zero-filled and get score -inf); q, k, v, o 16-byte aligned (the launcher checks it).
 // Products run on `mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}` (fp32 accumulation);
 // fragments come from shared memory with `ldmatrix` (.trans for V); tiles travel from
-// global to shared memory with `cp.async.cg` in commit groups. The backward pass is the
-// SIMT kernel of attention.cuh, which takes this kernel's lse.
+// global to shared memory with `cp.async.cg` in commit groups. The backward pass on tensor
+// cores is attention_tc_bwd.cuh (built on the tc_* primitives below), which takes this
+// kernel's o and lse.
 //
 // attention_fwd_tc_kernel: one block of 4 warps per (Q tile i of BR = 64 rows, bh); warp w
 // owns rows 16w..16w+15 of the tile. Shared memory holds two stages of (K_j, V_j), BC keys
