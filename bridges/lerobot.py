@@ -58,6 +58,7 @@ import shutil
 import uuid
 import warnings
 from collections import OrderedDict
+from fractions import Fraction
 from glob import glob
 
 import numpy as np
@@ -603,39 +604,6 @@ def inspect(path):
 # ----------------------------------------------------------------------------------------------
 # Writing LeRobot v3.0
 
-def _check_for_writing(episodes):
-    """(rows per episode, H, W, P, A); ValueError naming the episode that is wrong."""
-    if not episodes:
-        raise ValueError("write_lerobot_v3: no episodes")
-    shapes = None
-    rows = []
-    for i, ep in enumerate(episodes):
-        name = f"episode {i}" + (f" ({ep['path']})" if "path" in ep else "")
-        missing = [k for k in ("frames", "state", "action", "instruction") if k not in ep]
-        if missing:
-            raise ValueError(f"write_lerobot_v3: {name} lacks {missing}")
-        f, s, a = np.asarray(ep["frames"]), np.asarray(ep["state"]), np.asarray(ep["action"])
-        if f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3:
-            raise ValueError(f"write_lerobot_v3: {name}: frames must be uint8 (T, H, W, 3), got {f.dtype} {f.shape}")
-        if s.ndim != 2 or a.ndim != 2 or len(a) < 1:
-            raise ValueError(f"write_lerobot_v3: {name}: state and action must be 2-D with at least one row, "
-                             f"got {s.shape} and {a.shape}")
-        T = len(a)
-        if len(f) not in (T, T + 1) or len(s) not in (T, T + 1):
-            raise ValueError(f"write_lerobot_v3: {name}: {len(f)} frames and {len(s)} states for {T} actions "
-                             f"(need T or T+1 of each)")
-        here = (f.shape[1], f.shape[2], s.shape[1], a.shape[1])
-        if shapes is None:
-            shapes = here
-            if here[0] % 2 or here[1] % 2:
-                raise ValueError(f"write_lerobot_v3: {name}: frames {here[0]}x{here[1]} must have even sides (yuv420p)")
-        elif here != shapes:
-            raise ValueError(f"write_lerobot_v3: {name}: frames {here[:2]}, state dim {here[2]}, action dim "
-                             f"{here[3]}, but episode 0 has {shapes[:2]}, {shapes[2]}, {shapes[3]}")
-        rows.append(T)
-    return rows, shapes
-
-
 ENCODERS = {"libsvtav1": "av1", "libaom-av1": "av1", "libx264": "h264", "mpeg4": "mpeg4"}  # FFmpeg name -> codec
 
 
@@ -651,30 +619,6 @@ def _pick_encoder(av, codec):
                           f"{fallback} instead (lerobot reads it, but its own datasets are AV1)")
             return fallback, name
     raise RuntimeError(f"write_lerobot_v3: none of the encoders {sorted(ENCODERS)} is in PyAV's FFmpeg build")
-
-
-def _encode_video(path, episode_frames, fps, encoder, crf, gop, preset):
-    """All episodes' frames into one mp4, frame n at n / fps s."""
-    from fractions import Fraction
-    _, _, av = _require()
-    os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its configuration on stderr otherwise
-    options = {"g": str(gop), "crf": str(crf)}
-    if encoder == "libsvtav1":
-        options["preset"] = str(preset)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    h, w = episode_frames[0].shape[1:3]
-    with av.open(path, "w") as container:
-        stream = container.add_stream(encoder, rate=Fraction(fps), options=options)
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.codec_context.time_base = Fraction(1, fps)
-        n = 0
-        for frames in episode_frames:
-            for img in frames:
-                frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
-                frame.pts = n
-                n += 1
-                container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
 
 
 def _hf_features(P, A):
@@ -696,124 +640,252 @@ def _pandas_task_index():
                        "creator": {"library": "pyarrow", "version": "dit4dit"}, "pandas_version": "2.3.3"})
 
 
-def write_lerobot_v3(path, episodes, fps, camera_key="observation.images.image", robot_type=None,
-                     overwrite=False, codec="libsvtav1", crf=30, gop=2, preset=12):
-    """Write dit4dit episode dicts (frames uint8 (T+1 or T, H, W, 3), state (T+1 or T, P), action
-    (T, A), instruction) as a LeRobot v3.0 dataset at `path`: one row per action (frames[:T],
-    state[:T], action: the frame after the last action has no action, so it is not stored), one
-    data file, one AV1 mp4 (yuv420p, GOP 2, lerobot's defaults) of every episode, stats.json and
-    per-episode stats as lerobot computes them. The instruction is the LeRobot task.
+class LeRobotWriter:
+    """Writes a LeRobot v3.0 dataset at `path` one episode at a time, so that memory holds one episode:
+    add(episode) appends it (its rows to the data, its frames to each camera's one AV1 mp4, yuv420p, GOP
+    2, lerobot's defaults; its stats as lerobot computes them); close() writes the parquet files,
+    stats.json and info.json and returns `path`.
 
-    Atomic: everything goes into a temporary folder beside `path`, renamed to `path` at the end.
-    An existing `path` raises FileExistsError unless overwrite=True and it is a LeRobot dataset
-    (then it is replaced whole, after the new dataset is complete). Returns `path`."""
-    pa, pq, av = _require()
-    path = os.path.abspath(os.fspath(path))
-    if os.path.lexists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
-    if os.path.lexists(path) and not os.path.isfile(os.path.join(path, "meta", "info.json")):
-        raise FileExistsError(f"{path} exists and is not a LeRobot dataset (no meta/info.json): not replacing it")
-    lengths, (H, W, P, A) = _check_for_writing(episodes)
-    encoder, codec_name = _pick_encoder(av, codec)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        _write_v3_folder(tmp, episodes, lengths, fps, camera_key, robot_type, (H, W, P, A),
-                         (encoder, codec_name, crf, gop, preset), pa, pq)
-        if os.path.lexists(path):
-            old = os.path.join(parent, f".{os.path.basename(path)}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(path, old)
-            os.rename(tmp, path)
-            shutil.rmtree(old)
+    An episode is a dit4dit episode dict: action float32 (T, A), state (T+1 or T, P), instruction str,
+    and its frames: "frames" uint8 (T+1 or T, H, W, 3) for a single camera named `cameras[0]`, or
+    "cameras" {feature key: frames} holding every key of `cameras`. One row per action: frames[:T],
+    state[:T], action (the frame after the last action has no action, so it is not stored). The
+    instruction is the LeRobot task; "task" (the suite's task name), when present, is kept as the
+    episode's `dit4dit/task`. names: the features' "names" entries ({"observation.state": ...,
+    "action": ...}), None for none.
+
+    Atomic: everything goes into a temporary folder beside `path`, renamed to `path` by close(). An
+    existing `path` raises FileExistsError at once unless overwrite=True and it is a LeRobot dataset
+    (then it is replaced whole, after the new dataset is complete). A bad episode raises ValueError
+    naming it; abort() (or leaving a `with` block by an exception) removes the temporary folder and
+    leaves `path` as it was."""
+
+    def __init__(self, path, fps, cameras=("observation.images.image",), robot_type=None, names=None,
+                 overwrite=False, codec="libsvtav1", crf=30, gop=2, preset=12):
+        self._pa, self._pq, av = _require()
+        path = os.path.abspath(os.fspath(path))
+        if os.path.lexists(path) and not overwrite:
+            raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+        if os.path.lexists(path) and not os.path.isfile(os.path.join(path, "meta", "info.json")):
+            raise FileExistsError(f"{path} exists and is not a LeRobot dataset (no meta/info.json): not replacing it")
+        cameras = (cameras,) if isinstance(cameras, str) else tuple(cameras)
+        if not cameras or len(set(cameras)) != len(cameras):
+            raise ValueError(f"LeRobotWriter: cameras must be distinct feature keys, got {cameras!r}")
+        self.encoder, self.codec_name = _pick_encoder(av, codec)
+        self.path, self.fps, self.cameras, self.robot_type = path, fps, cameras, robot_type
+        self.names, self.video = dict(names or {}), (crf, gop, preset)
+        parent = os.path.dirname(path)
+        os.makedirs(parent, exist_ok=True)
+        self.tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        os.makedirs(self.tmp)
+        self.shapes, self.files, self.task_of = None, {}, {}
+        self.states, self.actions, self.episodes = [], [], []   # per episode: state, action, episode row
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if kind is None:
+            self.close()
         else:
-            os.rename(tmp, path)
-    finally:
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-    return path
+            self.abort()
 
+    def _check(self, ep):
+        """(T, {camera: frames (T, H, W, 3)}, state (T, P), action (T, A)) of one episode, or ValueError."""
+        name = f"episode {len(self.episodes)}" + (f" ({ep['path']})" if "path" in ep else "")
+        need = ("state", "action", "instruction") + (("cameras",) if "cameras" in ep else ("frames",))
+        missing = [k for k in need if k not in ep]
+        if missing:
+            raise ValueError(f"write_lerobot_v3: {name} lacks {missing}")
+        views = dict(ep["cameras"]) if "cameras" in ep else {self.cameras[0]: ep["frames"]}
+        if "frames" in need and len(self.cameras) > 1:
+            raise ValueError(f"write_lerobot_v3: {name} has one camera (frames); the dataset has {list(self.cameras)}: "
+                             f"give them as episode['cameras']")
+        if sorted(views) != sorted(self.cameras):
+            raise ValueError(f"write_lerobot_v3: {name} has cameras {sorted(views)}, the dataset {sorted(self.cameras)}")
+        s, a = np.asarray(ep["state"]), np.asarray(ep["action"])
+        if s.ndim != 2 or a.ndim != 2 or len(a) < 1:
+            raise ValueError(f"write_lerobot_v3: {name}: state and action must be 2-D with at least one row, "
+                             f"got {s.shape} and {a.shape}")
+        T = len(a)
+        for key, f in views.items():
+            f = views[key] = np.asarray(f)
+            if f.dtype != np.uint8 or f.ndim != 4 or f.shape[-1] != 3:
+                raise ValueError(f"write_lerobot_v3: {name}: frames must be uint8 (T, H, W, 3), got {f.dtype} "
+                                 f"{f.shape} ({key})")
+            if len(f) not in (T, T + 1) or len(s) not in (T, T + 1):
+                raise ValueError(f"write_lerobot_v3: {name}: {len(f)} frames and {len(s)} states for {T} actions "
+                                 f"(need T or T+1 of each)")
+        here = {key: f.shape[1:3] for key, f in views.items()}, s.shape[1], a.shape[1]
+        if self.shapes is None:
+            odd = [key for key, (h, w) in here[0].items() if h % 2 or w % 2]
+            if odd:
+                raise ValueError(f"write_lerobot_v3: {name}: frames {here[0][odd[0]]} of {odd[0]} must have even "
+                                 f"sides (yuv420p)")
+            self.shapes = here
+        elif here != self.shapes:
+            raise ValueError(f"write_lerobot_v3: {name}: frames {here[0]}, state dim {here[1]}, action dim "
+                             f"{here[2]}, but episode 0 has {self.shapes[0]}, {self.shapes[1]}, {self.shapes[2]}")
+        return T, {key: f[:T] for key, f in views.items()}, s[:T].astype(np.float32), a.astype(np.float32)
 
-def _write_v3_folder(root, episodes, lengths, fps, camera_key, robot_type, dims, video, pa, pq):
-    H, W, P, A = dims
-    encoder, codec_name, crf, gop, preset = video
-    task_of = {}
-    for ep in episodes:
-        task_of.setdefault(str(ep["instruction"]), len(task_of))
-    starts = np.cumsum([0] + lengths)
-    N = int(starts[-1])
-
-    # --- data/chunk-000/file-000.parquet: one row per action
-    state = np.concatenate([np.asarray(ep["state"], np.float32)[:T] for ep, T in zip(episodes, lengths)])
-    action = np.concatenate([np.asarray(ep["action"], np.float32) for ep in episodes])
-    cols = {"frame_index": np.concatenate([np.arange(T) for T in lengths]),
-            "episode_index": np.repeat(np.arange(len(episodes)), lengths),
-            "index": np.arange(N),
-            "task_index": np.repeat([task_of[str(ep["instruction"])] for ep in episodes], lengths)}
-    cols["timestamp"] = (cols["frame_index"] / fps).astype(np.float32)
-    table = pa.table({STATE_KEY: pa.FixedSizeListArray.from_arrays(pa.array(state.ravel()), P),
-                      ACTION_KEY: pa.FixedSizeListArray.from_arrays(pa.array(action.ravel()), A),
-                      **{k: pa.array(cols[k]) for k in INDEX_FEATURES}})
-    table = table.replace_schema_metadata({"huggingface": _hf_features(P, A)})
-    data_file = os.path.join(root, DATA_PATH_V3.format(chunk_index=0, file_index=0))
-    os.makedirs(os.path.dirname(data_file))
-    pq.write_table(table, data_file)
-
-    # --- videos/<camera>/chunk-000/file-000.mp4: every episode, one after the other
-    frames = [np.asarray(ep["frames"])[:T] for ep, T in zip(episodes, lengths)]
-    _encode_video(os.path.join(root, VIDEO_PATH_V3.format(video_key=camera_key, chunk_index=0, file_index=0)),
-                  frames, fps, encoder, crf, gop, preset)
-
-    # --- stats: per episode (in meta/episodes) and aggregated (meta/stats.json)
-    per_episode = []
-    for e, T in enumerate(lengths):
-        rows = slice(int(starts[e]), int(starts[e + 1]))
-        s = {STATE_KEY: _stats_of(state[rows].astype(np.float64)),
-             ACTION_KEY: _stats_of(action[rows].astype(np.float64)), camera_key: _image_stats(frames[e])}
-        s.update({k: _stats_of(cols[k][rows, None].astype(np.float64)) for k in INDEX_FEATURES})
-        per_episode.append(s)
-    os.makedirs(os.path.join(root, "meta", "episodes", "chunk-000"))
-    with open(os.path.join(root, "meta", "stats.json"), "w") as f:
-        json.dump(_as_lists(aggregate_stats(per_episode)), f, indent=4)
-
-    # --- meta/episodes/chunk-000/file-000.parquet
-    rows = []
-    for e, T in enumerate(lengths):
-        row = {"episode_index": e, "tasks": [str(episodes[e]["instruction"])], "length": T,
-               "data/chunk_index": 0, "data/file_index": 0,
-               "dataset_from_index": int(starts[e]), "dataset_to_index": int(starts[e + 1]),
-               f"videos/{camera_key}/chunk_index": 0, f"videos/{camera_key}/file_index": 0,
-               f"videos/{camera_key}/from_timestamp": float(starts[e]) / fps,
-               f"videos/{camera_key}/to_timestamp": float(starts[e + 1]) / fps}
-        for key, stats in per_episode[e].items():
-            row.update({f"stats/{key}/{name}": np.asarray(v).tolist() for name, v in stats.items()})
+    def add(self, ep):
+        """Appends one episode (see the class docstring)."""
+        T, views, state, action = self._check(ep)
+        e, start = len(self.episodes), sum(len(a) for a in self.actions)
+        task = str(ep["instruction"])
+        self.task_of.setdefault(task, len(self.task_of))
+        frame_index = np.arange(T)
+        cols = {"timestamp": (frame_index / self.fps).astype(np.float32), "frame_index": frame_index, "episode_index": np.full(T, e),
+                "index": start + frame_index, "task_index": np.full(T, self.task_of[task])}
+        stats = {STATE_KEY: _stats_of(state.astype(np.float64)), ACTION_KEY: _stats_of(action.astype(np.float64))}
+        row = {"episode_index": e, "tasks": [task], "length": T, "data/chunk_index": 0, "data/file_index": 0,
+               "dataset_from_index": start, "dataset_to_index": start + T}
+        for key in self.cameras:
+            if key not in self.files:
+                self.files[key] = _VideoFile(os.path.join(self.tmp, VIDEO_PATH_V3.format(
+                    video_key=key, chunk_index=0, file_index=0)), self.fps, self.encoder, *self.video)
+            row.update({f"videos/{key}/chunk_index": 0, f"videos/{key}/file_index": 0,
+                        f"videos/{key}/from_timestamp": start / self.fps,
+                        f"videos/{key}/to_timestamp": (start + T) / self.fps})
+            self.files[key].write(views[key])
+            stats[key] = _image_stats(views[key])
+        stats.update({k: _stats_of(np.asarray(cols[k], np.float64)[:, None]) for k in INDEX_FEATURES})
+        for key, values in stats.items():
+            row.update({f"stats/{key}/{name}": np.asarray(v).tolist() for name, v in values.items()})
         row.update({"meta/episodes/chunk_index": 0, "meta/episodes/file_index": 0})
-        if "task" in episodes[e]:  # the suite's task name ("push"), which training balances over
-            row["dit4dit/task"] = str(episodes[e]["task"])
-        rows.append(row)
-    pq.write_table(pa.Table.from_pylist(rows), os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet"))
+        if "task" in ep:  # the suite's task name ("push"), which training balances over
+            row["dit4dit/task"] = str(ep["task"])
+        self.states.append(state)
+        self.actions.append(action)
+        self.episodes.append((row, stats))
 
-    # --- meta/tasks.parquet
-    tasks = pa.table({"task_index": pa.array(list(task_of.values()), pa.int64()), "task": pa.array(list(task_of))})
-    pq.write_table(tasks.replace_schema_metadata({"pandas": _pandas_task_index()}),
-                   os.path.join(root, "meta", "tasks.parquet"))
+    def abort(self):
+        """Removes the temporary folder; `path` stays as it was."""
+        for f in self.files.values():
+            f.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
 
-    # --- meta/info.json
-    def scalar(dtype):
-        return {"dtype": dtype, "shape": [1], "names": None}
-    features = {
-        camera_key: {"dtype": "video", "shape": [H, W, 3], "names": ["height", "width", "channels"],
-                     "info": {"video.height": H, "video.width": W, "video.codec": codec_name,
-                              "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": fps,
-                              "video.channels": 3, "video.g": gop, "video.crf": crf, "has_audio": False,
-                              **({"video.preset": preset} if encoder == "libsvtav1" else {})}},
-        STATE_KEY: {"dtype": "float32", "shape": [P], "names": None},
-        ACTION_KEY: {"dtype": "float32", "shape": [A], "names": None},
-        "timestamp": scalar("float32"), **{k: scalar("int64") for k in INDEX_FEATURES[1:]}}
-    info = {"codebase_version": "v3.0", "robot_type": robot_type, "total_episodes": len(episodes),
-            "total_frames": N, "total_tasks": len(task_of), "chunks_size": CHUNKS_SIZE,
-            "data_files_size_in_mb": 100, "video_files_size_in_mb": 200, "fps": fps,
-            "splits": {"train": f"0:{len(episodes)}"}, "data_path": DATA_PATH_V3, "video_path": VIDEO_PATH_V3,
-            "features": features}
-    with open(os.path.join(root, "meta", "info.json"), "w") as f:
-        json.dump(info, f, indent=4)
+    def close(self):
+        """Writes the data and meta files and moves the dataset to `path` (replacing an old one whole)."""
+        try:
+            if not self.episodes:
+                raise ValueError("write_lerobot_v3: no episodes")
+            for f in self.files.values():
+                f.close()
+            self._write_meta()
+            if os.path.lexists(self.path):
+                parent = os.path.dirname(self.path)
+                old = os.path.join(parent, f".{os.path.basename(self.path)}.old-{uuid.uuid4().hex[:8]}")
+                os.rename(self.path, old)
+                os.rename(self.tmp, self.path)
+                shutil.rmtree(old)
+            else:
+                os.rename(self.tmp, self.path)
+        finally:
+            if os.path.isdir(self.tmp):
+                shutil.rmtree(self.tmp)
+        return self.path
+
+    def _write_meta(self):
+        pa, pq, root = self._pa, self._pq, self.tmp
+        lengths = [len(a) for a in self.actions]
+        N, P, A = sum(lengths), self.shapes[1], self.shapes[2]
+        state, action = np.concatenate(self.states), np.concatenate(self.actions)
+
+        # --- data/chunk-000/file-000.parquet: one row per action
+        frame_index = np.concatenate([np.arange(T) for T in lengths])
+        cols = {"timestamp": (frame_index / self.fps).astype(np.float32), "frame_index": frame_index,
+                "episode_index": np.repeat(np.arange(len(lengths)), lengths), "index": np.arange(N),
+                "task_index": np.repeat([self.task_of[row["tasks"][0]] for row, _ in self.episodes], lengths)}
+        table = pa.table({STATE_KEY: pa.FixedSizeListArray.from_arrays(pa.array(state.ravel()), P),
+                          ACTION_KEY: pa.FixedSizeListArray.from_arrays(pa.array(action.ravel()), A),
+                          **{k: pa.array(cols[k]) for k in INDEX_FEATURES}})
+        table = table.replace_schema_metadata({"huggingface": _hf_features(P, A)})
+        data_file = os.path.join(root, DATA_PATH_V3.format(chunk_index=0, file_index=0))
+        os.makedirs(os.path.dirname(data_file))
+        pq.write_table(table, data_file)
+
+        # --- stats: aggregated (meta/stats.json); per episode in meta/episodes
+        os.makedirs(os.path.join(root, "meta", "episodes", "chunk-000"))
+        with open(os.path.join(root, "meta", "stats.json"), "w") as f:
+            json.dump(_as_lists(aggregate_stats([stats for _, stats in self.episodes])), f, indent=4)
+        pq.write_table(pa.Table.from_pylist([row for row, _ in self.episodes]),
+                       os.path.join(root, "meta", "episodes", "chunk-000", "file-000.parquet"))
+
+        # --- meta/tasks.parquet
+        tasks = pa.table({"task_index": pa.array(list(self.task_of.values()), pa.int64()),
+                          "task": pa.array(list(self.task_of))})
+        pq.write_table(tasks.replace_schema_metadata({"pandas": _pandas_task_index()}),
+                       os.path.join(root, "meta", "tasks.parquet"))
+
+        # --- meta/info.json
+        def scalar(dtype):
+            return {"dtype": dtype, "shape": [1], "names": None}
+        crf, gop, preset = self.video
+        features = {}
+        for key in self.cameras:
+            H, W = self.shapes[0][key]
+            features[key] = {
+                "dtype": "video", "shape": [H, W, 3], "names": ["height", "width", "channels"],
+                "info": {"video.height": H, "video.width": W, "video.codec": self.codec_name,
+                         "video.pix_fmt": "yuv420p", "video.is_depth_map": False, "video.fps": self.fps,
+                         "video.channels": 3, "video.g": gop, "video.crf": crf, "has_audio": False,
+                         **({"video.preset": preset} if self.encoder == "libsvtav1" else {})}}
+        features[STATE_KEY] = {"dtype": "float32", "shape": [P], "names": self.names.get(STATE_KEY)}
+        features[ACTION_KEY] = {"dtype": "float32", "shape": [A], "names": self.names.get(ACTION_KEY)}
+        features.update({"timestamp": scalar("float32"), **{k: scalar("int64") for k in INDEX_FEATURES[1:]}})
+        info = {"codebase_version": "v3.0", "robot_type": self.robot_type, "total_episodes": len(lengths),
+                "total_frames": N, "total_tasks": len(self.task_of), "chunks_size": CHUNKS_SIZE,
+                "data_files_size_in_mb": 100, "video_files_size_in_mb": 200, "fps": self.fps,
+                "splits": {"train": f"0:{len(lengths)}"}, "data_path": DATA_PATH_V3, "video_path": VIDEO_PATH_V3,
+                "features": features}
+        with open(os.path.join(root, "meta", "info.json"), "w") as f:
+            json.dump(info, f, indent=4)
+
+
+class _VideoFile:
+    """One camera's mp4 of a dataset, written episode after episode: frame n at n / fps s."""
+
+    def __init__(self, path, fps, encoder, crf, gop, preset):
+        _, _, av = _require()
+        os.environ.setdefault("SVT_LOG", "1")  # SVT-AV1 prints its configuration on stderr otherwise
+        self.options = {"g": str(gop), "crf": str(crf), **({"preset": str(preset)} if encoder == "libsvtav1" else {})}
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        self.container = av.open(path, "w")
+        self.fps, self.encoder, self.stream, self.n, self.av = Fraction(fps), encoder, None, 0, av
+
+    def write(self, frames):
+        if self.stream is None:  # the size is known at the first frames
+            self.stream = self.container.add_stream(self.encoder, rate=self.fps, options=self.options)
+            self.stream.height, self.stream.width = frames.shape[1:3]
+            self.stream.pix_fmt = "yuv420p"
+            self.stream.codec_context.time_base = Fraction(1) / self.fps
+        for img in frames:
+            frame = self.av.VideoFrame.from_ndarray(np.ascontiguousarray(img), format="rgb24")
+            frame.pts = self.n
+            self.n += 1
+            self.container.mux(self.stream.encode(frame))
+
+    def close(self):
+        if self.container is None:
+            return
+        try:
+            if self.stream is not None:
+                self.container.mux(self.stream.encode(None))
+        finally:
+            self.container.close()
+            self.container = None
+
+
+def write_lerobot_v3(path, episodes, fps, camera_key="observation.images.image", robot_type=None,
+                     overwrite=False, codec="libsvtav1", crf=30, gop=2, preset=12, names=None):
+    """Write dit4dit episode dicts as a LeRobot v3.0 dataset at `path` (LeRobotWriter: one data file, one
+    AV1 mp4 per camera, stats as lerobot computes them; atomic). camera_key: the feature key of the
+    episodes' "frames", or a tuple of keys for episodes that carry "cameras". Returns `path`."""
+    if len(episodes) == 0:
+        raise ValueError("write_lerobot_v3: no episodes")
+    with LeRobotWriter(path, fps, camera_key, robot_type=robot_type, names=names, overwrite=overwrite,
+                       codec=codec, crf=crf, gop=gop, preset=preset) as writer:
+        for ep in episodes:
+            writer.add(ep)
+    return writer.path

@@ -315,7 +315,7 @@ def test_writer_never_half_overwrites(tmp_path, monkeypatch):
 
     def broken(*args, **kwargs):
         raise RuntimeError("encoder died")
-    monkeypatch.setattr(lerobot, "_encode_video", broken)
+    monkeypatch.setattr(lerobot._VideoFile, "write", broken)
     with pytest.raises(RuntimeError, match="encoder died"):
         write_lerobot_v3(path, synthetic_episodes(n=2), fps=10, overwrite=True)
     assert (path / "meta" / "info.json").read_text() == before and sorted(os.listdir(tmp_path)) == ["set"]
