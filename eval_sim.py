@@ -46,7 +46,9 @@ def collect_episode(task, seed, image_size=64, target=None, suite="toy", noise=0
     noise of this std per action dimension (clipped to [-1, 1]), while the episode records the
     expert's own command. The demos then visit the states a learner's small errors lead to (an
     end-effector off the push line, or past the puck) and show how the expert recovers from them.
-    The noise is drawn from (seed, target): the same call gives the same episode."""
+    The noise is drawn from (seed, target): the same call gives the same episode.
+    A suite whose observations carry the cameras' own frames (LIBERO's obs["views"]) adds
+    "cameras": {dataset feature key: uint8 (T+1, H, W, 3)}, what a LeRobot dataset of it stores."""
     S = suites.get_suite(suite)
     env = S.make_env(task, image_size=image_size)
     rng = np.random.default_rng([int(seed), 0 if target is None else int(target) + 1,
@@ -55,20 +57,26 @@ def collect_episode(task, seed, image_size=64, target=None, suite="toy", noise=0
         obs, info = env.reset(seed=seed, options={"target": target})
         expert = S.scripted_expert(env)
         frames, states, actions = [obs["image"]], [obs["state"]], []
+        views = {name: [frame] for name, frame in obs.get("views", {}).items()}  # LIBERO: the datasets' cameras
         while True:
             action = expert(obs)
             executed = action if noise == 0 else np.clip(
                 action + noise * rng.standard_normal(action.shape), -1.0, 1.0).astype(action.dtype)
             obs, _, terminated, truncated, info = env.step(executed)
             frames.append(obs["image"])
+            for name, frame in obs.get("views", {}).items():
+                views[name].append(frame)
             states.append(obs["state"])
             actions.append(action)
             if terminated or truncated:
                 success = info["success"]
                 break
-        return {"frames": np.stack(frames), "state": np.stack(states).astype(np.float32),
-                "action": np.stack(actions).astype(np.float32), "instruction": env.unwrapped.instruction,
-                "task": task, "seed": int(seed), "success": bool(success)}
+        episode = {"frames": np.stack(frames), "state": np.stack(states).astype(np.float32),
+                   "action": np.stack(actions).astype(np.float32), "instruction": env.unwrapped.instruction,
+                   "task": task, "seed": int(seed), "success": bool(success)}
+        if views:  # keyed by the dataset feature each camera is stored as
+            episode["cameras"] = {S.CAMERA_FEATURES[name]: np.stack(f) for name, f in views.items()}
+        return episode
     finally:
         env.close()
 
@@ -496,6 +504,10 @@ def main(args):
         if not args.tasks:
             args.tasks = S.suite_tasks(args.libero_suite or "libero_spatial")
         env_options["render_quality"] = args.libero_render
+        if args.libero_render == "none":  # no frames: only the scripted experts can act, and no GIF is made
+            if args.policy != "expert":
+                raise ValueError("--libero-render none renders nothing: only --policy expert can be evaluated so")
+            args.gifs = 0
     elif args.libero_suite or args.libero_render != "dataset":
         raise ValueError("--libero-suite and --libero-render are options of --suite libero")
     for task in args.tasks or []:  # before a checkpoint is loaded
@@ -539,9 +551,9 @@ def parse_args(argv=None):
     p.add_argument("--libero-suite", default=None, metavar="NAME",
                    help="--suite libero: its 10 tasks (libero_spatial (default), libero_object, libero_goal, "
                         "libero_10; libero_90)")
-    p.add_argument("--libero-render", choices=("dataset", "fast"), default="dataset",
-                   help="--suite libero: the datasets' rendering (default) or a faster one with other pixels "
-                        "(smoke runs only)")
+    p.add_argument("--libero-render", choices=("dataset", "fast", "none"), default="dataset",
+                   help="--suite libero: the datasets' rendering (default), a faster one with other pixels "
+                        "(smoke runs only), or none (the scripted experts' success, measured without frames)")
     p.add_argument("--out", default="out", help="output directory for report.json and gifs/")
     p.add_argument("--gifs", type=int, default=2, help="rollout GIFs per task (the first episodes)")
     p.add_argument("--image-size", type=int, default=None, help="frame size (default: the model's, 64 for experts)")

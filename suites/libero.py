@@ -21,10 +21,12 @@ order. task.instruction is the sentence the published evaluations give the polic
 
 Episodes. Every episode starts from one of the benchmark's N_INIT_STATES = 50 fixed init states of its
 task: reset(options={"init_state": i}), or reset(seed=s) with an evaluation seed, EVAL_SEEDS[i] being
-init state i (eval_seeds(task, n) = EVAL_SEEDS[:n], n <= 50; any other seed is refused; with neither,
-init state 0). A reset is LIBERO's own (a hard reset that rebuilds the scene, numpy's global generator
-seeded with ENV_SEED = 7 as the authors' evaluation seeds it, the caller's generator state put back
-afterwards), then the init state, then NOOP_STEPS = 10 steps of DUMMY_ACTION (arm still, gripper open)
+init state i (eval_seeds(task, n) = EVAL_SEEDS[:n], n <= 50; with neither, init state 0). A demo seed
+(suites.DEMO_SEEDS, demo_seeds) starts a new layout instead: LIBERO's own placement sampler, seeded by the
+task and the seed, draws it, as it drew the init states; any other seed is refused. A reset is
+LIBERO's own (a hard reset that rebuilds the scene, numpy's global generator seeded with ENV_SEED = 7
+as the authors' evaluation seeds it, the caller's generator state put back afterwards), then the init
+state, then NOOP_STEPS = 10 steps of DUMMY_ACTION (arm still, gripper open)
 while the objects settle, as the published evaluations do; the policy's first observation is the one
 after them, and the episode's step count starts there. The episode terminates at the first step LIBERO
 reports success (its own predicate test on the scene) and is truncated after task.max_steps policy
@@ -86,6 +88,7 @@ import sys
 import tempfile
 import time
 import types
+import zlib
 from dataclasses import dataclass
 
 import gymnasium as gym
@@ -93,7 +96,7 @@ import numpy as np
 from gymnasium import spaces
 
 from bridges.frames import model_frames
-from suites import EVAL_SEEDS, seeds_for
+from suites import DEMO_SEEDS, EVAL_SEEDS, seeds_for
 
 NAME = "libero"
 _PIP_NO_DEPS = ("hf-libero==0.1.4 robosuite==1.4.0 bddl==1.0.1 "
@@ -114,8 +117,12 @@ CAMERAS = {"image": "agentview", "wrist_image": "robot0_eye_in_hand"}   # view n
 CAMERA_FEATURES = {"image": "observation.images.image",                # view name -> dataset feature
                    "wrist_image": "observation.images.wrist_image"}
 PRIMARY = ("image",)
+ROBOT_TYPE = "panda"
+DATASET_NAMES = {   # the LeRobot LIBERO datasets' "names" of the state and action features
+    "observation.state": {"motors": ["x", "y", "z", "axis_angle1", "axis_angle2", "axis_angle3", "gripper", "gripper"]},
+    "action": {"motors": ["x", "y", "z", "axis_angle1", "axis_angle2", "axis_angle3", "gripper"]}}
 GRIPPER_CONVENTIONS = ("dataset", "env")
-RENDER_QUALITIES = ("dataset", "fast")
+RENDER_QUALITIES = ("dataset", "fast", "none")
 STATE_DIM = 8            # eef position 3, axis-angle 3, finger joints 2
 ACTION_DIM = 7           # eef delta 3, rotation delta 3, gripper 1
 PHYSICS_DT = 0.002       # s, robosuite's SIMULATION_TIMESTEP
@@ -256,9 +263,19 @@ def get_task(name):
 
 
 def demo_seeds(task, n):
-    """suites.DEMO_SEEDS[:n], as every suite has them. LIBERO's training demos are the LeRobot datasets,
-    not seeds: an env refuses to reset with a demo seed (there is no init state for it)."""
+    """suites.DEMO_SEEDS[:n], as every suite has them. reset(seed=s) with a demo seed starts a layout of
+    LIBERO's own placement sampler (the distribution the benchmark's init states were drawn from), seeded
+    by (s, task): new layouts for scripted demos, never one of the evaluation's fixed init states."""
     return seeds_for(get_task, task, n, evaluation=False)
+
+
+def is_demo_seed(seed):
+    return isinstance(seed, (int, np.integer)) and not isinstance(seed, bool) and int(seed) in DEMO_SEEDS
+
+
+def layout_seed(task, seed):
+    """numpy's global seed for the placement sampler of demo seed `seed` of `task` (distinct per task)."""
+    return int(zlib.crc32(f"{get_task(task).name}/{int(seed)}".encode()))
 
 
 def eval_seeds(task, n):
@@ -507,7 +524,7 @@ class LiberoEnv(gym.Env):
             raise ValueError(f"gripper must be one of {GRIPPER_CONVENTIONS}, got {gripper!r}")
         if not isinstance(noop_steps, (int, np.integer)) or noop_steps < 0:
             raise ValueError(f"noop_steps must be an int >= 0, got {noop_steps!r}")
-        if seed is not None:
+        if seed is not None and not is_demo_seed(seed):
             init_state_index(seed)
         self.image_size, self.gripper, self.noop_steps = int(image_size), gripper, int(noop_steps)
         self.render_mode = "rgb_array"
@@ -521,11 +538,16 @@ class LiberoEnv(gym.Env):
             raise RuntimeError(f"{self.task.name}: timestep {sim.model_timestep} at {sim.control_freq} Hz differs "
                                f"from PHYSICS_DT={PHYSICS_DT} at {1 / CONTROL_DT} Hz")
         view = spaces.Box(0, 255, (CAMERA_SIZE, CAMERA_SIZE, 3), np.uint8)
-        self.observation_space = spaces.Dict({
-            "image": spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8),
-            "state": spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32),
-            "views": spaces.Dict({name: view for name in self.view_names}),
-        })
+        state = spaces.Box(-np.inf, np.inf, (STATE_DIM,), np.float32)
+        if render_quality == "none":   # no frames at all: obs = {"state"} (scripted experts read the simulator)
+            self.view_names = ()
+            self.observation_space = spaces.Dict({"state": state})
+        else:
+            self.observation_space = spaces.Dict({
+                "image": spaces.Box(0, 255, (self.image_size, self.image_size, 3), np.uint8),
+                "state": state,
+                "views": spaces.Dict({name: view for name in self.view_names}),
+            })
         self.action_space = spaces.Box(-1.0, 1.0, (ACTION_DIM,), np.float32)
         self.instruction = self.task.instruction
         self._first_seed = seed
@@ -541,26 +563,29 @@ class LiberoEnv(gym.Env):
         if unknown or options.get("target") is not None:
             raise ValueError(f"LIBERO reset options are 'init_state' and 'noop_steps', got {options!r}")
         index = options.get("init_state")
-        if index is None:
+        layout = index is None and seed is not None and is_demo_seed(seed)   # a new layout, not an init state
+        if index is None and not layout:
             index = 0 if seed is None else init_state_index(seed)
-        if not isinstance(index, (int, np.integer)) or isinstance(index, bool) or not 0 <= index < len(self._init_states):
+        if not layout and (not isinstance(index, (int, np.integer)) or isinstance(index, bool)
+                           or not 0 <= index < len(self._init_states)):
             raise ValueError(f"init_state must be an int in [0, {len(self._init_states)}) for {self.task.name}, "
                              f"got {index!r}")
         noop = options.get("noop_steps", self.noop_steps)
         if not isinstance(noop, (int, np.integer)) or noop < 0:
             raise ValueError(f"noop_steps must be an int >= 0, got {noop!r}")
-        saved = np.random.get_state()   # LIBERO places fixtures with numpy's global generator
+        saved = np.random.get_state()   # LIBERO places objects and fixtures with numpy's global generator
         try:
-            np.random.seed(ENV_SEED)
-            self._env.reset()
+            np.random.seed(layout_seed(self.task, seed) if layout else ENV_SEED)
+            raw = self._env.reset()
         finally:
             np.random.set_state(saved)
         if self.render_quality == "fast":
             fast_rendering(self._env.env.sim)   # the hard reset made a new render context
-        raw = self._env.set_init_state(self._init_states[int(index)])
+        if not layout:
+            raw = self._env.set_init_state(self._init_states[int(index)])
         for _ in range(int(noop)):
             raw, _, _, _ = self._env.step(list(DUMMY_ACTION))
-        self.steps, self.init_state, self.episode_seed = 0, int(index), seed
+        self.steps, self.init_state, self.episode_seed = 0, None if layout else int(index), seed
         obs = self._observation(raw)
         return obs, {"success": False, "instruction": self.instruction, "init_state": self.init_state}
 
@@ -588,7 +613,7 @@ class LiberoEnv(gym.Env):
         return obs, float(success), success, truncated, info
 
     def render(self):
-        return None if self.views is None else self.views["image"]
+        return None if not self.views else self.views["image"]
 
     def close(self):
         if getattr(self, "_env", None) is not None:
@@ -603,8 +628,9 @@ class LiberoEnv(gym.Env):
         t1 = time.perf_counter()
         self.views = {name: rotate_half_turn(f) for name, f in frames.items()}
         self.raw_observation = raw
-        obs = {"image": model_frame(self.views, self.image_size, self.cameras), "state": state_vector(raw),
-               "views": self.views}
+        obs = {"state": state_vector(raw)}
+        if self.render_quality != "none":
+            obs.update(image=model_frame(self.views, self.image_size, self.cameras), views=self.views)
         self.last_timing = {"render": t1 - t0, "preprocess": time.perf_counter() - t1}
         return obs
 
@@ -614,13 +640,294 @@ def make_env(task, image_size=64, seed=None, cameras=PRIMARY, gripper="dataset",
     """A LIBERO environment (gymnasium API); `seed` (an evaluation seed) is used by the first reset()
     without one. cameras: the views in the model frame, tiled; gripper: the action's convention;
     views: the cameras rendered into obs["views"] (a superset of cameras; fewer render faster);
-    render_quality: "dataset" (robosuite's defaults, the datasets' pixels) or "fast" (no shadows,
-    reflections or multisampling: about 2.4x faster renders, other pixels: for smoke runs only)."""
+    render_quality: "dataset" (robosuite's defaults, the datasets' pixels), "fast" (no shadows,
+    reflections or multisampling: about 2.4x faster renders, other pixels: for smoke runs only) or
+    "none" (nothing rendered, obs = {"state"} only: for measuring the scripted experts)."""
     return LiberoEnv(task, image_size=image_size, seed=seed, cameras=cameras, gripper=gripper,
                      noop_steps=noop_steps, views=views, render_quality=render_quality)
 
 
+# ----------------------------------------------------------------------------------------------
+# Scripted experts: pick and place from the simulator's privileged state
+
+# robosuite's OSC_POSE as LIBERO configures it: an action of 1 moves the position setpoint OSC_POS_SCALE
+# and the orientation setpoint OSC_ROT_SCALE (axis-angle, world frame) from the current pose (the
+# controller's output_max); the arm lags its setpoint, about 12 mm per step under a constant action of 1.
+OSC_POS_SCALE = 0.05     # m per unit action
+OSC_ROT_SCALE = 0.5      # rad per unit action
+POS_GAIN = 20.0          # action per metre of position error
+ROT_GAIN = 2.0           # action per radian of orientation error
+MAX_SLEW = 0.25          # largest change of an arm action component from one step to the next (smooth demos)
+WHOLE_GRASP_WIDTH = 0.065   # m: objects at most this wide across are grasped whole, wider ones (bowls) by the rim
+PAD_ABOVE_EEF = 0.004    # m: the finger pads' centre above robot0_eef_pos (gripper0_grip_site)
+TIP_BELOW_EEF = 0.0115   # m: the fingertips below it
+RIM_INSET = 0.008        # m: a rim grasp's point inside the footprint's edge (half a bowl's wall)
+CLEARANCE = 0.04         # m: a carried object's bottom above whatever lies under its path
+CLOSE_STEPS = 12         # steps of closing before lifting (the fingers close in about 10)
+RELEASE_STEPS = 8
+
+
+def pick_place_goal(env):
+    """(object, target, relation) of a one-predicate pick-and-place task, from LIBERO's parsed bddl goal:
+    (On akita_black_bowl_1 plate_1) -> ("akita_black_bowl_1", "plate_1", "on"); the target may be an object
+    or a region site ("basket_1_contain_region"). ValueError for any other goal."""
+    goal = env.unwrapped._env.env.parsed_problem["goal_state"]
+    if len(goal) != 1 or len(goal[0]) != 3 or goal[0][0] not in ("on", "in"):
+        raise ValueError(f"{env.unwrapped.task.name}: the scripted expert places one object on or in a target; "
+                         f"the goal is {goal}")
+    relation, obj, target = goal[0]
+    return obj, target, relation
+
+
+def _collision_points(sim, body):
+    """(8G, 3) world corners of the bounding boxes of the collision geoms of `body` and its descendants."""
+    m, d = sim.model._model, sim.data._data
+    inside = np.zeros(m.nbody, bool)
+    inside[body] = True
+    for b in range(body + 1, m.nbody):        # bodies are numbered parents first
+        inside[b] = inside[m.body_parentid[b]]
+    geoms = np.flatnonzero(inside[m.geom_bodyid] & ((m.geom_contype != 0) | (m.geom_conaffinity != 0)))
+    corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], np.float64)   # (8, 3)
+    local = m.geom_aabb[geoms, None, :3] + corners * m.geom_aabb[geoms, None, 3:]                  # (G, 8, 3)
+    R = d.geom_xmat[geoms].reshape(-1, 3, 3)                                                        # (G, 3, 3)
+    return (np.einsum("gij,gkj->gki", R, local) + d.geom_xpos[geoms, None]).reshape(-1, 3)         # (8G, 3)
+
+
+def _footprint(points, theta):
+    """Width of `points` across direction theta (rad, in the xy plane) and their centre (xy)."""
+    u, v = np.array([np.cos(theta), np.sin(theta)]), np.array([-np.sin(theta), np.cos(theta)])
+    a, b = points[:, :2] @ u, points[:, :2] @ v
+    return a.max() - a.min(), u * (a.max() + a.min()) / 2 + v * (b.max() + b.min()) / 2
+
+
+def _wrap_yaw(psi):
+    """A gripper yaw in (-pi/2, pi/2]: the two fingers make yaw and yaw + pi the same grasp."""
+    return psi - np.pi * np.ceil((psi - np.pi / 2) / np.pi)
+
+
+def _rotation_error(target, current):
+    """Axis-angle (world frame, rad) that turns rotation matrix `current` into `target`."""
+    import mujoco
+
+    q = np.zeros(4)
+    mujoco.mju_mat2Quat(q, (target @ current.T).ravel())
+    v = np.zeros(3)
+    mujoco.mju_quat2Vel(v, q, 1.0)
+    return v
+
+
+def _top_down(psi):
+    """The gripper pointing down, its fingers closing along (cos psi, sin psi) (the gripper frame's x axis,
+    as measured on the Panda's finger bodies): Rz(psi) Rx(pi)."""
+    c, s = np.cos(psi), np.sin(psi)
+    return np.array([[c, s, 0.0], [s, -c, 0.0], [0.0, 0.0, -1.0]])
+
+
+class PickPlaceExpert:
+    """The scripted expert of a pick-and-place task (pick_place_goal): obs -> float32 (7,) action in the
+    env's gripper convention, read off the simulator (object, target and end-effector poses), not obs.
+
+    Phases: approach (above the grasp, gripper turned to it), descend, close, lift (the object's bottom
+    CLEARANCE above everything under its path to the target), move (the object, not the hand, over the
+    target), lower, release, retreat. The arm's action is P control toward the phase's point, clipped
+    to [-1, 1] keeping its direction, and slew-limited; a phase ends when its point is reached.
+    Grasps: an object at most WHOLE_GRASP_WIDTH across is taken whole across its narrowest direction,
+    near its top; a wider one (a bowl) by its rim, on the side with the most room for the outer finger.
+    Deterministic given the init state; it re-plans when the env's episode restarts (env.steps == 0)."""
+
+    PHASES = ("approach", "descend", "close", "lift", "move", "lower", "release", "retreat")
+
+    def __init__(self, env):
+        self.env = env.unwrapped
+        self.object, self.target, self.relation = pick_place_goal(env)
+        self.phase = None
+
+    # -- the scene
+    @property
+    def _sim(self):
+        return self.env._env.env.sim
+
+    def _body(self, name):
+        return self.env._env.env.obj_body_id[name]
+
+    def _points(self, name):
+        return _collision_points(self._sim, self._body(name))
+
+    def _eef(self):
+        d, m = self._sim.data._data, self._sim.model._model
+        site = m.site("gripper0_grip_site").id
+        return d.site_xpos[site].copy(), d.site_xmat[site].reshape(3, 3).copy()
+
+    def _place_point(self):
+        """Where the object's body origin goes (xy), and the height its bottom is released at."""
+        lib, d = self.env._env.env, self._sim.data._data
+        if self.target in lib.object_sites_dict:
+            site = self._sim.model._model.site(self.target).id
+            xy, parent = d.site_xpos[site][:2].copy(), lib.object_states_dict[self.target].parent_name
+        else:
+            xy, parent = d.xpos[self._body(self.target)][:2].copy(), self.target
+        top = self._points(parent)[:, 2].max()
+        return xy, top + 0.01
+
+    def _others(self):
+        lib = self.env._env.env
+        return [n for n in list(lib.objects_dict) + list(lib.fixtures_dict) if n != self.object]
+
+    # -- the plan
+    def _plan_grasp(self):
+        """The grasp's yaw and kind, fixed for the episode: whole (across the narrowest direction) or rim."""
+        pts = self._points(self.object)
+        _, R = self._eef()
+        psi0 = np.arctan2(R[0, 1], -R[1, 1])
+        thetas = np.deg2rad(np.arange(0, 180, 5))
+        widths = np.array([_footprint(pts, t)[0] for t in thetas])
+        if widths.min() <= WHOLE_GRASP_WIDTH:
+            # Among the yaws whose width fits the fingers, the one that leaves the hand most room from its
+            # neighbours (a box grasped across its short side may put the hand's long side into a bottle).
+            psis = _wrap_yaw(thetas)
+            self.rim, self.rim_dir = False, None
+            room = np.array([min(self._hand_room(float(psi)), 0.02) if w <= WHOLE_GRASP_WIDTH else -1.0
+                             for psi, w in zip(psis, widths)])
+            cost = -room + 0.1 * widths + 0.002 * np.abs(_wrap_yaw(psis - psi0))
+            self.yaw = float(psis[int(np.argmin(cost))])
+            return
+        self.radius = widths.min() / 2
+        _, centre = _footprint(pts, thetas[int(np.argmin(widths))])
+        bottom = pts[:, 2].min()
+        best = None
+        for theta in np.deg2rad([90.0, -90.0, 0.0, 180.0]):
+            u = np.array([np.cos(theta), np.sin(theta)])
+            finger = centre + (self.radius + 0.03) * u
+            room = np.inf
+            for name in self._others():
+                q = self._points(name)
+                if q[:, 2].max() < bottom + 0.01 or np.ptp(q[:, 0]) > 0.6:
+                    continue
+                gap = np.maximum(np.maximum(q[:, :2].min(0) - finger, finger - q[:, :2].max(0)), 0.0)
+                room = min(room, float(np.linalg.norm(gap)))
+            psi = _wrap_yaw(theta)
+            score = min(room, 0.1) - 0.02 * abs(_wrap_yaw(psi - psi0))
+            if best is None or score > best[0]:
+                best = (score, psi, u)
+        _, self.yaw, self.rim_dir = best
+        self.rim = True
+
+    def _hand_room(self, yaw):
+        """The smallest gap (m) between the gripper at the grasp point with `yaw` (fingers open) and any
+        other object, each taken as its bounding box in the grasp's frame; 0 where they overlap."""
+        self.yaw = yaw
+        grasp, _ = self._grasp_point()
+        p, R = self._eef()
+        body = self._sim.model._model.body("gripper0_right_gripper").id
+        hand = (_collision_points(self._sim, body) - p) @ R              # (8G, 3) in the gripper's frame
+        frame = _top_down(yaw)                                            # gripper frame -> world
+        hand = hand @ frame.T + grasp                                      # at the grasp, world
+        to_grasp = np.array([[np.cos(yaw), np.sin(yaw), 0.0], [-np.sin(yaw), np.cos(yaw), 0.0], [0.0, 0.0, 1.0]])
+        h = hand @ to_grasp.T                                              # axes: closing, across, up
+        room = np.inf
+        for name in self._others():
+            q = self._points(name)
+            if np.ptp(q[:, 0]) > 0.6:      # a table-sized fixture
+                continue
+            q = q @ to_grasp.T
+            gap = np.maximum(np.maximum(q.min(0) - h.max(0), h.min(0) - q.max(0)), 0.0)
+            room = min(room, float(np.linalg.norm(gap)))
+        return room
+
+    def _grasp_point(self):
+        """The end effector's grasp position, from the object's current pose."""
+        pts = self._points(self.object)
+        top, bottom = pts[:, 2].max(), pts[:, 2].min()
+        if self.rim:
+            _, centre = _footprint(pts, 0.0)
+            xy = centre + (self.radius - RIM_INSET) * self.rim_dir
+            z = top - 0.014 - PAD_ABOVE_EEF
+        else:
+            _, xy = _footprint(pts, self.yaw)
+            z = max(top - min(0.03, (top - bottom) / 2) - PAD_ABOVE_EEF, bottom + TIP_BELOW_EEF + 0.001)
+        return np.array([xy[0], xy[1], z]), top
+
+    def _carry_bottom(self):
+        """The height a carried object's bottom keeps on its way: CLEARANCE above what lies under the path."""
+        d = self._sim.data._data
+        start = d.xpos[self._body(self.object)][:2]
+        goal, place_bottom = self._place_point()
+        path = start + np.linspace(0, 1, 21)[:, None] * (goal - start)
+        highest = place_bottom
+        for name in self._others():
+            q = self._points(name)
+            if np.ptp(q[:, 0]) > 0.6:      # a table-sized fixture
+                continue
+            lo, hi = q[:, :2].min(0) - 0.06, q[:, :2].max(0) + 0.06
+            if np.any(np.all((path >= lo) & (path <= hi), axis=1)):
+                highest = max(highest, q[:, 2].max())
+        return highest + CLEARANCE
+
+    # -- acting
+    def _reset(self):
+        self.phase, self.phase_steps, self.last = "approach", 0, np.zeros(6)
+        self._plan_grasp()
+        self.hold = None
+
+    def _next(self, phase):
+        self.phase, self.phase_steps = phase, 0
+
+    def __call__(self, obs=None):
+        if self.phase is None or self.env.steps == 0:
+            self._reset()
+        p, R = self._eef()
+        obj = self._sim.data._data.xpos[self._body(self.object)].copy()
+        closed = self.phase in ("close", "lift", "move", "lower")
+        if self.phase in ("approach", "descend"):
+            grasp, top = self._grasp_point()
+            hover = grasp.copy()
+            hover[2] = max(grasp[2] + 0.06, top + TIP_BELOW_EEF + 0.035)
+            goal = hover if self.phase == "approach" else grasp
+            err = goal - p
+            yaw_err = np.linalg.norm(_rotation_error(_top_down(self.yaw), R))
+            if self.phase == "approach" and np.linalg.norm(err[:2]) < 0.01 and abs(err[2]) < 0.02 and yaw_err < 0.05:
+                self._next("descend")
+            elif self.phase == "descend" and (np.linalg.norm(err) < 0.006 or self.phase_steps > 40):
+                self.hold = p.copy()
+                self._next("close")
+        elif self.phase == "close":
+            goal = self.hold
+            if self.phase_steps >= CLOSE_STEPS:
+                self.carry_z = self._carry_bottom() + (p[2] - self._points(self.object)[:, 2].min())
+                self._next("lift")
+        elif self.phase == "lift":
+            goal = np.array([self.hold[0], self.hold[1], self.carry_z])
+            if p[2] > self.carry_z - 0.01:
+                self._next("move")
+        elif self.phase in ("move", "lower"):
+            xy, bottom = self._place_point()
+            goal = p.copy()
+            goal[:2] += xy - obj[:2]
+            goal[2] = self.carry_z
+            if self.phase == "lower":
+                goal[2] = bottom + (p[2] - self._points(self.object)[:, 2].min())
+            if self.phase == "move" and np.linalg.norm(xy - obj[:2]) < 0.008:
+                self._next("lower")
+            elif self.phase == "lower" and (abs(goal[2] - p[2]) < 0.005 or self.phase_steps > 40):
+                self.hold = p.copy()
+                self._next("release")
+        elif self.phase == "release":
+            goal = self.hold
+            if self.phase_steps >= RELEASE_STEPS:
+                self._next("retreat")
+        else:
+            goal = self.hold + np.array([0.0, 0.0, 0.1])
+        self.phase_steps += 1
+        arm = np.concatenate([POS_GAIN * (goal - p), ROT_GAIN * _rotation_error(_top_down(self.yaw), R)])
+        arm[:3] /= max(1.0, np.abs(arm[:3]).max())
+        arm[3:] /= max(1.0, np.abs(arm[3:]).max())
+        arm = self.last + np.clip(arm - self.last, -MAX_SLEW, MAX_SLEW)
+        self.last = arm
+        grip = (0.0 if closed else 1.0) if self.env.gripper == "dataset" else (1.0 if closed else -1.0)
+        return np.append(arm, grip).astype(np.float32)
+
+
 def scripted_expert(env):
-    raise NotImplementedError("LIBERO ships no scripted experts (and hf-libero no demonstrations): train on "
-                              "the LeRobot LIBERO datasets (bridges.lerobot) and evaluate a checkpoint or the "
-                              "zero policy")
+    """The scripted expert of env's task (PickPlaceExpert): obs -> float32 (7,) action in env's gripper
+    convention. ValueError for a task that is not one object put on or in a target."""
+    return PickPlaceExpert(env)

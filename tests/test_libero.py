@@ -82,13 +82,11 @@ def test_bad_names_and_indices_give_clear_errors():
         with pytest.raises(ValueError, match="starts no LIBERO init state"):
             L.init_state_index(seed)
     with pytest.raises(ValueError, match="starts no LIBERO init state"):
-        L.make_env(TASK, seed=7)   # a seed is checked before anything is built
+        L.make_env(TASK, seed=suites.EVAL_SEEDS[50])   # a seed is checked before anything is built
     with pytest.raises(ValueError, match="gripper must be one of"):
         L.make_env(TASK, gripper="open")
     with pytest.raises(ValueError, match="cameras must be"):
         L.make_env(TASK, cameras=("agentview",))
-    with pytest.raises(NotImplementedError, match="LIBERO ships no scripted experts"):
-        L.scripted_expert(None)
 
 
 def test_a_missing_dependency_names_the_install_command(monkeypatch):
@@ -111,8 +109,9 @@ def test_bad_init_state_and_options(env):
     for bad in (50, -1, 2.0, True, "3"):
         with pytest.raises(ValueError, match=r"init_state must be an int in \[0, 50\)"):
             env.reset(options={"init_state": bad})
-    with pytest.raises(ValueError, match="starts no LIBERO init state"):
-        env.reset(seed=suites.DEMO_SEEDS[0])
+    for seed in (suites.EVAL_SEEDS[50], suites.EVAL_SEEDS.stop):
+        with pytest.raises(ValueError, match="starts no LIBERO init state"):
+            env.reset(seed=seed)
     with pytest.raises(ValueError, match="reset options"):
         env.reset(options={"init": 3})
     with pytest.raises(ValueError, match="7 finite numbers"):
@@ -291,5 +290,105 @@ def test_primary_view_only_and_fast_rendering():
         assert ctx.scn.flags[mujoco.mjtRndFlag.mjRND_SHADOW] == 0 and env._env.env.sim.model.vis.quality.offsamples == 0
         obs, *_ = env.step(np.zeros(7, np.float32))
         assert obs["image"].shape == (32, 32, 3) and 20 < obs["image"].mean() < 235
+    finally:
+        env.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# Demo layouts and the scripted experts
+
+def _object_positions(env):
+    sim = env._env.env.sim
+    return np.array([sim.data._data.xpos[env._env.env.obj_body_id[n]] for n in env._env.env.objects_dict])
+
+
+def test_demo_seeds_draw_new_layouts_never_an_init_state():
+    """reset(seed=demo seed) is LIBERO's own placement sampler, seeded by (task, seed): the same seed gives
+    the same scene, another seed another one, and none is one of the evaluation's fixed init states."""
+    env = L.make_env(TASK, render_quality="none")
+    try:
+        layouts = []
+        for seed in (0, 1, 0):
+            obs, info = env.reset(seed=suites.DEMO_SEEDS[seed])
+            assert info["init_state"] is None and set(obs) == {"state"} and env.episode_seed == seed
+            layouts.append(_object_positions(env))
+        assert np.array_equal(layouts[0], layouts[2])
+        assert np.abs(layouts[0] - layouts[1]).max() > 0.01
+        inits = []
+        for i in range(5):
+            env.reset(options={"init_state": i})
+            inits.append(_object_positions(env))
+        closest = min(np.abs(layout - init).max() for layout in layouts for init in inits)
+        assert closest > 0.005, closest
+        assert L.layout_seed(TASK, 0) != L.layout_seed("libero_spatial/1", 0)   # tasks draw their own layouts
+    finally:
+        env.close()
+
+
+@pytest.mark.parametrize("task", ["libero_object/1", "libero_spatial/3"])
+def test_scripted_expert_places_the_object(task):
+    """The expert solves a flat box into the basket (libero_object: a grasp yaw that keeps the hand off the
+    neighbouring bottles) and a bowl onto the plate by its rim (libero_spatial), from init state 0, with
+    actions in the env's convention (dataset: the gripper 1 open, 0 closed)."""
+    env = L.make_env(task, render_quality="none")
+    try:
+        obs, _ = env.reset(options={"init_state": 0})
+        expert = L.scripted_expert(env)
+        grips = []
+        for _ in range(env.task.max_steps):
+            action = expert(obs)
+            assert action.shape == (7,) and action.dtype == np.float32 and np.all(np.abs(action) <= 1)
+            grips.append(action[6])
+            obs, _, terminated, truncated, info = env.step(action)
+            if terminated or truncated:
+                break
+        assert info["success"], (task, expert.phase)
+        assert set(grips) == {0.0, 1.0} and grips[0] == 1.0
+    finally:
+        env.close()
+
+
+def test_scripted_expert_refuses_other_goals():
+    env = L.make_env("libero_goal/0", render_quality="none")   # open the middle drawer of the cabinet
+    try:
+        env.reset(options={"init_state": 0})
+        with pytest.raises(ValueError, match="places one object on or in a target; the goal is"):
+            L.scripted_expert(env)
+    finally:
+        env.close()
+
+
+def test_scripted_demos_as_a_lerobot_dataset(tmp_path):
+    """train_toy's LIBERO demos: a LeRobot v3.0 dataset in the LeRobot LIBERO datasets' layout that the
+    reader opens, whose stored frames are the env's frames in the datasets' orientation (the half turn),
+    whose state rows are the env's state and whose gripper actions are 1 = open, 0 = closed."""
+    import train_toy
+    from bridges.lerobot import LeRobotEpisodes
+
+    task = L.suite_tasks("libero_object")[0]
+    path = train_toy.collect_dataset([task], 1, tmp_path / "demos", suite="libero", progress=False)
+    info = json.loads((Path(path) / "meta" / "info.json").read_text())
+    assert info["fps"] == 20 and info["robot_type"] == "panda" and info["total_episodes"] == 1
+    for key in L.CAMERA_FEATURES.values():
+        assert info["features"][key]["shape"] == [L.CAMERA_SIZE, L.CAMERA_SIZE, 3]
+    for key, names in L.DATASET_NAMES.items():
+        assert info["features"][key]["names"] == names
+    ds = LeRobotEpisodes(path, cameras=list(L.CAMERA_FEATURES.values()), image_size=128)
+    episode = ds.episode(0)
+    assert episode["task"] == task and episode["instruction"] == L.get_task(task).instruction
+    grip = episode["action"][:, 6]
+    assert set(np.unique(grip)) == {0.0, 1.0} and grip[0] == 1.0 and grip[-1] == 1.0
+
+    env = L.make_env(task, image_size=64)
+    try:
+        obs, _ = env.reset(seed=suites.DEMO_SEEDS[0])
+        assert np.array_equal(episode["state"][0], obs["state"])
+        for name, key in L.CAMERA_FEATURES.items():
+            stored = ds.camera_frames(0, key)[0].astype(np.float64)            # (256, 256, 3), decoded
+            view = obs["views"][name].astype(np.float64)
+            err = {"as the env shows it": np.abs(stored - view).mean(), "upside down": np.abs(stored - view[::-1]).mean(),
+                   "mirrored": np.abs(stored - view[:, ::-1]).mean(), "BGR": np.abs(stored - view[..., ::-1]).mean()}
+            assert err["as the env shows it"] < 3.0, (name, err)                # AV1's loss only
+            assert min(err.values()) == err["as the env shows it"], (name, err)
     finally:
         env.close()
