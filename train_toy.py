@@ -5,6 +5,7 @@
     python train_toy.py --action-only           # the ablation: same model, no video loss
     python train_toy.py --resume runs/x/checkpoint.pt
     python train_toy.py --suite metaworld --tasks drawer-open-v3 button-press-topdown-v3 --demos-per-task 10
+    python train_toy.py --suite libero --libero-suite libero_object --demos-per-task 20   # scripted LIBERO demos
     python train_toy.py --dataset PATH          # any LeRobot v2.x/v3.0 dataset (bridges/lerobot.py)
     python train_toy.py --dataset PATH --inspect            # what the dataset holds, then stop
     python train_toy.py --export-dataset PATH   # the suite's demos as a LeRobot v3.0 dataset, then stop
@@ -79,6 +80,8 @@ EVERY_PAD = True           # each layout demonstrated toward every pad (see coll
 DEMO_NOISE = 0.3           # toy suite: std of the noise added to the expert's executed commands (DART; see
                            # eval_sim.collect_episode); the demos record the expert's clean commands
 EVAL_EPISODES = 25         # per task: 2 tasks x 25 = the 50 evaluation episodes
+LIBERO_EVAL_EPISODES = 10  # per task on LIBERO: init states 0..9 of its 50 (an episode is ~1 min on 2 cores)
+DATASET_SUITES = ("libero",)  # suites whose demos are kept as a LeRobot dataset (collect_dataset), not .npz
 GIF_EPISODES = 2           # rollout GIFs written per task
 CKPT_EVERY = 500
 LOG_EVERY = 10             # steps between train_log.jsonl rows
@@ -199,6 +202,64 @@ def _collect_demo(task, seed, target, image_size, suite, noise, path):
     torch.set_num_threads(1)
     save_episode(path, eval_sim.collect_episode(task, seed, image_size, target=target, suite=suite,
                                                 noise=noise))
+
+
+def demo_dataset_dir(cache_root, suite, tasks, demos_per_task, libero_suite=None):
+    """Where collect_dataset keeps the demos of `tasks` as a LeRobot dataset: named by the LIBERO suite
+    when the tasks are all of it, else by a hash of the task names."""
+    name = libero_suite or "tasks-" + hashlib.sha256(" ".join(tasks).encode()).hexdigest()[:10]
+    return os.path.join(cache_root, f"{suite}_{name}_{demos_per_task}demos_v{DEMO_FORMAT}_lerobot")
+
+
+def collect_dataset(tasks, demos_per_task, path, suite="libero", progress=True):
+    """Scripted-expert demos of each task (the suite's demo seeds: new layouts, never an evaluation
+    init state), written as one LeRobot v3.0 dataset at `path` in the suite's dataset conventions
+    (its cameras at their own resolution, its state and action names, fps = the control rate): what
+    the real datasets of that benchmark hold, so the same reader trains on either. Collected in
+    DEMO_WORKERS processes, written in job order as they finish (memory: a few episodes); episodes
+    the expert failed are left out and counted. An existing dataset at `path` is reused: the writer
+    renames it into place only once it is complete. Returns path."""
+    from bridges.lerobot import LeRobotWriter  # needs pyarrow and av: pip install -e .[data]
+
+    if os.path.isfile(os.path.join(path, "meta", "info.json")):
+        if progress:
+            print(f"demos: reusing the dataset {path}")
+        return path
+    S = suites.get_suite(suite)
+    jobs = [(task, seed) for task in tasks for seed in S.demo_seeds(task, demos_per_task)]
+    failed = {}
+    bar = tqdm(total=len(jobs), desc="demos", unit="ep", disable=not progress)
+    with LeRobotWriter(path, fps=round(1 / S.CONTROL_DT), cameras=tuple(S.CAMERA_FEATURES.values()),
+                       robot_type=S.ROBOT_TYPE, names=S.DATASET_NAMES) as writer:
+        def keep(episode):
+            if episode["success"]:
+                writer.add(episode)
+            else:
+                failed[episode["task"]] = failed.get(episode["task"], 0) + 1
+            bar.update()
+        workers = max(1, min(DEMO_WORKERS, len(jobs)))
+        if workers == 1:
+            for job in jobs:
+                keep(_expert_episode(*job, suite))
+        else:  # "spawn": no GL context or torch thread pool is inherited
+            import concurrent.futures
+            import multiprocessing
+            with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                for future in [pool.submit(_expert_episode, *job, suite) for job in jobs]:
+                    keep(future.result())  # in job order: the dataset does not depend on timing
+        if len(writer.episodes) == 0:
+            raise RuntimeError(f"the scripted expert failed every demo of {tasks}: no dataset written")
+    bar.close()
+    if progress:
+        print(f"demos: wrote {len(writer.episodes)} episodes to {path}"
+              + (f"; the expert failed {sum(failed.values())} (left out): {failed}" if failed else ""))
+    return path
+
+
+def _expert_episode(task, seed, suite):
+    """One scripted-expert episode with its cameras' frames (collect_dataset's unit of work)."""
+    torch.set_num_threads(1)
+    return eval_sim.collect_episode(task, seed, suite=suite)
 
 
 def load_episodes(data_dir, progress=True):
@@ -744,10 +805,18 @@ def load_data(args, tasks, proc):
     dataset's own statistics for --dataset, else None, seconds it took)."""
     t0 = time.time()
     normalizers = None
-    if args.dataset:
+    dataset = args.dataset
+    if dataset is None and not args.data and args.suite in DATASET_SUITES:  # demos written as a LeRobot dataset
+        cache = args.demo_cache or os.path.join(os.path.dirname(os.path.abspath(args.out)), "demos")
+        dataset = demo_dataset_dir(cache, args.suite, tasks, args.demos_per_task, args.libero_suite)
+        if proc.is_main:
+            collect_dataset(tasks, args.demos_per_task, dataset, suite=args.suite)
+            print(f"demos ready in {time.time() - t0:.1f} s")
+        barrier()
+    if dataset:
         from bridges.lerobot import LeRobotEpisodes  # needs pyarrow and av: pip install -e .[data]
 
-        reader = LeRobotEpisodes(args.dataset, cameras=args.cameras,
+        reader = LeRobotEpisodes(dataset, cameras=args.cameras,
                                  image_size=args.image_size or dit4dit.make_config(args.preset).image_size)
         episodes, normalizers = reader.episodes(progress=proc.is_main), reader.normalizers()
     elif args.data:
@@ -918,6 +987,18 @@ def train(proc, args, model, optimizer, scheduler, dataset, start_step, average=
     return log_rows, end_step, time.time() - train_start
 
 
+def eval_options(args):
+    """evaluate()'s workers and env options for the run's suite: LIBERO renders only the cameras the
+    model was trained on (the dataset's features back to the suite's view names), in DEMO_WORKERS
+    processes; the other suites need nothing."""
+    if args.suite != "libero":
+        return {}
+    S = suites.get_suite("libero")
+    features = args.cameras or [S.CAMERA_FEATURES[S.PRIMARY[0]]]
+    views = tuple(name for feature in features for name, key in S.CAMERA_FEATURES.items() if key == feature)
+    return {"workers": DEMO_WORKERS, "env_options": {"cameras": views, "views": views}}
+
+
 def finish(args, proc, tasks, log_rows, training, timer=None):
     """On rank 0 after the loop: the loss curve; then, unless the run stopped before --steps, the
     evaluation (eval_sim's protocol: fixed seeds disjoint from the demo seeds) of the checkpoint
@@ -938,7 +1019,7 @@ def finish(args, proc, tasks, log_rows, training, timer=None):
         with timer("evaluation"):
             report = eval_sim.evaluate(eval_sim.load_policy(ckpt_path, device=proc.device), tasks=tasks,
                                        episodes=args.eval_episodes, out_dir=args.out, gif_episodes=GIF_EPISODES,
-                                       suite=args.suite)
+                                       suite=args.suite, **eval_options(args))
         report["training"] = {
             "steps": args.steps, "train_seconds": round(training["train_seconds"], 1),
             "seconds_per_step": round(training["train_seconds"] / max(1, training["end_step"] - training["start_step"]),
@@ -1069,8 +1150,9 @@ def check_data_flags(args):
         raise ValueError(f"{' and '.join(sources)}: give at most one source of episodes")
     if args.inspect and not args.dataset:
         raise ValueError("--inspect describes a LeRobot dataset: give --dataset PATH")
-    if args.cameras and not args.dataset:
-        raise ValueError("--cameras chooses the cameras of a LeRobot --dataset: give --dataset PATH")
+    if args.cameras and not args.dataset and args.suite not in DATASET_SUITES:
+        raise ValueError("--cameras chooses the cameras of a LeRobot --dataset (or of --suite libero's demos): "
+                         "give --dataset PATH")
     if args.export_dataset and args.resume:
         raise ValueError("--export-dataset writes the suite's demos and stops: it cannot be combined with --resume")
     if args.dataset and not os.path.isfile(os.path.join(args.dataset, "meta", "info.json")):
@@ -1086,6 +1168,11 @@ def export_dataset(args):
 
     suite = suites.get_suite(args.suite)
     tasks = args.tasks or list(suite.TASKS)
+    if args.suite in DATASET_SUITES:  # its demos are a LeRobot dataset from the start
+        if os.path.lexists(args.export_dataset):
+            raise FileExistsError(f"--export-dataset: {args.export_dataset} exists; not replacing it")
+        collect_dataset(tasks, args.demos_per_task, args.export_dataset, suite=args.suite)
+        return None
     image_size = args.image_size or dit4dit.make_config(args.preset).image_size
     cache = args.demo_cache or os.path.join(os.path.dirname(os.path.abspath(args.export_dataset)), "demos")
     episodes = collect_demos(tasks, args.demos_per_task, image_size, cache, every_pad=args.every_pad,
@@ -1119,6 +1206,8 @@ def validate_args(args):
     for name in ("lr_video", "lr_action"):
         if not getattr(args, name) > 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.eval_episodes is None:
+        args.eval_episodes = LIBERO_EVAL_EPISODES if args.suite == "libero" else EVAL_EPISODES
     if args.eval_episodes < 0:
         raise ValueError(f"--eval-episodes must be >= 0, got {args.eval_episodes}")
     if args.stop_after is not None and args.stop_after < 1:
@@ -1130,6 +1219,15 @@ def validate_args(args):
             raise ValueError("--tasks names tasks of a suite: give --suite too (a --dataset run has none)")
         return
     suite = suites.get_suite(args.suite)  # Meta-World: a clear error when it is not installed
+    if args.libero_suite is not None:
+        if args.suite != "libero" or args.tasks:
+            raise ValueError("--libero-suite names the tasks of --suite libero: give it with --suite libero, "
+                             "instead of --tasks")
+        args.tasks = suite.suite_tasks(args.libero_suite)
+    if args.suite == "libero" and args.cameras:
+        known = list(suite.CAMERA_FEATURES.values())
+        if any(c not in known for c in args.cameras):
+            raise ValueError(f"--cameras: LIBERO's demo datasets have the cameras {known}, got {args.cameras}")
     if args.suite != "toy" and not args.tasks:
         raise ValueError(f"--suite {args.suite}: name the tasks to train on with --tasks (e.g. reach-v3 push-v3)")
     for task in args.tasks or []:
@@ -1213,10 +1311,15 @@ def build_parser():
     p.add_argument("--export-dataset", default=None, metavar="PATH",
                    help="write the suite's scripted demos as a LeRobot v3.0 dataset at PATH, then stop")
     p.add_argument("--suite", default=None, choices=suites.SUITES,
-                   help="the suite to collect demos in and evaluate on: toy (default; none with --dataset) or "
-                        "metaworld (pip install metaworld; see suites/metaworld.py)")
-    p.add_argument("--eval-episodes", type=int, default=EVAL_EPISODES,
-                   help=f"evaluation episodes per task, 0 skips evaluation (default {EVAL_EPISODES})")
+                   help="the suite to collect demos in and evaluate on: toy (default; none with --dataset), "
+                        "metaworld (pip install metaworld; see suites/metaworld.py) or libero (scripted demos "
+                        "written as a LeRobot dataset; see suites/libero.py)")
+    p.add_argument("--eval-episodes", type=int, default=None,
+                   help=f"evaluation episodes per task, 0 skips evaluation (default {EVAL_EPISODES}; LIBERO: "
+                        f"{LIBERO_EVAL_EPISODES}, its first init states)")
+    p.add_argument("--libero-suite", default=None, metavar="NAME",
+                   help="--suite libero: train and evaluate on all tasks of this suite (libero_object, "
+                        "libero_spatial, libero_goal, libero_10, libero_90), instead of --tasks")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads per process (default: cores / processes on this machine)")
     return p
