@@ -667,6 +667,13 @@ def measure_train_batch(model, optimizer, device, amp_dtype, text_tokens, batch,
     return row
 
 
+def out_of_memory(err):
+    """Whether an error is the device running out of memory: torch's OutOfMemoryError, or a
+    library's failed allocation inside an op (cuBLAS and cuDNN raise a plain RuntimeError)."""
+    text = str(err)
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+
+
 def gib(value):
     return "n/a" if value is None else f"{value:.1f}"
 
@@ -704,7 +711,9 @@ def cmd_paper_train(args):
         t_batch = time.perf_counter()
         try:
             row = measure_train_batch(model, optimizer, device, amp_dtype, args.text_tokens, batch, steps)
-        except torch.cuda.OutOfMemoryError as err:
+        except RuntimeError as err:
+            if not out_of_memory(err):
+                raise
             oom_at, why = batch, (str(err).strip().splitlines() or ["out of memory"])[0][:120]
         if oom_at is not None:
             # the error's frames held the batch and the activations: free them, and the gradients

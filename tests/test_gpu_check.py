@@ -200,7 +200,8 @@ def test_ops_step_fails_when_the_kernel_fails(monkeypatch, capsys):
 def test_paper_train_on_cpu_finds_the_largest_batch(tmp_path, capsys, monkeypatch):
     """The paper preset's training step (small stand-in): batch 1, 2 timed; with out-of-memory
     planted from batch 4 on, the sweep stops there and records 2 as the largest batch that fit;
-    a budget too small for batch 2 stops it after batch 1; out of memory at batch 1 fails the step."""
+    a budget too small for batch 2 stops it after batch 1; out of memory at batch 1 fails the step,
+    and so does any other error."""
     results = tmp_path / "r.jsonl"
     plain = gb.cmd_paper_train(gb.parse_args(["paper-train", "--cpu-smoke", "--json", str(results)]))
     assert [r["batch"] for r in plain["rows"]] == [1, 2]
@@ -211,14 +212,14 @@ def test_paper_train_on_cpu_finds_the_largest_batch(tmp_path, capsys, monkeypatc
 
     loss = dit4dit.DiT4DiT.loss
 
-    def plant_out_of_memory(from_batch):
+    def plant(error, from_batch):
         def planted(model, batch, generator=None):
             if batch["video"].shape[0] >= from_batch:
-                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (planted)")
+                raise error
             return loss(model, batch, generator)
         monkeypatch.setattr(dit4dit.DiT4DiT, "loss", planted)
 
-    plant_out_of_memory(4)
+    plant(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (planted)"), 4)
     oom = gb.cmd_paper_train(gb.parse_args(["paper-train", "--cpu-smoke", "--max-batch", "16", "--json",
                                             str(results)]))
     assert [r["batch"] for r in oom["rows"]] == [1, 2]
@@ -231,6 +232,9 @@ def test_paper_train_on_cpu_finds_the_largest_batch(tmp_path, capsys, monkeypatc
     short = gb.cmd_paper_train(gb.parse_args(["paper-train", "--cpu-smoke", "--max-batch", "16", "--budget-s", "1e-3"]))
     assert [r["batch"] for r in short["rows"]] == [1] and short["stopped"].startswith("time budget")
 
-    plant_out_of_memory(1)
+    plant(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"), 1)
     with pytest.raises(SystemExit, match="not even batch 1"):
+        gb.cmd_paper_train(gb.parse_args(["paper-train", "--cpu-smoke"]))
+    plant(RuntimeError("mat1 and mat2 shapes cannot be multiplied (planted)"), 2)  # a bug, not memory: it fails
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
         gb.cmd_paper_train(gb.parse_args(["paper-train", "--cpu-smoke"]))
