@@ -7,11 +7,15 @@
 #   3. benchmark each op against SDPA (flash, efficient, cuDNN) and eager adaLN, toy and paper shapes;
 #   4. time predict_action of the paper preset (bf16, batch 1): early exit + cached K/V against
 #      the release's path, with the fused kernels and with DIT4DIT_KERNELS=0;
-#   5. train the toy preset for 100 steps on carried episodes (DiT4DiT, --action-only, and
+#   5. time the paper preset's training step (fp32 weights, bf16 autocast, AdamW) at batch 1, 2,
+#      4, ... per GPU with its peak memory, up to the first out-of-memory or 60 s: the largest
+#      batch that fits (no activation checkpointing);
+#   6. train the toy preset for 100 steps on carried episodes (DiT4DiT, --action-only, and
 #      DiT4DiT with DIT4DIT_KERNELS=0), seconds per step;
-#   6. the CPU kernel tests (tests/test_kernels.py) if time is left; then a summary table.
+#   7. the CPU kernel tests (tests/test_kernels.py) if time is left; then a summary table.
 # A failing step is recorded and the next one runs; the exit status is non-zero if any failed.
-# Every step has a time limit inside one overall budget (GPU_CHECK_BUDGET seconds, default 450).
+# Every step has a time limit inside one overall budget (GPU_CHECK_BUDGET seconds, default 530:
+# the device call's 600 s at most, less the wheels' install and the summary).
 # Log: $OUT/gpu_check.log; results: $OUT/gpu_results.jsonl (one JSON object per step).
 #
 #   GPU_CHECK_CPU_SMOKE=1 bash .ci/gpu_check.sh # dry run here: every step at tiny sizes on the CPU
@@ -24,7 +28,7 @@
 #     --platform manylinux2014_x86_64 --platform manylinux1_x86_64 -d .whl \
 #     gymnasium==1.4.0 farama-notifications==0.0.6 mujoco==3.3.7 pyopengl==3.1.10 glfw==2.11.0
 #   PYTHONPATH=. python bench/gpu.py make-data --out .gpu_data --demos-per-task 10
-# Then the device call: carry [".whl", ".gpu_data"], timeout_s 540, command
+# Then the device call: carry [".whl", ".gpu_data"], timeout_s 580, command
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site
 #   .whl/*.whl && export PYTHONPATH=/tmp/site || exit; bash .ci/gpu_check.sh
 # (mujoco 3.3.7: one wheel, where 4.x needs three; training from --data renders nothing, and
@@ -44,12 +48,12 @@ export OUT PY SMOKE
 DATA="${GPU_CHECK_DATA:-.gpu_data}"
 RESULTS="$OUT/gpu_results.jsonl"
 START=$(date +%s)
-DEADLINE=$(( START + ${GPU_CHECK_BUDGET:-450} ))
+DEADLINE=$(( START + ${GPU_CHECK_BUDGET:-530} ))
 FAILED=()
 
 # step KEY NAME LIMIT_S COMMAND...: run with a time limit (cut to what is left of the budget),
 # print its status and wall time, record a failure and go on. GPU_CHECK_ONLY="KEY ..." runs only
-# those steps (keys: env shapes build tests ops predict train cputests), e.g. to rerun the
+# those steps (keys: env shapes build tests ops predict paper-train train cputests), e.g. to rerun the
 # benchmarks on a machine that is still warm and keeps kernels/_C from the first call.
 step() {
   local key=$1 name=$2 limit=$3 left rc t0
@@ -166,6 +170,8 @@ main() {
        $([ "$SMOKE" = 1 ] && echo --reps 3)
   step predict "predict_action (paper preset)" 120 "$PY" bench/gpu.py predict "${smoke_flag[@]}" --presets paper toy \
        --json "$RESULTS" $([ "$SMOKE" = 1 ] && echo --repeats 3)
+  step paper-train "training step (paper preset), largest batch" 90 "$PY" bench/gpu.py paper-train \
+       "${smoke_flag[@]}" --budget-s 60 --json "$RESULTS"
   step train "train_toy (toy preset)" 150 "$PY" bench/gpu.py train "${smoke_flag[@]}" --data "$DATA" --steps 100 \
        --with-torch-backend --timeout 70 --json "$RESULTS"
   step cputests "CPU kernel tests (tests/test_kernels.py)" 90 bash -c cpu_kernel_tests

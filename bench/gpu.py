@@ -1,10 +1,12 @@
 """The Python steps of one prepared GPU run (.ci/gpu_check.sh): the fused kernels against
-PyTorch's built-ins, the `paper` preset's control rate, and the `toy` preset's training speed.
+PyTorch's built-ins, the `paper` preset's control rate, its training step at the largest batch
+that fits, and the `toy` preset's training speed.
 
     PYTHONPATH=. python3 bench/gpu.py env                       # device, versions, copy and matmul ceilings
     PYTHONPATH=. python3 bench/gpu.py shapes                    # the op shapes of the presets, with the arithmetic
     PYTHONPATH=. python3 bench/gpu.py ops [--reps 25]           # each op vs SDPA (flash, efficient, cuDNN) / eager adaLN
     PYTHONPATH=. python3 bench/gpu.py predict [--repeats 20]    # paper preset, bf16, batch 1: early exit vs the release's path
+    PYTHONPATH=. python3 bench/gpu.py paper-train [--steps 5]   # paper preset, bf16 autocast + AdamW, batch 1, 2, 4, ... until OOM
     PYTHONPATH=. python3 bench/gpu.py train --data .gpu_data    # toy preset, 100 steps, DiT4DiT and --action-only
     PYTHONPATH=. python3 bench/gpu.py make-data --out .gpu_data # here, before the run: scripted demos to carry
     PYTHONPATH=. python3 bench/gpu.py summary                   # the short table of the results file
@@ -20,6 +22,7 @@ writes y, backward reads dy and x and writes dx (the small shift/scale/statistic
 left out). "row/kernel" is a row's time over the kernel's: above 1 the kernel is faster.
 """
 import argparse
+import gc
 import json
 import math
 import os
@@ -520,16 +523,16 @@ def build_model(preset, device, dtype, cpu_smoke, randomize=True):
     return model.to(dtype).eval()
 
 
-def predict_inputs(model, device, dtype, text_tokens, seed=0):
+def predict_inputs(model, device, dtype, text_tokens, seed=0, batch=1):
     cfg = model.config
     g = torch.Generator(device=device).manual_seed(seed)
     H = cfg.image_size
-    obs = (torch.rand(1, 3, H, H, device=device, generator=g) * 2 - 1).to(dtype)
-    state = (torch.rand(1, cfg.state_dim, device=device, generator=g) * 2 - 1).to(dtype)
+    obs = (torch.rand(batch, 3, H, H, device=device, generator=g) * 2 - 1).to(dtype)
+    state = (torch.rand(batch, cfg.state_dim, device=device, generator=g) * 2 - 1).to(dtype)
     if cfg.text_encoder == "embeddings":  # precomputed LM features (B, S, D_text), as the paper preset takes
-        text = torch.randn(1, text_tokens, cfg.text_dim, device=device, generator=g).to(dtype)
+        text = torch.randn(batch, text_tokens, cfg.text_dim, device=device, generator=g).to(dtype)
     else:
-        text = ["push the puck onto the red pad"]
+        text = ["push the puck onto the red pad"] * batch
     return obs, state, text
 
 
@@ -613,6 +616,138 @@ def cmd_predict(args):
         sys.exit("gpu_bench predict: early exit and the release path disagree: "
                  + ", ".join(f"{r['preset']} backend {r['backend']} max |diff| {r['max_diff']:.2e}" for r in bad))
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# paper-train: the paper preset's training step, and the largest batch that fits
+
+PAPER_LR_VIDEO, PAPER_LR_ACTION = 1e-5, 1e-4  # docs/design.md §3.9: the video DiT's and the action DiT's rates
+TRAIN_WARMUP = 2  # untimed steps per batch size: the first allocates AdamW's states and picks the kernels
+
+
+def train_inputs(model, device, text_tokens, batch, seed=0):
+    """A random training batch of `batch` samples for DiT4DiT.loss, on `device` in the model's
+    dtype: bench/model.py's video, state and actions, and the text as predict_inputs draws it (the
+    paper preset's precomputed LM features (B, S, text_dim), drawn on the device)."""
+    from bench.model import toy_inputs
+
+    dtype = next(model.parameters()).dtype
+    inputs = toy_inputs(model.config, batch, seed)
+    out = {key: inputs[key].to(device, dtype) for key in ("video", "state", "actions")}
+    text = predict_inputs(model, device, dtype, text_tokens, seed, batch=batch)[2]
+    out["text" if torch.is_tensor(text) else "instruction"] = text
+    return out
+
+
+def measure_train_batch(model, optimizer, device, amp_dtype, text_tokens, batch, steps):
+    """Median time of one optimizer step at this batch size, as train_toy.train_step takes it with
+    one micro-step: the loss under autocast, backward, gradient clipping, AdamW. The peak memory
+    counts from the caller's reset (weights, gradients, AdamW's states, activations, the batch)."""
+    import train_toy
+
+    inputs = train_inputs(model, device, text_tokens, batch)
+    generator = torch.Generator(device=device).manual_seed(0)
+    losses = []
+
+    def step():
+        with train_toy.autocast(device, amp_dtype):
+            loss = model.loss(inputs, generator)["loss"]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), train_toy.GRAD_CLIP)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+
+    ms = time_calls({"step": step}, device, reps=steps, warmup=TRAIN_WARMUP)["step"]
+    row = dict(batch=batch, ms=ms, samples_s=batch * 1e3 / ms, loss=losses[-1].float().item(),
+               peak_gib=None, reserved_gib=None)
+    if device.type == "cuda":
+        row.update(peak_gib=torch.cuda.max_memory_allocated(device) / 2 ** 30,
+                   reserved_gib=torch.cuda.max_memory_reserved(device) / 2 ** 30)
+    return row
+
+
+def out_of_memory(err):
+    """Whether an error is the device running out of memory: torch's OutOfMemoryError, or a
+    library's failed allocation inside an op (cuBLAS and cuDNN raise a plain RuntimeError)."""
+    text = str(err)
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+
+
+def gib(value):
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def cmd_paper_train(args):
+    import dit4dit
+    import train_toy
+
+    device = pick_device(args.cpu_smoke)
+    amp_dtype = torch.bfloat16 if device.type == "cuda" else None  # train_toy.pick_device's rule
+    max_batch = args.max_batch or (2 if args.cpu_smoke else 256)
+    steps = 2 if args.cpu_smoke else args.steps
+    t0 = time.perf_counter()
+    # fp32 weights, as train_toy.py trains: AdamW keeps two fp32 states per weight, 16 bytes per
+    # parameter with the gradient (about 35 GB at 2.2 B parameters) before any activation
+    model = build_model("paper", device, torch.float32, args.cpu_smoke).train()
+    optimizer = torch.optim.AdamW(train_toy.param_groups(model, PAPER_LR_VIDEO, PAPER_LR_ACTION),
+                                  betas=train_toy.BETAS)
+    n_params = sum(p.numel() for p in model.parameters())
+    weights_gib = torch.cuda.memory_allocated(device) / 2 ** 30 if device.type == "cuda" else None
+    amp = "bf16 autocast" if amp_dtype else "fp32"
+    print(f"== training step, preset paper{' (small stand-in, --cpu-smoke)' if args.cpu_smoke else ''} on "
+          f"{device_name(device)}: {n_params / 1e9:.3f} B parameters, fp32 weights ({gib(weights_gib)} GiB), {amp}, "
+          f"AdamW (lr video {PAPER_LR_VIDEO:g}, action {PAPER_LR_ACTION:g}), grad clip {train_toy.GRAD_CLIP:g}; "
+          f"activation checkpointing: none (dit4dit.py has none); fused-op backend {dit4dit.backend()}; "
+          f"built in {time.perf_counter() - t0:.1f} s")
+    print(f"    batch sizes 1, 2, 4, ... up to {max_batch} (per GPU), until out of memory or the "
+          f"{args.budget_s:g} s budget; {TRAIN_WARMUP} warm-up + {steps} timed steps each (median)")
+    print(f"    {'batch':>5s} {'ms/step':>10s} {'samples/s':>10s} {'peak GiB':>9s} {'reserved GiB':>13s} {'loss':>8s}")
+    rows, oom_at, stopped = [], None, f"--max-batch {max_batch} reached"
+    batch = 1
+    while batch <= max_batch:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t_batch = time.perf_counter()
+        try:
+            row = measure_train_batch(model, optimizer, device, amp_dtype, args.text_tokens, batch, steps)
+        except RuntimeError as err:
+            if not out_of_memory(err):
+                raise
+            oom_at, why = batch, (str(err).strip().splitlines() or ["out of memory"])[0][:120]
+        if oom_at is not None:
+            # the error's frames held the batch and the activations: free them, and the gradients
+            # of the step that failed, before reporting
+            optimizer.zero_grad(set_to_none=True)
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            print(f"    {batch:5d} out of memory ({why})")
+            stopped = f"out of memory at batch {batch}"
+            break
+        rows.append(row)
+        print(f"    {batch:5d} {row['ms']:10.1f} {row['samples_s']:10.2f} {gib(row['peak_gib']):>9s} "
+              f"{gib(row['reserved_gib']):>13s} {row['loss']:8.4f}")
+        took, spent = time.perf_counter() - t_batch, time.perf_counter() - t0
+        if 2 * batch <= max_batch and spent + 2 * took > args.budget_s:  # the step time grows about linearly
+            stopped = (f"time budget: batch {2 * batch} would take about {2 * took:.0f} s, "
+                       f"{max(0.0, args.budget_s - spent):.0f} s of {args.budget_s:g} s left")
+            break
+        batch *= 2
+    largest = rows[-1]["batch"] if rows else None
+    print(f"    largest batch that fit: {largest if largest else 'none'}; stopped by {stopped}")
+    result = dict(device=device_name(device), params=n_params, amp=amp, weights_gib=weights_gib,
+                  activation_checkpointing=False, lr_video=PAPER_LR_VIDEO, lr_action=PAPER_LR_ACTION,
+                  grad_clip=train_toy.GRAD_CLIP, warmup=TRAIN_WARMUP, steps=steps, budget_s=args.budget_s,
+                  max_batch=max_batch, rows=rows, largest_fit=largest, oom_at=oom_at, stopped=stopped,
+                  cpu_smoke=args.cpu_smoke)
+    record(args.json, "paper-train", result)
+    if not rows:
+        sys.exit("gpu_bench paper-train: not even batch 1 fits")
+    bad = [r["batch"] for r in rows if not math.isfinite(r["loss"])]
+    if bad:
+        sys.exit(f"gpu_bench paper-train: non-finite loss at batch size(s) {bad}")
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -708,7 +843,8 @@ def cmd_make_data(args):
 
 def summarize(rows_by_step):
     """Short table of the results: one line per op, shape, dtype and direction (the kernel's time,
-    the best built-in's, and best/kernel: above 1 the kernel is faster), then predict and train."""
+    the best built-in's, and best/kernel: above 1 the kernel is faster), then predict, the paper
+    preset's training step per batch size, and train."""
     lines = []
     for row in rows_by_step.get("ops", {}).get("rows", []):
         ms = row["ms"]
@@ -729,6 +865,14 @@ def summarize(rows_by_step):
                      f"{row['naive_ms']:.2f} ms = {row['naive_hz']:.1f} Hz (release path)"
                      + (f"; paper ~{PAPER_HZ_A100:g} Hz on A100" if row["preset"] == "paper" else "")
                      + f"; actions agree: {row['agree']}")
+    paper = rows_by_step.get("paper-train")
+    if paper:
+        for row in paper["rows"]:
+            lines.append(f"paper train step, batch {row['batch']}, {paper['amp']} + AdamW: {row['ms']:.1f} ms/step = "
+                         f"{row['samples_s']:.2f} samples/s, peak {gib(row['peak_gib'])} GiB")
+        lines.append(f"paper train step: largest batch that fit {paper['largest_fit']} on {paper['device']} "
+                     f"(stopped by {paper['stopped']}; activation checkpointing: "
+                     f"{'yes' if paper['activation_checkpointing'] else 'none'})")
     for row in rows_by_step.get("train", {}).get("rows", []):
         if row.get("ok"):
             lines.append(f"train_toy {row['name']}: {row['s_per_step'] * 1e3:.1f} ms/step over {row['steps']} steps")
@@ -773,6 +917,13 @@ def build_parser():
     pred.add_argument("--presets", nargs="+", default=["paper"], choices=["toy", "paper"])
     pred.add_argument("--tolerance", type=float, default=2e-2,
                       help="max |diff| allowed between the two paths' actions (bf16; default 2e-2)")
+    pt = sub.add_parser("paper-train", parents=[common],
+                        help="paper preset training step: time and peak memory at batch 1, 2, 4, ... until out of memory")
+    pt.add_argument("--steps", type=int, default=5, help="timed steps per batch size (median; --cpu-smoke: 2)")
+    pt.add_argument("--budget-s", type=float, default=60.0,
+                    help="seconds for the step, model build included: no larger batch once it would run past them")
+    pt.add_argument("--max-batch", type=int, default=None,
+                    help="largest batch size tried (default 256; --cpu-smoke: 2)")
     tr = sub.add_parser("train", parents=[common], help="seconds per step of train_toy.py on --data")
     tr.add_argument("--data", required=True, help="episode folder (make-data writes one)")
     tr.add_argument("--steps", type=int, default=100)
@@ -787,17 +938,20 @@ def build_parser():
     return p
 
 
-COMMANDS = {"env": cmd_env, "shapes": cmd_shapes, "ops": cmd_ops, "predict": cmd_predict, "train": cmd_train,
-            "make-data": cmd_make_data, "summary": cmd_summary}
+COMMANDS = {"env": cmd_env, "shapes": cmd_shapes, "ops": cmd_ops, "predict": cmd_predict,
+            "paper-train": cmd_paper_train, "train": cmd_train, "make-data": cmd_make_data, "summary": cmd_summary}
 
 
 def parse_args(argv=None):
     args = build_parser().parse_args(argv)
     if getattr(args, "command", None) == "ops":
         args.train_batch = {"toy": 32, "paper": 8}  # train_toy's default batch; a per-GPU paper batch
-    for name in ("reps", "repeats", "steps", "text_tokens", "demos_per_task"):
-        if getattr(args, name, 1) < 1:
+    for name in ("reps", "repeats", "steps", "text_tokens", "demos_per_task", "max_batch"):
+        value = getattr(args, name, None)
+        if value is not None and value < 1:
             raise SystemExit(f"gpu_bench: --{name.replace('_', '-')} must be >= 1")
+    if getattr(args, "budget_s", 1) <= 0:
+        raise SystemExit("gpu_bench: --budget-s must be > 0")
     return args
 
 

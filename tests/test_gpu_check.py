@@ -71,7 +71,9 @@ def test_parse_args():
     assert args.cpu_smoke and args.reps == 3 and args.presets == ["toy", "paper"] and args.train_batch["toy"] == 32
     assert gb.parse_args(["predict"]).presets == ["paper"]
     assert gb.parse_args(["train", "--data", "d"]).steps == 100
-    for bad in (["ops", "--reps", "0"], ["train"], ["nope"], ["predict", "--presets", "huge"], []):
+    assert gb.parse_args(["paper-train"]).max_batch is None and gb.parse_args(["paper-train"]).budget_s == 60
+    for bad in (["ops", "--reps", "0"], ["train"], ["nope"], ["predict", "--presets", "huge"], [],
+                ["paper-train", "--max-batch", "0"], ["paper-train", "--budget-s", "0"]):
         with pytest.raises(SystemExit):
             gb.parse_args(bad)
 
@@ -192,3 +194,47 @@ def test_ops_step_fails_when_the_kernel_fails(monkeypatch, capsys):
     finally:
         dit4dit.select_backend(os.environ.get("DIT4DIT_KERNELS", "auto"))
     assert "dit4dit kernel" in capsys.readouterr().out
+
+
+
+def test_paper_train_on_cpu_finds_the_largest_batch(tmp_path, capsys, monkeypatch):
+    """The paper preset's training step (small stand-in): batch 1, 2 timed; with out-of-memory
+    planted from batch 4 on, the sweep stops there and records 2 as the largest batch that fit;
+    a budget too small for batch 2 stops it after batch 1; out of memory at batch 1 fails the step,
+    and so does any other error."""
+    results = tmp_path / "r.jsonl"
+    plain = gb.cmd_paper_train(gb.parse_args(["paper-train", "--cpu-smoke", "--json", str(results)]))
+    assert [r["batch"] for r in plain["rows"]] == [1, 2]
+    assert all(r["ms"] > 0 and r["samples_s"] > 0 and r["loss"] > 0 for r in plain["rows"])
+    assert (plain["largest_fit"], plain["oom_at"], plain["activation_checkpointing"]) == (2, None, False)
+    assert json.loads(results.read_text().splitlines()[-1])["step"] == "paper-train"
+    assert "largest batch that fit: 2" in capsys.readouterr().out
+
+    loss = dit4dit.DiT4DiT.loss
+
+    def plant(error, from_batch):
+        def planted(model, batch, generator=None):
+            if batch["video"].shape[0] >= from_batch:
+                raise error
+            return loss(model, batch, generator)
+        monkeypatch.setattr(dit4dit.DiT4DiT, "loss", planted)
+
+    plant(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (planted)"), 4)
+    oom = gb.cmd_paper_train(gb.parse_args(["paper-train", "--cpu-smoke", "--max-batch", "16", "--json",
+                                            str(results)]))
+    assert [r["batch"] for r in oom["rows"]] == [1, 2]
+    assert (oom["largest_fit"], oom["oom_at"], oom["stopped"]) == (2, 4, "out of memory at batch 4")
+    assert "4 out of memory (CUDA out of memory. Tried to allocate 20.00 GiB (planted))" in capsys.readouterr().out
+    lines = gb.summarize({"paper-train": json.loads(results.read_text().splitlines()[-1])})
+    assert len(lines) == 3 and "batch 2," in lines[1] and "largest batch that fit 2" in lines[2]
+    assert "out of memory at batch 4" in lines[2]
+
+    short = gb.cmd_paper_train(gb.parse_args(["paper-train", "--cpu-smoke", "--max-batch", "16", "--budget-s", "1e-3"]))
+    assert [r["batch"] for r in short["rows"]] == [1] and short["stopped"].startswith("time budget")
+
+    plant(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate(handle)"), 1)
+    with pytest.raises(SystemExit, match="not even batch 1"):
+        gb.cmd_paper_train(gb.parse_args(["paper-train", "--cpu-smoke"]))
+    plant(RuntimeError("mat1 and mat2 shapes cannot be multiplied (planted)"), 2)  # a bug, not memory: it fails
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        gb.cmd_paper_train(gb.parse_args(["paper-train", "--cpu-smoke"]))
