@@ -97,6 +97,20 @@ __global__ void shuffle_excludes_caller_kernel(float* out) {
   out[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, 1.f, 1);
 }
 
+// run.template operator()<T, HD>() for the tensor-core kernels' dtype code (1 float16, 2 bfloat16)
+// and head dim (64 or 128); anything else throws.
+template <typename F>
+void dispatch_tc(int dtype, int hd, F&& run) {
+  if (hd != 64 && hd != 128) throw std::runtime_error(emu::cat("tensor-core attention: hd ", hd, " not 64/128"));
+  if (dtype == 1) {
+    hd == 64 ? run.template operator()<__half, 64>() : run.template operator()<__half, 128>();
+  } else if (dtype == 2) {
+    hd == 64 ? run.template operator()<__nv_bfloat16, 64>() : run.template operator()<__nv_bfloat16, 128>();
+  } else {
+    throw std::runtime_error(emu::cat("tensor-core attention: dtype code ", dtype, " is not float16/bfloat16"));
+  }
+}
+
 }  // namespace
 
 extern "C" {
@@ -228,14 +242,7 @@ int emu_attention_fwd_tc(int dtype, const void* q, const void* k, const void* v,
                   static_cast<const T*>(q), static_cast<const T*>(k), static_cast<const T*>(v), static_cast<T*>(o),
                   lse, Lq, Lk, scale);
     };
-    if (hd != 64 && hd != 128) throw std::runtime_error(emu::cat("tensor-core attention: hd ", hd, " not 64/128"));
-    if (dtype == 1) {
-      hd == 64 ? run.template operator()<__half, 64>() : run.template operator()<__half, 128>();
-    } else if (dtype == 2) {
-      hd == 64 ? run.template operator()<__nv_bfloat16, 64>() : run.template operator()<__nv_bfloat16, 128>();
-    } else {
-      throw std::runtime_error(emu::cat("tensor-core attention: dtype code ", dtype, " is not float16/bfloat16"));
-    }
+    dispatch_tc(dtype, hd, run);
   });
 }
 
@@ -267,14 +274,7 @@ int emu_attention_bwd_tc(int dtype, const void* grad_o, const void* q, const voi
       emu::launch(attention_cast_kernel<T>, dim3(static_cast<unsigned>((n + threads - 1) / threads)), dim3(threads),
                   static_cast<const float*>(dq_accum), static_cast<T*>(dq), n);
     };
-    if (hd != 64 && hd != 128) throw std::runtime_error(emu::cat("tensor-core attention: hd ", hd, " not 64/128"));
-    if (dtype == 1) {
-      hd == 64 ? run.template operator()<__half, 64>() : run.template operator()<__half, 128>();
-    } else if (dtype == 2) {
-      hd == 64 ? run.template operator()<__nv_bfloat16, 64>() : run.template operator()<__nv_bfloat16, 128>();
-    } else {
-      throw std::runtime_error(emu::cat("tensor-core attention: dtype code ", dtype, " is not float16/bfloat16"));
-    }
+    dispatch_tc(dtype, hd, run);
   });
 }
 
