@@ -81,6 +81,7 @@ DEMO_NOISE = 0.3           # toy suite: std of the noise added to the expert's e
                            # eval_sim.collect_episode); the demos record the expert's clean commands
 EVAL_EPISODES = 25         # per task: 2 tasks x 25 = the 50 evaluation episodes
 LIBERO_EVAL_EPISODES = 10  # per task on LIBERO: init states 0..9 of its 50 (an episode is ~1 min on 2 cores)
+LIBERO_EVAL_BATCH = 5      # LIBERO episodes in lockstep per evaluation process: an env holds ~0.8 GB
 DATASET_SUITES = ("libero",)  # suites whose demos are kept as a LeRobot dataset (collect_dataset), not .npz
 GIF_EPISODES = 2           # rollout GIFs written per task
 CKPT_EVERY = 500
@@ -988,15 +989,16 @@ def train(proc, args, model, optimizer, scheduler, dataset, start_step, average=
 
 
 def eval_options(args):
-    """evaluate()'s workers and env options for the run's suite: LIBERO renders only the cameras the
-    model was trained on (the dataset's features back to the suite's view names), in DEMO_WORKERS
-    processes; the other suites need nothing."""
+    """evaluate()'s workers, batch and env options for the run's suite: LIBERO renders only the
+    cameras the model was trained on (the dataset's features back to the suite's view names), in
+    DEMO_WORKERS processes of LIBERO_EVAL_BATCH envs each; the other suites need nothing."""
     if args.suite != "libero":
         return {}
     S = suites.get_suite("libero")
     features = args.cameras or [S.CAMERA_FEATURES[S.PRIMARY[0]]]
     views = tuple(name for feature in features for name, key in S.CAMERA_FEATURES.items() if key == feature)
-    return {"workers": DEMO_WORKERS, "env_options": {"cameras": views, "views": views}}
+    return {"workers": DEMO_WORKERS, "env_options": {"cameras": views, "views": views},
+            "batch_size": LIBERO_EVAL_BATCH}
 
 
 def finish(args, proc, tasks, log_rows, training, timer=None):

@@ -392,3 +392,31 @@ def test_scripted_demos_as_a_lerobot_dataset(tmp_path):
             assert min(err.values()) == err["as the env shows it"], (name, err)
     finally:
         env.close()
+
+
+def test_train_toy_libero_flags():
+    """--libero-suite names all tasks of a suite (with --suite libero only, instead of --tasks); the run
+    evaluates 10 init states per task and renders only the cameras it trained on."""
+    import train_toy
+
+    def parse(*argv):
+        args = train_toy.build_parser().parse_args(list(argv))
+        train_toy.validate_args(args)
+        return args
+
+    args = parse("--suite", "libero", "--libero-suite", "libero_object")
+    assert args.tasks == L.suite_tasks("libero_object") and args.eval_episodes == train_toy.LIBERO_EVAL_EPISODES
+    assert train_toy.eval_options(args) == {"workers": train_toy.DEMO_WORKERS, "batch_size": train_toy.LIBERO_EVAL_BATCH,
+                                            "env_options": {"cameras": ("image",), "views": ("image",)}}
+    both = parse("--suite", "libero", "--libero-suite", "libero_spatial", "--cameras", *L.CAMERA_FEATURES.values())
+    assert train_toy.eval_options(both)["env_options"]["cameras"] == ("image", "wrist_image")
+    assert train_toy.eval_options(parse("--steps", "5")) == {}
+    for argv, message in [(("--libero-suite", "libero_object"), "give it with --suite libero"),
+                          (("--suite", "libero", "--libero-suite", "libero_object", "--tasks", TASK), "instead of --tasks"),
+                          (("--suite", "libero", "--libero-suite", "libero_100"), "unknown LIBERO suite"),
+                          (("--suite", "libero", "--libero-suite", "libero_object", "--cameras", "observation.images.top"),
+                           "LIBERO's demo datasets have the cameras")]:
+        with pytest.raises(ValueError, match=message):
+            parse(*argv)
+    dirs = {train_toy.demo_dataset_dir("c", "libero", L.suite_tasks("libero_object"), n, "libero_object") for n in (10, 20)}
+    assert len(dirs) == 2 and all("libero_object" in d for d in dirs)
