@@ -665,7 +665,6 @@ RIM_INSET = 0.008        # m: a rim grasp's point inside the footprint's edge (h
 CLEARANCE = 0.04         # m: a carried object's bottom above whatever lies under its path
 CLOSE_STEPS = 12         # steps of closing before lifting (the fingers close in about 10)
 RELEASE_STEPS = 8
-MAX_REGRASPS = 2         # a grasp that lifts without the object is planned and tried again this often
 
 
 def pick_place_goal(env):
@@ -682,11 +681,6 @@ def pick_place_goal(env):
 
 def _collision_points(sim, body):
     """(8G, 3) world corners of the bounding boxes of the collision geoms of `body` and its descendants."""
-    return _collision_boxes(sim, body).reshape(-1, 3)
-
-
-def _collision_boxes(sim, body):
-    """(G, 8, 3) world corners of the bounding box of each collision geom of `body` and its descendants."""
     m, d = sim.model._model, sim.data._data
     inside = np.zeros(m.nbody, bool)
     inside[body] = True
@@ -696,7 +690,7 @@ def _collision_boxes(sim, body):
     corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], np.float64)   # (8, 3)
     local = m.geom_aabb[geoms, None, :3] + corners * m.geom_aabb[geoms, None, 3:]                  # (G, 8, 3)
     R = d.geom_xmat[geoms].reshape(-1, 3, 3)                                                        # (G, 3, 3)
-    return np.einsum("gij,gkj->gki", R, local) + d.geom_xpos[geoms, None]                         # (G, 8, 3)
+    return (np.einsum("gij,gkj->gki", R, local) + d.geom_xpos[geoms, None]).reshape(-1, 3)         # (8G, 3)
 
 
 def _footprint(points, theta):
@@ -733,14 +727,12 @@ class PickPlaceExpert:
     """The scripted expert of a pick-and-place task (pick_place_goal): obs -> float32 (7,) action in the
     env's gripper convention, read off the simulator (object, target and end-effector poses), not obs.
 
-    Phases: approach (over the object first, then down to above the grasp, gripper turned to it), descend,
-    close, lift (the object's bottom CLEARANCE above everything under its path to the target; a lift that
-    leaves the object behind opens and plans the grasp again, at most MAX_REGRASPS times), move (the
-    object, not the hand, over the target), lower, release, retreat. The arm's action is P control toward the phase's point, clipped
+    Phases: approach (above the grasp, gripper turned to it), descend, close, lift (the object's bottom
+    CLEARANCE above everything under its path to the target), move (the object, not the hand, over the
+    target), lower, release, retreat. The arm's action is P control toward the phase's point, clipped
     to [-1, 1] keeping its direction, and slew-limited; a phase ends when its point is reached.
-    Grasps: an object at most WHOLE_GRASP_WIDTH across is taken whole across a direction it fits, at the
-    yaw that leaves the open hand the most room from the other objects (geom by geom); a wider one (a
-    bowl) by its rim, on the side with the most room for the hand, else the side facing the robot.
+    Grasps: an object at most WHOLE_GRASP_WIDTH across is taken whole across its narrowest direction,
+    near its top; a wider one (a bowl) by its rim, on the side with the most room for the outer finger.
     Deterministic given the init state; it re-plans when the env's episode restarts (env.steps == 0)."""
 
     PHASES = ("approach", "descend", "close", "lift", "move", "lower", "release", "retreat")
@@ -799,22 +791,26 @@ class PickPlaceExpert:
             cost = -room + 0.1 * widths + 0.002 * np.abs(_wrap_yaw(psis - psi0))
             self.yaw = float(psis[int(np.argmin(cost))])
             return
-        # A bowl by its rim, on the side where the open hand has the most room (a cookie box or a drawer's
-        # wall beside the bowl), then the side facing the robot (the far side may be out of reach), then the
-        # one needing the least turn of the wrist.
-        self.radius, self.rim = widths.min() / 2, True
-        base = self._sim.data._data.xpos[self._sim.model._model.body("robot0_link0").id][:2]
-        _, centre = _footprint(pts, 0.0)
-        away = (centre - base) / np.linalg.norm(centre - base)
+        self.radius = widths.min() / 2
+        _, centre = _footprint(pts, thetas[int(np.argmin(widths))])
+        bottom = pts[:, 2].min()
         best = None
-        for theta in np.deg2rad(np.arange(0.0, 360.0, 45.0)):
-            self.rim_dir = np.array([np.cos(theta), np.sin(theta)])
-            psi = float(_wrap_yaw(theta))
-            score = (min(self._hand_room(psi), 0.04) - 0.01 * float(self.rim_dir @ away)
-                     - 0.002 * abs(_wrap_yaw(psi - psi0)))
+        for theta in np.deg2rad([90.0, -90.0, 0.0, 180.0]):
+            u = np.array([np.cos(theta), np.sin(theta)])
+            finger = centre + (self.radius + 0.03) * u
+            room = np.inf
+            for name in self._others():
+                q = self._points(name)
+                if q[:, 2].max() < bottom + 0.01 or np.ptp(q[:, 0]) > 0.6:
+                    continue
+                gap = np.maximum(np.maximum(q[:, :2].min(0) - finger, finger - q[:, :2].max(0)), 0.0)
+                room = min(room, float(np.linalg.norm(gap)))
+            psi = _wrap_yaw(theta)
+            score = min(room, 0.1) - 0.02 * abs(_wrap_yaw(psi - psi0))
             if best is None or score > best[0]:
-                best = (score, psi, self.rim_dir)
+                best = (score, psi, u)
         _, self.yaw, self.rim_dir = best
+        self.rim = True
 
     def _hand_room(self, yaw):
         """The smallest gap (m) between the gripper at the grasp point with `yaw` (fingers open) and any
@@ -829,26 +825,23 @@ class PickPlaceExpert:
         to_grasp = np.array([[np.cos(yaw), np.sin(yaw), 0.0], [-np.sin(yaw), np.cos(yaw), 0.0], [0.0, 0.0, 1.0]])
         h = hand @ to_grasp.T                                              # axes: closing, across, up
         room = np.inf
-        for name in self._others():   # geom by geom: a bowl in a drawer has room inside the cabinet
-            for q in _collision_boxes(self._sim, self._body(name)):
-                if np.ptp(q[:, 0]) > 0.6:      # a table-sized fixture
-                    continue
-                q = q @ to_grasp.T
-                gap = np.maximum(np.maximum(q.min(0) - h.max(0), h.min(0) - q.max(0)), 0.0)
-                room = min(room, float(np.linalg.norm(gap)))
+        for name in self._others():
+            q = self._points(name)
+            if np.ptp(q[:, 0]) > 0.6:      # a table-sized fixture
+                continue
+            q = q @ to_grasp.T
+            gap = np.maximum(np.maximum(q.min(0) - h.max(0), h.min(0) - q.max(0)), 0.0)
+            room = min(room, float(np.linalg.norm(gap)))
         return room
 
     def _grasp_point(self):
         """The end effector's grasp position, from the object's current pose."""
         pts = self._points(self.object)
         top, bottom = pts[:, 2].max(), pts[:, 2].min()
-        if self.rim:   # RIM_INSET inside the rim's outer edge on the rim_dir side, below the rim's top there
-            _, centre = _footprint(pts, 0.0)     # (a bowl on a ramekin sits tilted: its rim is lower on one side)
-            high = pts[pts[:, 2] >= top - 0.02, :2]
-            outer = (high @ self.rim_dir).max() - centre @ self.rim_dir
-            xy = centre + (outer - RIM_INSET) * self.rim_dir
-            side = (pts[:, :2] - centre) @ self.rim_dir >= outer - 0.02
-            z = pts[side, 2].max() - 0.014 - PAD_ABOVE_EEF
+        if self.rim:
+            _, centre = _footprint(pts, 0.0)
+            xy = centre + (self.radius - RIM_INSET) * self.rim_dir
+            z = top - 0.014 - PAD_ABOVE_EEF
         else:
             _, xy = _footprint(pts, self.yaw)
             z = max(top - min(0.03, (top - bottom) / 2) - PAD_ABOVE_EEF, bottom + TIP_BELOW_EEF + 0.001)
@@ -874,7 +867,7 @@ class PickPlaceExpert:
     def _reset(self):
         self.phase, self.phase_steps, self.last = "approach", 0, np.zeros(6)
         self._plan_grasp()
-        self.hold, self.regrasps = None, 0
+        self.hold = None
 
     def _next(self, phase):
         self.phase, self.phase_steps = phase, 0
@@ -890,8 +883,6 @@ class PickPlaceExpert:
             hover = grasp.copy()
             hover[2] = max(grasp[2] + 0.06, top + TIP_BELOW_EEF + 0.035)
             goal = hover if self.phase == "approach" else grasp
-            if self.phase == "approach" and np.linalg.norm(hover[:2] - p[:2]) > 0.03:
-                goal[2] = max(goal[2], p[2])   # over the object first, then down: never sideways into a neighbour
             err = goal - p
             yaw_err = np.linalg.norm(_rotation_error(_top_down(self.yaw), R))
             if self.phase == "approach" and np.linalg.norm(err[:2]) < 0.01 and abs(err[2]) < 0.02 and yaw_err < 0.05:
@@ -902,18 +893,11 @@ class PickPlaceExpert:
         elif self.phase == "close":
             goal = self.hold
             if self.phase_steps >= CLOSE_STEPS:
-                self.grasp_bottom = self._points(self.object)[:, 2].min()
-                self.carry_z = self._carry_bottom() + (p[2] - self.grasp_bottom)
+                self.carry_z = self._carry_bottom() + (p[2] - self._points(self.object)[:, 2].min())
                 self._next("lift")
         elif self.phase == "lift":
             goal = np.array([self.hold[0], self.hold[1], self.carry_z])
-            missed = p[2] > self.hold[2] + 0.04 and self._points(self.object)[:, 2].min() < self.grasp_bottom + 0.01
-            if missed and self.regrasps < MAX_REGRASPS:   # the object stayed behind: open, plan again, approach
-                self.regrasps += 1
-                self._plan_grasp()
-                self._next("approach")
-                goal = p
-            elif p[2] > self.carry_z - 0.01:
+            if p[2] > self.carry_z - 0.01:
                 self._next("move")
         elif self.phase in ("move", "lower"):
             xy, bottom = self._place_point()
