@@ -731,8 +731,9 @@ class PickPlaceExpert:
     CLEARANCE above everything under its path to the target), move (the object, not the hand, over the
     target), lower, release, retreat. The arm's action is P control toward the phase's point, clipped
     to [-1, 1] keeping its direction, and slew-limited; a phase ends when its point is reached.
-    Grasps: an object at most WHOLE_GRASP_WIDTH across is taken whole across its narrowest direction,
-    near its top; a wider one (a bowl) by its rim, on the side with the most room for the outer finger.
+    Grasps: an object at most WHOLE_GRASP_WIDTH across is taken whole, near its top, across a direction
+    it fits, at the yaw that leaves the open hand the most room from the other objects; a wider one (a
+    bowl) by its rim, on the side with the most room for the outer finger.
     Deterministic given the init state; it re-plans when the env's episode restarts (env.steps == 0)."""
 
     PHASES = ("approach", "descend", "close", "lift", "move", "lower", "release", "retreat")
