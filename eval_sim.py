@@ -351,12 +351,13 @@ def _summary(successes, n):
 
 
 def evaluate(policy, tasks=None, episodes=50, out_dir="out", gif_episodes=2, image_size=None,
-             batch_size=10, progress=True, suite="toy", workers=1, env_options=None):
+             batch_size=10, progress=True, suite="toy", workers=1, env_options=None, first_episode=0):
     """Closed-loop evaluation of `policy` ("expert", "zero", an ExpertPolicy, a ZeroPolicy or a
-    ModelPolicy) on `episodes` fixed evaluation seeds per task of `suite`. Batches of up to
-    `batch_size` episodes of a task run in lockstep; with workers > 1 the batches are spread over
-    that many processes, each with its own envs and its own copy of the policy. env_options go to
-    the suite's make_env. Writes out_dir/report.json and the GIFs of the first `gif_episodes`
+    ModelPolicy) on `episodes` fixed evaluation seeds per task of `suite`, from the
+    `first_episode`-th on (0: the first; a later start gives seeds never looked at before).
+    Batches of up to `batch_size` episodes of a task run in lockstep; with workers > 1 the batches
+    are spread over that many processes, each with its own envs and its own copy of the policy.
+    env_options go to the suite's make_env. Writes out_dir/report.json and the GIFs of the first `gif_episodes`
     episodes of each task under out_dir/gifs/; returns the report dict."""
     started, wall0 = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
     S = suites.get_suite(suite)
@@ -368,7 +369,8 @@ def evaluate(policy, tasks=None, episodes=50, out_dir="out", gif_episodes=2, ima
     if not isinstance(workers, (int, np.integer)) or workers < 1:
         raise ValueError(f"workers must be an int >= 1, got {workers!r}")
     tasks = [S.get_task(task).name for task in (S.TASKS if tasks is None else tasks)]  # canonical names
-    for name, value, low in (("episodes", episodes, 1), ("batch_size", batch_size, 1), ("gif_episodes", gif_episodes, 0)):
+    for name, value, low in (("episodes", episodes, 1), ("batch_size", batch_size, 1),
+                             ("gif_episodes", gif_episodes, 0), ("first_episode", first_episode, 0)):
         if not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     model_state_dim = getattr(getattr(getattr(policy, "model", None), "config", None), "state_dim", None)
@@ -386,7 +388,7 @@ def evaluate(policy, tasks=None, episodes=50, out_dir="out", gif_episodes=2, ima
     env_seconds, env_steps, rollout_seconds = 0.0, 0, 0.0
     units = []  # (task, seeds, GIF rows): a batch of one task's episodes, run in lockstep
     for task in tasks:
-        seeds_used[task] = S.eval_seeds(task, episodes)
+        seeds_used[task] = S.eval_seeds(task, first_episode + episodes)[first_episode:]
         for start in range(0, episodes, batch_size):
             batch = seeds_used[task][start:start + batch_size]
             units.append((task, batch, [r for r in range(len(batch)) if start + r < gif_episodes]))
@@ -439,7 +441,8 @@ def evaluate(policy, tasks=None, episodes=50, out_dir="out", gif_episodes=2, ima
             "git_commit": git_commit(),
             "started": started,
             "command": sys.argv,
-            "config": {"suite": suite, "tasks": tasks, "episodes_per_task": episodes, "image_size": image_size,
+            "config": {"suite": suite, "tasks": tasks, "episodes_per_task": episodes,
+                       "first_episode": first_episode, "image_size": image_size,
                        "batch_size": batch_size, "workers": workers, "env_options": env_options,
                        "control_hz": 1 / S.CONTROL_DT, "physics_dt": S.PHYSICS_DT,
                        "substeps": S.SUBSTEPS, "max_steps": {t: S.TASKS[t].max_steps for t in tasks},
@@ -527,7 +530,7 @@ def main(args):
                              action_noise_scale=args.action_noise_scale)
     report = evaluate(policy, tasks=args.tasks, episodes=args.episodes, out_dir=args.out, gif_episodes=args.gifs,
                       image_size=args.image_size, batch_size=args.batch_size, suite=args.suite,
-                      workers=args.workers, env_options=env_options)
+                      workers=args.workers, env_options=env_options, first_episode=args.first_episode)
     for name, t in report["tasks"].items():
         print(f"{name:>8}: {t['success_rate']:6.1%}  (95% CI {t['ci95'][0]:.1%}-{t['ci95'][1]:.1%}, n={t['n']})")
     o, m = report["overall"], report["manifest"]
@@ -555,6 +558,9 @@ def parse_args(argv=None):
                    help="--suite libero: the datasets' rendering (default), a faster one with other pixels "
                         "(smoke runs only), or none (the scripted experts' success, measured without frames)")
     p.add_argument("--out", default="out", help="output directory for report.json and gifs/")
+    p.add_argument("--first-episode", type=int, default=0, metavar="N",
+                   help="start at the N-th evaluation seed of each task (default 0); e.g. seeds never looked at "
+                        "while tuning")
     p.add_argument("--gifs", type=int, default=2, help="rollout GIFs per task (the first episodes)")
     p.add_argument("--image-size", type=int, default=None, help="frame size (default: the model's, 64 for experts)")
     p.add_argument("--execute-steps", type=int, default=None, help="actions executed per chunk (default: K/2)")

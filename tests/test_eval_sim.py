@@ -329,6 +329,22 @@ def test_evaluate_expert_report(tmp_path, monkeypatch):
     assert report["tasks"]["reach"]["successes"] == 2
 
 
+def test_evaluate_from_a_later_seed(tmp_path):
+    """first_episode=N evaluates the evaluation seeds N, N+1, ... of each task: the same episodes as
+    the tail of a longer run from 0, and none of the first N."""
+    later = es.evaluate("expert", tasks=["push"], episodes=2, first_episode=3, out_dir=str(tmp_path / "a"),
+                        gif_episodes=0, image_size=16, progress=False)
+    whole = es.evaluate("expert", tasks=["push"], episodes=5, out_dir=str(tmp_path / "b"), gif_episodes=0,
+                        image_size=16, progress=False)
+    assert later["manifest"]["seeds"]["push"] == toy.eval_seeds("push", 5)[3:]
+    assert [e["seed"] for e in later["episodes"]] == [e["seed"] for e in whole["episodes"]][3:]
+    assert [e["steps"] for e in later["episodes"]] == [e["steps"] for e in whole["episodes"]][3:]
+    assert later["manifest"]["config"]["first_episode"] == 3
+    with pytest.raises(ValueError, match="first_episode"):
+        es.evaluate("expert", tasks=["push"], episodes=1, first_episode=-1, out_dir=str(tmp_path / "c"),
+                    progress=False)
+
+
 class StubModel(torch.nn.Module):
     """Stands in for DiT4DiT: checks its inputs, returns a known normalized chunk, counts calls."""
 
