@@ -12,6 +12,8 @@
     draw the same noise and their actions are checked to agree.
 (b) one toy training step (batch 32) and predict_action with the fused kernels on and off
     (select_backend("1") vs "0"); skipped when the extension is not built.
+(c) one toy training step (batch 32, AdamW) at the preset's R action-noise draws per sample
+    against R = 4, the release's: what the preset's choice of R saves per step.
 
 Variants are timed interleaved (A, B, A, B, ...) and reported as medians, so a change of
 machine load during the run affects both alike.
@@ -152,12 +154,32 @@ def bench_kernels(repeats):
         print(f"    {label:26s} kernels {k:9.2f} ms   torch {t:9.2f} ms   speed-up {t / k:.2f}x")
 
 
+def bench_repeat(repeats):
+    steps = {}
+    for R in sorted({d.make_config("toy").repeat, 4}):
+        torch.manual_seed(0)
+        model = trained_like(d.DiT4DiT(d.make_config("toy", repeat=R)))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        batch, g = toy_inputs(model.config, 32), torch.Generator().manual_seed(0)
+
+        def step(model=model, opt=opt, batch=batch, g=g):
+            opt.zero_grad(set_to_none=True)
+            model.loss(batch, g)["loss"].backward()
+            opt.step()
+        steps[f"R = {R}"] = step
+    ms = time_interleaved(steps, max(3, repeats // 2), warmup=1)
+    print(f"(c) toy training step, batch 32, AdamW, backend {d.backend()}: R action-noise draws per sample")
+    for name, t in ms.items():
+        print(f"    {name:8s} {t:9.2f} ms   {ms['R = 4'] / t:.2f}x of R = 4")
+
+
 def main(args):
     if args.threads:
         torch.set_num_threads(args.threads)
     print(hardware())
     bench_inference_paths(args.repeats)
     bench_kernels(args.repeats)
+    bench_repeat(args.repeats)
 
 
 if __name__ == "__main__":
