@@ -820,7 +820,7 @@ class PickPlaceExpert:
         bottom = pts[:, 2].min()
         base = self._sim.data._data.xpos[self._sim.model._model.body("robot0_base").id][:2]
         ranked = []
-        for deg in (90.0, -90.0, 0.0, 180.0, 45.0, -45.0, 135.0, -135.0):
+        for order, deg in enumerate((90.0, -90.0, 0.0, 180.0, 45.0, -45.0, 135.0, -135.0)):
             if deg in self.tried:
                 continue
             theta = np.deg2rad(deg)
@@ -841,9 +841,9 @@ class PickPlaceExpert:
             clear = self._rim_clearance()
             ok = clear > -CLEARANCE_TOLERANCE and np.linalg.norm(self._grasp_point()[0][:2] - base) <= REACH
             # the blocked ones by their clearance in steps of 5 mm, then like the others
-            ranked.append((not ok, 0 if ok else -np.floor(clear / 0.005), -score, deg, psi, u))
+            ranked.append((not ok, 0 if ok else -np.floor(clear / 0.005), -score, order, deg, psi, u))
         ranked.sort(key=lambda r: r[:4])
-        _, _, _, deg, self.yaw, self.rim_dir = ranked[0]
+        *_, deg, self.yaw, self.rim_dir = ranked[0]
         self.tried.add(deg)
         self.untried = len(ranked) - 1
 
@@ -987,7 +987,7 @@ class PickPlaceExpert:
             elif self.phase == "approach" and self.phase_steps > APPROACH_STEPS and self._give_up():
                 goal = p
             elif self.phase == "descend" and (np.linalg.norm(err) < 0.006 or self.phase_steps > 40):
-                if np.linalg.norm(err) > 0.015 and self._give_up():   # the hand landed on something
+                if np.linalg.norm(err) > 0.03 and self._give_up():   # the hand landed on something
                     goal = p
                 else:
                     self.hold = p.copy()
