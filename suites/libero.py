@@ -676,6 +676,7 @@ REACH = 0.82             # m: a grasp point farther than this (xy) from the robo
 CLEARANCE_TOLERANCE = 0.002   # m: a rim grasp whose hand would land this little on something still counts as clear
 APPROACH_STEPS = 60      # steps an approach may take before its grasp is given up (out of reach, blocked)
 RELEASE_STEPS = 8
+PLACE_SLACK = 0.03       # m: a move that stops getting nearer lowers the object this near the target's point
 
 
 def pick_place_goal(env):
@@ -740,8 +741,9 @@ class PickPlaceExpert:
 
     Phases: approach (above the grasp, gripper turned to it), descend, close, lift (the object's bottom
     CLEARANCE above everything under its path to the target), move (the object, not the hand, over the
-    target), lower, release, retreat. The arm's action is P control toward the phase's point, clipped
-    to [-1, 1] keeping its direction, and slew-limited; a phase ends when its point is reached.
+    target, or as near as the arm gets it when that is within PLACE_SLACK), lower, release, retreat. The
+    arm's action is P control toward the phase's point, clipped to [-1, 1] keeping its direction, and
+    slew-limited; a phase ends when its point is reached.
     Grasps: an object at most WHOLE_GRASP_WIDTH across is taken whole, near its top, across a direction
     it fits, at the yaw that leaves the open hand the most room from the other objects; a wider one (a
     bowl) by its rim. Rim sides (8 directions) are ranked: first those where the hand can go straight
@@ -968,6 +970,7 @@ class PickPlaceExpert:
 
     def _next(self, phase):
         self.phase, self.phase_steps = phase, 0
+        self.closest, self.closest_step = np.inf, 0   # the move's progress toward the target
 
     def __call__(self, obs=None):
         if self.phase is None or self.env.steps == 0:
@@ -1016,8 +1019,11 @@ class PickPlaceExpert:
             goal[2] = self.carry_z
             if self.phase == "lower":
                 goal[2] = bottom + (p[2] - self._points(self.object)[:, 2].min())
-            if self.phase == "move" and np.linalg.norm(xy - obj[:2]) < 0.008:
-                self._next("lower")
+            off = np.linalg.norm(xy - obj[:2])
+            if self.phase == "move" and off < self.closest - 0.001:
+                self.closest, self.closest_step = off, self.phase_steps
+            if self.phase == "move" and (off < 0.008 or (off < PLACE_SLACK and self.phase_steps - self.closest_step > 10)):
+                self._next("lower")   # over the target, or as near as the arm gets
             elif self.phase == "lower" and (abs(goal[2] - p[2]) < 0.005 or self.phase_steps > 40):
                 self.hold = p.copy()
                 self._next("release")
