@@ -750,9 +750,11 @@ class PickPlaceExpert:
     down onto the rim (rays cast down from above: nothing but the bowl under the open fingers below
     their tips, nothing at all, the bowl included, under the hand's body; a bowl tilted on another
     object is thus taken on its high side) and within REACH of the robot's base, by the room for the
-    outer finger; then the others by that clearance. A grasp that fails (its approach takes over
-    APPROACH_STEPS, its descent stops short, or its lift leaves the object behind) opens the hand, rises
-    and tries the next side, ranked again from the current scene.
+    outer finger; then the others by that clearance. A rim grasp that fails (its approach takes over
+    APPROACH_STEPS, its descent stops over 3 cm short, or its lift leaves the object behind) opens the
+    hand, rises and tries the next side, ranked again from the current scene. Of a rim grasp's two yaws
+    (the fingers swapped) the one in (-pi/2, pi/2] is taken unless the other is over 0.1 rad nearer the
+    hand's current yaw.
     Deterministic given the init state; it re-plans when the env's episode restarts (env.steps == 0)."""
 
     PHASES = ("approach", "descend", "close", "lift", "move", "lower", "release", "retreat", "regrasp")
@@ -851,7 +853,7 @@ class PickPlaceExpert:
 
     def _heights(self, xy, skip):
         """The top (z) of the collision geoms under each point of xy (N, 2), rays cast down from 1 m above
-        the table, passing through the robot and the bodies in `skip`; the table's height where none."""
+        the robot's base, passing through the robot and the bodies in `skip`; -inf where nothing is hit."""
         import mujoco
 
         m, d = self._sim.model._model, self._sim.data._data
@@ -896,7 +898,8 @@ class PickPlaceExpert:
         across = np.linspace(-HAND_HALF_WIDTH, HAND_HALF_WIDTH, 3)
         hand = np.array([grasp[:2] + a * u + c * v for a in along for c in across])
         tips = grasp[2] - TIP_BELOW_EEF
-        return min(tips - self._heights(fingers, skip).max(), grasp[2] + HAND_BOTTOM - self._heights(hand, set()).max())
+        return min(tips - self._heights(fingers, skip).max(),
+                   grasp[2] + HAND_BOTTOM - self._heights(hand, set()).max())
 
     def _hand_room(self, yaw):
         """The smallest gap (m) between the gripper at the grasp point with `yaw` (fingers open) and any
@@ -1008,7 +1011,8 @@ class PickPlaceExpert:
         elif self.phase == "lift":
             goal = np.array([self.hold[0], self.hold[1], self.carry_z])
             risen = p[2] - self.hold[2]
-            if risen > 0.03 and self._points(self.object)[:, 2].min() - self.grasp_bottom < risen / 3 and self._give_up():
+            stayed = self._points(self.object)[:, 2].min() - self.grasp_bottom < risen / 3
+            if risen > 0.03 and stayed and self._give_up():
                 goal = p   # the object stayed behind
             elif p[2] > self.carry_z - 0.01:
                 self._next("move")
@@ -1022,7 +1026,8 @@ class PickPlaceExpert:
             off = np.linalg.norm(xy - obj[:2])
             if self.phase == "move" and off < self.closest - 0.001:
                 self.closest, self.closest_step = off, self.phase_steps
-            if self.phase == "move" and (off < 0.008 or (off < PLACE_SLACK and self.phase_steps - self.closest_step > 10)):
+            stuck = self.phase_steps - self.closest_step > 10
+            if self.phase == "move" and (off < 0.008 or (off < PLACE_SLACK and stuck)):
                 self._next("lower")   # over the target, or as near as the arm gets
             elif self.phase == "lower" and (abs(goal[2] - p[2]) < 0.005 or self.phase_steps > 40):
                 self.hold = p.copy()
