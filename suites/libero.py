@@ -662,9 +662,21 @@ WHOLE_GRASP_WIDTH = 0.065   # m: objects at most this wide across are grasped wh
 PAD_ABOVE_EEF = 0.004    # m: the finger pads' centre above robot0_eef_pos (gripper0_grip_site)
 TIP_BELOW_EEF = 0.0115   # m: the fingertips below it
 RIM_INSET = 0.008        # m: a rim grasp's point inside the footprint's edge (half a bowl's wall)
+RIM_NEAR = 0.025         # m: the collision points this close (xy) to a rim grasp's point give the rim's height there
 CLEARANCE = 0.04         # m: a carried object's bottom above whatever lies under its path
 CLOSE_STEPS = 12         # steps of closing before lifting (the fingers close in about 10)
+# The open Panda hand in its grasp frame (x: closing, y: across, z: up; metres from robot0_eef_pos), as
+# measured on its collision geoms: the hand's body above the fingers, each finger's reach along x.
+HAND_HALF_LENGTH = 0.106
+HAND_HALF_WIDTH = 0.032
+HAND_BOTTOM = 0.026
+FINGER_SPAN = (0.032, 0.068)   # m: an open finger's inner and outer faces from the grasp point, along x
+FINGER_HALF_WIDTH = 0.011
+REACH = 0.82             # m: a grasp point farther than this (xy) from the robot's base is ranked after nearer ones
+CLEARANCE_TOLERANCE = 0.002   # m: a rim grasp whose hand would land this little on something still counts as clear
+APPROACH_STEPS = 60      # steps an approach may take before its grasp is given up (out of reach, blocked)
 RELEASE_STEPS = 8
+PLACE_SLACK = 0.03       # m: a move that stops getting nearer lowers the object this near the target's point
 
 
 def pick_place_goal(env):
@@ -729,14 +741,23 @@ class PickPlaceExpert:
 
     Phases: approach (above the grasp, gripper turned to it), descend, close, lift (the object's bottom
     CLEARANCE above everything under its path to the target), move (the object, not the hand, over the
-    target), lower, release, retreat. The arm's action is P control toward the phase's point, clipped
-    to [-1, 1] keeping its direction, and slew-limited; a phase ends when its point is reached.
+    target, or as near as the arm gets it when that is within PLACE_SLACK), lower, release, retreat. The
+    arm's action is P control toward the phase's point, clipped to [-1, 1] keeping its direction, and
+    slew-limited; a phase ends when its point is reached.
     Grasps: an object at most WHOLE_GRASP_WIDTH across is taken whole, near its top, across a direction
     it fits, at the yaw that leaves the open hand the most room from the other objects; a wider one (a
-    bowl) by its rim, on the side with the most room for the outer finger.
+    bowl) by its rim. Rim sides (8 directions) are ranked: first those where the hand can go straight
+    down onto the rim (rays cast down from above: nothing but the bowl under the open fingers below
+    their tips, nothing at all, the bowl included, under the hand's body; a bowl tilted on another
+    object is thus taken on its high side) and within REACH of the robot's base, by the room for the
+    outer finger; then the others by that clearance. A rim grasp that fails (its approach takes over
+    APPROACH_STEPS, its descent stops over 3 cm short, or its lift leaves the object behind) opens the
+    hand, rises and tries the next side, ranked again from the current scene. Of a rim grasp's two yaws
+    (the fingers swapped) the one in (-pi/2, pi/2] is taken unless the other is over 0.1 rad nearer the
+    hand's current yaw.
     Deterministic given the init state; it re-plans when the env's episode restarts (env.steps == 0)."""
 
-    PHASES = ("approach", "descend", "close", "lift", "move", "lower", "release", "retreat")
+    PHASES = ("approach", "descend", "close", "lift", "move", "lower", "release", "retreat", "regrasp")
 
     def __init__(self, env):
         self.env = env.unwrapped
@@ -786,17 +807,27 @@ class PickPlaceExpert:
             # Among the yaws whose width fits the fingers, the one that leaves the hand most room from its
             # neighbours (a box grasped across its short side may put the hand's long side into a bottle).
             psis = _wrap_yaw(thetas)
-            self.rim, self.rim_dir = False, None
+            self.rim, self.rim_dir, self.untried = False, None, 0
             room = np.array([min(self._hand_room(float(psi)), 0.02) if w <= WHOLE_GRASP_WIDTH else -1.0
                              for psi, w in zip(psis, widths)])
             cost = -room + 0.1 * widths + 0.002 * np.abs(_wrap_yaw(psis - psi0))
             self.yaw = float(psis[int(np.argmin(cost))])
             return
         self.radius = widths.min() / 2
-        _, centre = _footprint(pts, thetas[int(np.argmin(widths))])
+        self.rim = True
+        self._plan_rim(psi0)
+
+    def _plan_rim(self, psi0):
+        """Rank the rim sides not yet tried (see the class docstring) and take the best one."""
+        pts = self._points(self.object)
+        _, centre = _footprint(pts, 0.0)
         bottom = pts[:, 2].min()
-        best = None
-        for theta in np.deg2rad([90.0, -90.0, 0.0, 180.0]):
+        base = self._sim.data._data.xpos[self._sim.model._model.body("robot0_base").id][:2]
+        ranked = []
+        for order, deg in enumerate((90.0, -90.0, 0.0, 180.0, 45.0, -45.0, 135.0, -135.0)):
+            if deg in self.tried:
+                continue
+            theta = np.deg2rad(deg)
             u = np.array([np.cos(theta), np.sin(theta)])
             finger = centre + (self.radius + 0.03) * u
             room = np.inf
@@ -808,10 +839,67 @@ class PickPlaceExpert:
                 room = min(room, float(np.linalg.norm(gap)))
             psi = _wrap_yaw(theta)
             score = min(room, 0.1) - 0.02 * abs(_wrap_yaw(psi - psi0))
-            if best is None or score > best[0]:
-                best = (score, psi, u)
-        _, self.yaw, self.rim_dir = best
-        self.rim = True
+            if abs(_wrap_yaw(psi - psi0)) < abs(psi - psi0) - 0.1:
+                psi = psi0 + _wrap_yaw(psi - psi0)   # the same grasp with the wrist turned less
+            self.yaw, self.rim_dir = psi, u
+            clear = self._rim_clearance()
+            ok = clear > -CLEARANCE_TOLERANCE and np.linalg.norm(self._grasp_point()[0][:2] - base) <= REACH
+            # the blocked ones by their clearance in steps of 5 mm, then like the others
+            ranked.append((not ok, 0 if ok else -np.floor(clear / 0.005), -score, order, deg, psi, u))
+        ranked.sort(key=lambda r: r[:4])
+        *_, deg, self.yaw, self.rim_dir = ranked[0]
+        self.tried.add(deg)
+        self.untried = len(ranked) - 1
+
+    def _heights(self, xy, skip):
+        """The top (z) of the collision geoms under each point of xy (N, 2), rays cast down from 1 m above
+        the robot's base, passing through the robot and the bodies in `skip`; -inf where nothing is hit."""
+        import mujoco
+
+        m, d = self._sim.model._model, self._sim.data._data
+        robot = m.body_rootid[m.body("robot0_base").id]
+        top = d.xpos[m.body("robot0_base").id][2] + 1.0
+        gid = np.zeros(1, np.int32)
+        out = np.zeros(len(xy))
+        for i, (x, y) in enumerate(xy):
+            z = top
+            while True:
+                dist = mujoco.mj_ray(m, d, np.array([x, y, z]), np.array([0.0, 0.0, -1.0]), None, 1, -1, gid)
+                if dist < 0:
+                    out[i] = -np.inf
+                    break
+                g, b = gid[0], m.geom_bodyid[gid[0]]
+                if ((m.geom_contype[g] == 0 and m.geom_conaffinity[g] == 0) or m.body_rootid[b] == robot
+                        or b in skip):
+                    z -= dist + 1e-4
+                    continue
+                out[i] = z - dist
+                break
+        return out
+
+    def _rim_clearance(self):
+        """How far (m) the open hand going straight down onto the current rim grasp stays above what lies
+        under it: under the fingers anything but the object (below their tips), under the hand's body
+        anything (the object's far rim included); negative where it would land on something."""
+        grasp, _ = self._grasp_point()
+        u = np.array([np.cos(self.yaw), np.sin(self.yaw)])
+        v = np.array([-u[1], u[0]])
+        obj = self._body(self.object)
+        m = self._sim.model._model
+        body = np.zeros(m.nbody, bool)
+        body[obj] = True
+        for b in range(obj + 1, m.nbody):
+            body[b] = body[m.body_parentid[b]]
+        skip = set(np.flatnonzero(body).tolist())
+        across = np.linspace(-FINGER_HALF_WIDTH, FINGER_HALF_WIDTH, 3)
+        along = np.linspace(*FINGER_SPAN, 4)
+        fingers = np.array([grasp[:2] + side * a * u + c * v for side in (-1, 1) for a in along for c in across])
+        along = np.linspace(-HAND_HALF_LENGTH, HAND_HALF_LENGTH, 15)
+        across = np.linspace(-HAND_HALF_WIDTH, HAND_HALF_WIDTH, 3)
+        hand = np.array([grasp[:2] + a * u + c * v for a in along for c in across])
+        tips = grasp[2] - TIP_BELOW_EEF
+        return min(tips - self._heights(fingers, skip).max(),
+                   grasp[2] + HAND_BOTTOM - self._heights(hand, set()).max())
 
     def _hand_room(self, yaw):
         """The smallest gap (m) between the gripper at the grasp point with `yaw` (fingers open) and any
@@ -842,7 +930,9 @@ class PickPlaceExpert:
         if self.rim:
             _, centre = _footprint(pts, 0.0)
             xy = centre + (self.radius - RIM_INSET) * self.rim_dir
-            z = top - 0.014 - PAD_ABOVE_EEF
+            # the rim's top on the grasp's side (a bowl tilted on a ramekin has its sides at other heights)
+            near = np.linalg.norm(pts[:, :2] - xy, axis=1) < RIM_NEAR
+            z = (pts[near, 2].max() if near.any() else top) - 0.014 - PAD_ABOVE_EEF
         else:
             _, xy = _footprint(pts, self.yaw)
             z = max(top - min(0.03, (top - bottom) / 2) - PAD_ABOVE_EEF, bottom + TIP_BELOW_EEF + 0.001)
@@ -867,11 +957,23 @@ class PickPlaceExpert:
     # -- acting
     def _reset(self):
         self.phase, self.phase_steps, self.last = "approach", 0, np.zeros(6)
+        self.tried = set()
         self._plan_grasp()
         self.hold = None
 
+    def _give_up(self):
+        """The grasp failed: when another rim side is left, open and rise, then approach it (True)."""
+        if not self.untried:
+            return False
+        p, R = self._eef()
+        self._plan_rim(np.arctan2(R[0, 1], -R[1, 1]))
+        self.hold = p
+        self._next("regrasp")
+        return True
+
     def _next(self, phase):
         self.phase, self.phase_steps = phase, 0
+        self.closest, self.closest_step = np.inf, 0   # the move's progress toward the target
 
     def __call__(self, obs=None):
         if self.phase is None or self.env.steps == 0:
@@ -888,17 +990,31 @@ class PickPlaceExpert:
             yaw_err = np.linalg.norm(_rotation_error(_top_down(self.yaw), R))
             if self.phase == "approach" and np.linalg.norm(err[:2]) < 0.01 and abs(err[2]) < 0.02 and yaw_err < 0.05:
                 self._next("descend")
+            elif self.phase == "approach" and self.phase_steps > APPROACH_STEPS and self._give_up():
+                goal = p
             elif self.phase == "descend" and (np.linalg.norm(err) < 0.006 or self.phase_steps > 40):
-                self.hold = p.copy()
-                self._next("close")
+                if np.linalg.norm(err) > 0.03 and self._give_up():   # the hand landed on something
+                    goal = p
+                else:
+                    self.hold = p.copy()
+                    self._next("close")
+        elif self.phase == "regrasp":   # open where the grasp failed, then rise
+            goal = self.hold + np.array([0.0, 0.0, 0.06 if self.phase_steps >= RELEASE_STEPS else 0.0])
+            if self.phase_steps >= RELEASE_STEPS and (p[2] > goal[2] - 0.01 or self.phase_steps > 40):
+                self._next("approach")
         elif self.phase == "close":
             goal = self.hold
             if self.phase_steps >= CLOSE_STEPS:
                 self.carry_z = self._carry_bottom() + (p[2] - self._points(self.object)[:, 2].min())
+                self.grasp_bottom = self._points(self.object)[:, 2].min()
                 self._next("lift")
         elif self.phase == "lift":
             goal = np.array([self.hold[0], self.hold[1], self.carry_z])
-            if p[2] > self.carry_z - 0.01:
+            risen = p[2] - self.hold[2]
+            stayed = self._points(self.object)[:, 2].min() - self.grasp_bottom < risen / 3
+            if risen > 0.03 and stayed and self._give_up():
+                goal = p   # the object stayed behind
+            elif p[2] > self.carry_z - 0.01:
                 self._next("move")
         elif self.phase in ("move", "lower"):
             xy, bottom = self._place_point()
@@ -907,8 +1023,12 @@ class PickPlaceExpert:
             goal[2] = self.carry_z
             if self.phase == "lower":
                 goal[2] = bottom + (p[2] - self._points(self.object)[:, 2].min())
-            if self.phase == "move" and np.linalg.norm(xy - obj[:2]) < 0.008:
-                self._next("lower")
+            off = np.linalg.norm(xy - obj[:2])
+            if self.phase == "move" and off < self.closest - 0.001:
+                self.closest, self.closest_step = off, self.phase_steps
+            stuck = self.phase_steps - self.closest_step > 10
+            if self.phase == "move" and (off < 0.008 or (off < PLACE_SLACK and stuck)):
+                self._next("lower")   # over the target, or as near as the arm gets
             elif self.phase == "lower" and (abs(goal[2] - p[2]) < 0.005 or self.phase_steps > 40):
                 self.hold = p.copy()
                 self._next("release")
