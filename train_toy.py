@@ -60,8 +60,9 @@ from bridges.frames import frames_to_video
 from bridges.normalizer import Normalizer
 
 # ----------------------------------------------------------------------------------------------
-# Defaults: the budget of `python train_toy.py` on a 2-core laptop CPU. 3000 steps fit in 15
-# minutes; `push` needs about 6000 (docs/results.md), so the default takes about 25. Tune here.
+# Defaults: the budget of `python train_toy.py` on a 2-core laptop CPU. `push` needs about 6000
+# steps (3900 gave 63 % on 150 seeds, docs/results.md), so the default takes 21-27 minutes; fewer
+# steps at larger learning rates did not hold `push` (docs/results.md, 2026-12-08). Tune here.
 PRESET = "toy"
 STEPS = 6000               # optimizer steps
 BATCH_SIZE = 32            # samples per step per process (before gradient accumulation)

@@ -37,17 +37,9 @@ def run_name(variant, demos, seed):
 
 def read_rows(path):
     """The rows of results.jsonl (a missing file: none). A line that is not JSON raises, naming it."""
-    if not os.path.exists(path):
-        return []
-    rows = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {number}: not a JSON row ({err.msg})") from None
-    return rows
+    from bridges.files import read_jsonl
+
+    return read_jsonl(path) if os.path.exists(path) else []
 
 
 def append_row(path, row):

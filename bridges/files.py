@@ -2,6 +2,7 @@
 episodes, datasets' metadata, reports, logs), the clean-up of what a killed writer left behind,
 and the content hash of a file."""
 import hashlib
+import json
 import os
 import re
 
@@ -59,3 +60,19 @@ def file_sha256(path):
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_jsonl(path):
+    """The rows of a JSON-lines file (blank lines skipped): FileNotFoundError when it is missing,
+    ValueError naming the file and the line that is not JSON."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing")
+    rows = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"{path}, line {n}: not valid JSON ({err})") from None
+    return rows

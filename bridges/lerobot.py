@@ -64,6 +64,7 @@ from glob import glob
 import numpy as np
 import torch
 
+from bridges.files import read_jsonl
 from bridges.frames import model_frames
 from bridges.normalizer import Normalizer
 
@@ -96,20 +97,6 @@ def _read_json(path):
             return json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
-
-
-def _read_jsonl(path):
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path} is missing")
-    rows = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {n}: not valid JSON ({err})") from None
-    return rows
 
 
 def _read_parquet(path, columns=None, what="file"):
@@ -326,10 +313,10 @@ class LeRobotEpisodes:
 
     def _read_v2(self):
         meta = os.path.join(self.root, "meta")
-        self.tasks = {int(r["task_index"]): r["task"] for r in _read_jsonl(os.path.join(meta, "tasks.jsonl"))}
+        self.tasks = {int(r["task_index"]): r["task"] for r in read_jsonl(os.path.join(meta, "tasks.jsonl"))}
         chunks = int(self.info.get("chunks_size", CHUNKS_SIZE))
         self.meta = []
-        for r in sorted(_read_jsonl(os.path.join(meta, "episodes.jsonl")), key=lambda r: r["episode_index"]):
+        for r in sorted(read_jsonl(os.path.join(meta, "episodes.jsonl")), key=lambda r: r["episode_index"]):
             i = int(r["episode_index"])
             ep = {"episode_index": i, "length": int(r["length"]), "tasks": list(r["tasks"]), "videos": {},
                   "data_file": os.path.join(self.root, self.info["data_path"].format(
@@ -342,7 +329,7 @@ class LeRobotEpisodes:
         if os.path.isfile(stats_path):
             self.stats = _as_arrays(_read_json(stats_path))
         elif os.path.isfile(per_episode):
-            self.stats = aggregate_stats([_as_arrays(r["stats"]) for r in _read_jsonl(per_episode)])
+            self.stats = aggregate_stats([_as_arrays(r["stats"]) for r in read_jsonl(per_episode)])
         else:
             self.stats = {}
 

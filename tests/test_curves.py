@@ -60,7 +60,7 @@ def test_bad_grids_and_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match="--demos"):
         curves.main(["--out", str(tmp_path), "--demos", "0"])
     (tmp_path / "results.jsonl").write_text('{"variant": "DiT4DiT"}\nnot json\n')
-    with pytest.raises(ValueError, match="line 2: not a JSON row"):
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
         curves.main(["--out", str(tmp_path), "--report"])
     with pytest.raises(ValueError, match="no results"):
         curves.main(["--out", str(tmp_path / "empty"), "--report"])
