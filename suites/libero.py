@@ -676,6 +676,7 @@ REACH = 0.82             # m: a grasp point farther than this (xy) from the robo
 CLEARANCE_TOLERANCE = 0.002   # m: a rim grasp whose hand would land this little on something still counts as clear
 APPROACH_STEPS = 60      # steps an approach may take before its grasp is given up (out of reach, blocked)
 RELEASE_STEPS = 8
+RIM_SIDES = (90.0, -90.0, 0.0, 180.0, 45.0, -45.0, 135.0, -135.0)   # degrees, in the order ties keep
 PLACE_SLACK = 0.03       # m: a move that stops getting nearer lowers the object this near the target's point
 
 
@@ -691,13 +692,19 @@ def pick_place_goal(env):
     return obj, target, relation
 
 
-def _collision_points(sim, body):
-    """(8G, 3) world corners of the bounding boxes of the collision geoms of `body` and its descendants."""
-    m, d = sim.model._model, sim.data._data
+def _subtree(m, body):
+    """(nbody,) bool: `body` and its descendants in the MuJoCo model m."""
     inside = np.zeros(m.nbody, bool)
     inside[body] = True
     for b in range(body + 1, m.nbody):        # bodies are numbered parents first
         inside[b] = inside[m.body_parentid[b]]
+    return inside
+
+
+def _collision_points(sim, body):
+    """(8G, 3) world corners of the bounding boxes of the collision geoms of `body` and its descendants."""
+    m, d = sim.model._model, sim.data._data
+    inside = _subtree(m, body)
     geoms = np.flatnonzero(inside[m.geom_bodyid] & ((m.geom_contype != 0) | (m.geom_conaffinity != 0)))
     corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], np.float64)   # (8, 3)
     local = m.geom_aabb[geoms, None, :3] + corners * m.geom_aabb[geoms, None, 3:]                  # (G, 8, 3)
@@ -807,7 +814,7 @@ class PickPlaceExpert:
             # Among the yaws whose width fits the fingers, the one that leaves the hand most room from its
             # neighbours (a box grasped across its short side may put the hand's long side into a bottle).
             psis = _wrap_yaw(thetas)
-            self.rim, self.rim_dir, self.untried = False, None, 0
+            self.rim, self.rim_dir = False, None
             room = np.array([min(self._hand_room(float(psi)), 0.02) if w <= WHOLE_GRASP_WIDTH else -1.0
                              for psi, w in zip(psis, widths)])
             cost = -room + 0.1 * widths + 0.002 * np.abs(_wrap_yaw(psis - psi0))
@@ -824,7 +831,7 @@ class PickPlaceExpert:
         bottom = pts[:, 2].min()
         base = self._sim.data._data.xpos[self._sim.model._model.body("robot0_base").id][:2]
         ranked = []
-        for order, deg in enumerate((90.0, -90.0, 0.0, 180.0, 45.0, -45.0, 135.0, -135.0)):
+        for order, deg in enumerate(RIM_SIDES):
             if deg in self.tried:
                 continue
             theta = np.deg2rad(deg)
@@ -849,7 +856,6 @@ class PickPlaceExpert:
         ranked.sort(key=lambda r: r[:4])
         *_, deg, self.yaw, self.rim_dir = ranked[0]
         self.tried.add(deg)
-        self.untried = len(ranked) - 1
 
     def _heights(self, xy, skip):
         """The top (z) of the collision geoms under each point of xy (N, 2), rays cast down from 1 m above
@@ -884,13 +890,7 @@ class PickPlaceExpert:
         grasp, _ = self._grasp_point()
         u = np.array([np.cos(self.yaw), np.sin(self.yaw)])
         v = np.array([-u[1], u[0]])
-        obj = self._body(self.object)
-        m = self._sim.model._model
-        body = np.zeros(m.nbody, bool)
-        body[obj] = True
-        for b in range(obj + 1, m.nbody):
-            body[b] = body[m.body_parentid[b]]
-        skip = set(np.flatnonzero(body).tolist())
+        skip = set(np.flatnonzero(_subtree(self._sim.model._model, self._body(self.object))).tolist())
         across = np.linspace(-FINGER_HALF_WIDTH, FINGER_HALF_WIDTH, 3)
         along = np.linspace(*FINGER_SPAN, 4)
         fingers = np.array([grasp[:2] + side * a * u + c * v for side in (-1, 1) for a in along for c in across])
@@ -963,7 +963,7 @@ class PickPlaceExpert:
 
     def _give_up(self):
         """The grasp failed: when another rim side is left, open and rise, then approach it (True)."""
-        if not self.untried:
+        if not self.rim or len(self.tried) == len(RIM_SIDES):
             return False
         p, R = self._eef()
         self._plan_rim(np.arctan2(R[0, 1], -R[1, 1]))
